@@ -1,0 +1,343 @@
+//! `CheckpointLayer`: records a batch's progress in the store after the inner service succeeds.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use futures::future::BoxFuture;
+use tower::{Layer, Service};
+
+use super::{Checkpoint, Checkpointer, StoreError};
+use crate::record::{Batch, ShardId};
+use crate::BoxError;
+
+/// What a handler answers for a batch (or a record): how far the checkpoint may move.
+///
+/// Handlers that return `()` checkpoint everything they were given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Processed {
+    /// Processed; checkpoint the whole batch (the default).
+    #[default]
+    Checkpoint,
+    /// Processed, but do not move the checkpoint (the Go library's `SkipCheckpoint`): a later
+    /// batch's checkpoint will cover these records, or they are read again after a restart.
+    SkipCheckpoint,
+    /// Processed; checkpoint up to this position, which must not be past the batch's last record.
+    CheckpointAt(Checkpoint),
+}
+
+impl From<()> for Processed {
+    fn from(_: ()) -> Self {
+        Processed::Checkpoint
+    }
+}
+
+/// The checkpoint a handler asked for is past the batch it was given.
+#[derive(Debug, thiserror::Error)]
+#[error("handler of shard {shard_id} asked to checkpoint at {requested}, past the batch's last record {last}; return Processed::Checkpoint or a position inside the batch")]
+pub struct CheckpointPastBatch {
+    /// The shard.
+    pub shard_id: ShardId,
+    /// What the handler asked for.
+    pub requested: Checkpoint,
+    /// The batch's own checkpoint.
+    pub last: Checkpoint,
+}
+
+/// Writing a checkpoint failed after the handler succeeded; the checkpoint stays where it was.
+#[derive(Debug, thiserror::Error)]
+#[error("could not write checkpoint {checkpoint} of shard {shard_id} after the handler succeeded: {source}")]
+pub struct CheckpointWriteError {
+    /// The shard.
+    pub shard_id: ShardId,
+    /// The checkpoint that was not written.
+    pub checkpoint: Checkpoint,
+    /// The store's error.
+    #[source]
+    pub source: StoreError,
+}
+
+/// A [`Layer`] that checkpoints each batch after the inner service handled it successfully.
+///
+/// The inner service's response says how far to checkpoint ([`Processed`]; `()` means the whole
+/// batch). An error from the inner service leaves the checkpoint where it was and is returned
+/// unchanged. The last batch of a closed shard checkpoints [`Checkpoint::ShardEnd`], which is
+/// what lets the shard's children start after a restart without reading it again.
+///
+/// Put it *outside* retries (so it sees only the final outcome) and *inside* batching (so it
+/// sees only records about to be handled).
+#[derive(Clone, Debug)]
+pub struct CheckpointLayer {
+    checkpointer: Checkpointer,
+}
+
+impl CheckpointLayer {
+    /// Checkpoints through `checkpointer` (see `Consumer::checkpointer`).
+    pub fn new(checkpointer: Checkpointer) -> Self {
+        Self { checkpointer }
+    }
+}
+
+impl<S> Layer<S> for CheckpointLayer {
+    type Service = CheckpointService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CheckpointService {
+            inner,
+            checkpointer: self.checkpointer.clone(),
+        }
+    }
+}
+
+/// The [`Service`] made by [`CheckpointLayer`].
+#[derive(Clone, Debug)]
+pub struct CheckpointService<S> {
+    inner: S,
+    checkpointer: Checkpointer,
+}
+
+impl<S> CheckpointService<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, checkpointer: Checkpointer) -> Self {
+        Self {
+            inner,
+            checkpointer,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S> Service<Batch> for CheckpointService<S>
+where
+    S: Service<Batch>,
+    S::Response: Into<Processed>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Processed;
+    type Error = BoxError;
+    type Future = CheckpointFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, batch: Batch) -> Self::Future {
+        let target = batch.checkpoint();
+        let shard_id = batch.shard_id.clone();
+        CheckpointFuture {
+            state: State::Inner {
+                future: self.inner.call(batch),
+            },
+            target,
+            shard_id,
+            checkpointer: self.checkpointer.clone(),
+            response: Processed::Checkpoint,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`CheckpointService`].
+    pub struct CheckpointFuture<F> {
+        #[pin]
+        state: State<F>,
+        target: Option<Checkpoint>,
+        shard_id: ShardId,
+        checkpointer: Checkpointer,
+        response: Processed,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Inner { #[pin] future: F },
+        Writing { future: BoxFuture<'static, Result<(), CheckpointWriteError>> },
+    }
+}
+
+impl<F, R, E> Future for CheckpointFuture<F>
+where
+    F: Future<Output = Result<R, E>>,
+    R: Into<Processed>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Processed, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Inner { future } => {
+                    let processed: Processed = ready!(future.poll(cx)).map_err(Into::into)?.into();
+                    *this.response = processed;
+                    let position = match (processed, *this.target) {
+                        (_, None) | (Processed::SkipCheckpoint, _) => None,
+                        (Processed::Checkpoint, Some(target)) => Some(target),
+                        (Processed::CheckpointAt(requested), Some(last)) => {
+                            if requested > last {
+                                return Poll::Ready(Err(Box::new(CheckpointPastBatch {
+                                    shard_id: this.shard_id.clone(),
+                                    requested,
+                                    last,
+                                })));
+                            }
+                            Some(requested)
+                        }
+                    };
+                    let Some(checkpoint) = position else {
+                        return Poll::Ready(Ok(processed));
+                    };
+                    let checkpointer = this.checkpointer.clone();
+                    let shard_id = this.shard_id.clone();
+                    let future = Box::pin(async move {
+                        checkpointer
+                            .set(&shard_id, checkpoint)
+                            .await
+                            .map(drop)
+                            .map_err(|source| CheckpointWriteError {
+                                shard_id,
+                                checkpoint,
+                                source,
+                            })
+                    });
+                    this.state.set(State::Writing { future });
+                }
+                StateProj::Writing { future } => {
+                    ready!(future.as_mut().poll(cx)).map_err(|e| Box::new(e) as BoxError)?;
+                    return Poll::Ready(Ok(*this.response));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CheckpointStore, MemoryStore, Record, SequenceNumber};
+    use std::sync::Arc;
+    use tower::{service_fn, ServiceExt};
+
+    fn record(shard: &ShardId, seq: u64) -> Record {
+        Record {
+            shard_id: shard.clone(),
+            sequence_number: SequenceNumber::parse(&seq.to_string()).unwrap(),
+            sub_sequence_number: None,
+            partition_key: "pk".into(),
+            explicit_hash_key: None,
+            data: bytes::Bytes::from_static(b"x"),
+            approximate_arrival_timestamp: None,
+        }
+    }
+
+    fn batch(seqs: &[u64]) -> Batch {
+        let shard = ShardId::from("shard-0");
+        Batch::new(
+            shard.clone(),
+            seqs.iter().map(|s| record(&shard, *s)).collect(),
+        )
+    }
+
+    fn at(seq: u64) -> Checkpoint {
+        Checkpoint::at(SequenceNumber::parse(&seq.to_string()).unwrap())
+    }
+
+    fn setup() -> (Arc<MemoryStore>, Checkpointer) {
+        let store = Arc::new(MemoryStore::new());
+        (store.clone(), Checkpointer::from_arc(store, "ns"))
+    }
+
+    #[tokio::test]
+    async fn checkpoints_last_record_after_success_only() {
+        let (store, checkpointer) = setup();
+        let ok = service_fn(|_b: Batch| async { Ok::<_, BoxError>(()) });
+        let mut svc = CheckpointLayer::new(checkpointer.clone()).layer(ok);
+        svc.ready()
+            .await
+            .unwrap()
+            .call(batch(&[1, 2, 3]))
+            .await
+            .unwrap();
+        assert_eq!(store.get("ns", "shard-0").await.unwrap(), Some(at(3)));
+
+        let failing = service_fn(|_b: Batch| async { Err::<(), BoxError>("boom".into()) });
+        let mut svc = CheckpointLayer::new(checkpointer).layer(failing);
+        let err = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(batch(&[4, 5]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "boom");
+        assert_eq!(store.get("ns", "shard-0").await.unwrap(), Some(at(3)));
+    }
+
+    #[tokio::test]
+    async fn skip_checkpoint_and_checkpoint_at() {
+        let (store, checkpointer) = setup();
+        let skip = service_fn(|_b: Batch| async { Ok::<_, BoxError>(Processed::SkipCheckpoint) });
+        let mut svc = CheckpointLayer::new(checkpointer.clone()).layer(skip);
+        svc.ready()
+            .await
+            .unwrap()
+            .call(batch(&[1, 2]))
+            .await
+            .unwrap();
+        assert_eq!(store.get("ns", "shard-0").await.unwrap(), None);
+
+        let partial =
+            service_fn(|_b: Batch| async { Ok::<_, BoxError>(Processed::CheckpointAt(at(7))) });
+        let mut svc = CheckpointLayer::new(checkpointer.clone()).layer(partial);
+        svc.ready()
+            .await
+            .unwrap()
+            .call(batch(&[6, 7, 8]))
+            .await
+            .unwrap();
+        assert_eq!(store.get("ns", "shard-0").await.unwrap(), Some(at(7)));
+
+        let past =
+            service_fn(|_b: Batch| async { Ok::<_, BoxError>(Processed::CheckpointAt(at(99))) });
+        let mut svc = CheckpointLayer::new(checkpointer).layer(past);
+        let err = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(batch(&[9]))
+            .await
+            .unwrap_err();
+        assert!(err.is::<CheckpointPastBatch>(), "{err}");
+        assert_eq!(store.get("ns", "shard-0").await.unwrap(), Some(at(7)));
+    }
+
+    #[tokio::test]
+    async fn shard_end_batch_checkpoints_shard_end_and_heartbeats_write_nothing() {
+        let (store, checkpointer) = setup();
+        let ok = service_fn(|_b: Batch| async { Ok::<_, BoxError>(()) });
+        let mut svc = CheckpointLayer::new(checkpointer).layer(ok);
+        let shard = ShardId::from("shard-0");
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Batch::empty(shard.clone(), None))
+            .await
+            .unwrap();
+        assert_eq!(store.get("ns", "shard-0").await.unwrap(), None);
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Batch::empty(shard, Some(crate::BatchEnd::ShardEnd)))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get("ns", "shard-0").await.unwrap(),
+            Some(Checkpoint::ShardEnd)
+        );
+    }
+}

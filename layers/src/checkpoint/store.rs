@@ -1,0 +1,232 @@
+//! The `CheckpointStore` trait and the `Checkpointer` handle that binds a store to a namespace.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::Checkpoint;
+use crate::record::Record;
+use crate::BoxError;
+
+/// What a [`CheckpointStore::set`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// The checkpoint moved forward (or was recorded for the first time; for buffered stores:
+    /// it is pending and will be written at the next flush).
+    Advanced,
+    /// The stored checkpoint was already at or past the given one; nothing changed.
+    NotAdvanced,
+}
+
+/// An error of a checkpoint store. Says which back-end and operation failed and what to check.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The back-end failed or could not be reached.
+    #[error("checkpoint store {backend}: {operation} failed{}: {source}; check that the {backend} back-end is reachable and its table exists",
+        context_suffix(namespace.as_deref(), shard_id.as_deref()))]
+    Backend {
+        /// Which back-end (`sqlite`, `redis`, ...).
+        backend: &'static str,
+        /// What was being done (`get`, `set`, `flush`, `create table`).
+        operation: &'static str,
+        /// The namespace, when the operation had one.
+        namespace: Option<String>,
+        /// The shard, when the operation had one.
+        shard_id: Option<String>,
+        /// Whether trying again later may succeed.
+        retryable: bool,
+        /// The back-end's own error.
+        source: BoxError,
+    },
+    /// A table, key prefix or namespace name that the back-end cannot take safely.
+    #[error("invalid checkpoint {what} {name:?}: {reason}")]
+    InvalidName {
+        /// `table name`, `key prefix`, ...
+        what: &'static str,
+        /// The rejected name.
+        name: String,
+        /// What is allowed.
+        reason: &'static str,
+    },
+    /// The stored value is not a checkpoint this library wrote.
+    #[error("corrupt checkpoint for shard {shard_id} in namespace {namespace}: {reason}; delete the row/key to restart that shard from the configured position")]
+    Corrupt {
+        /// The namespace.
+        namespace: String,
+        /// The shard.
+        shard_id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn context_suffix(namespace: Option<&str>, shard_id: Option<&str>) -> String {
+    match (namespace, shard_id) {
+        (Some(n), Some(s)) => format!(" for shard {s} in namespace {n}"),
+        (Some(n), None) => format!(" in namespace {n}"),
+        (None, Some(s)) => format!(" for shard {s}"),
+        (None, None) => String::new(),
+    }
+}
+
+impl StoreError {
+    /// Whether trying the same operation again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend {
+                retryable: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Where checkpoints live.
+///
+/// Keys are (namespace, shard id); the consumer uses its app name and stream as the namespace,
+/// so several applications and streams can share one table. Every implementation is monotonic:
+/// [`set`](CheckpointStore::set) never moves a shard's checkpoint backwards (in
+/// [`Checkpoint`]'s order). A buffered store may keep writes in memory until
+/// [`flush`](CheckpointStore::flush); [`get`](CheckpointStore::get) must still see them.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// The shard's checkpoint, or `None` when it has none. An unreachable back-end is an error,
+    /// never `None`.
+    async fn get(&self, namespace: &str, shard_id: &str) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// Moves the shard's checkpoint to `checkpoint` if that is after the stored one.
+    async fn set(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<SetOutcome, StoreError>;
+
+    /// Writes whatever is buffered. Stores that write through return at once.
+    async fn flush(&self) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl<T: CheckpointStore + ?Sized> CheckpointStore for Arc<T> {
+    async fn get(&self, namespace: &str, shard_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+        (**self).get(namespace, shard_id).await
+    }
+
+    async fn set(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<SetOutcome, StoreError> {
+        (**self).set(namespace, shard_id, checkpoint).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        (**self).flush().await
+    }
+}
+
+/// A checkpoint store bound to one namespace (app name and stream): what handlers, layers and
+/// stream users commit progress through. Cheap to clone.
+///
+/// ```
+/// # tokio_test_block(async {
+/// use kinesis_tower_layers::{Checkpointer, MemoryStore, Checkpoint};
+///
+/// let checkpointer = Checkpointer::new(MemoryStore::new(), "my-app:orders");
+/// let seq = "12345".parse().unwrap();
+/// checkpointer.set("shardId-000000000000", Checkpoint::at(seq)).await.unwrap();
+/// assert_eq!(checkpointer.get("shardId-000000000000").await.unwrap(), Some(Checkpoint::at(seq)));
+/// # });
+/// # fn tokio_test_block(f: impl std::future::Future<Output = ()>) {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Checkpointer {
+    store: Arc<dyn CheckpointStore>,
+    namespace: Arc<str>,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Checkpointer {
+    /// Binds `store` to `namespace`.
+    pub fn new(store: impl CheckpointStore, namespace: impl Into<Arc<str>>) -> Self {
+        Self::from_arc(Arc::new(store), namespace)
+    }
+
+    /// Binds a shared store to `namespace`.
+    pub fn from_arc(store: Arc<dyn CheckpointStore>, namespace: impl Into<Arc<str>>) -> Self {
+        Self {
+            store,
+            namespace: namespace.into(),
+        }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn CheckpointStore> {
+        &self.store
+    }
+
+    /// The shard's checkpoint.
+    pub async fn get(&self, shard_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+        self.store.get(&self.namespace, shard_id).await
+    }
+
+    /// Moves the shard's checkpoint forward to `checkpoint` (never backwards).
+    pub async fn set(
+        &self,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<SetOutcome, StoreError> {
+        self.store.set(&self.namespace, shard_id, checkpoint).await
+    }
+
+    /// Marks `record` and everything before it in its shard processed.
+    pub async fn commit(&self, record: &Record) -> Result<SetOutcome, StoreError> {
+        self.set(&record.shard_id, record.checkpoint()).await
+    }
+
+    /// Marks every record of `records` processed: per shard, the greatest checkpoint among them
+    /// is set (records may come from several shards, as in a chunk of the merged stream).
+    pub async fn commit_all<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a Record>,
+    ) -> Result<(), StoreError> {
+        let mut last: HashMap<&str, Checkpoint> = HashMap::new();
+        for record in records {
+            let c = record.checkpoint();
+            last.entry(&record.shard_id)
+                .and_modify(|prev| {
+                    if c > *prev {
+                        *prev = c
+                    }
+                })
+                .or_insert(c);
+        }
+        for (shard, checkpoint) in last {
+            self.set(shard, checkpoint).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes whatever the store buffers.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+}

@@ -1,0 +1,189 @@
+//! `PerRecordLayer`: runs a per-record handler (`Service<Record>`) over each batch, in order.
+
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::checkpoint::Processed;
+use crate::record::{Batch, Record};
+use crate::BoxError;
+
+/// Adapts a `Service<Record>` into a `Service<Batch>` that calls it for each record of the batch,
+/// one after the other, in shard order, waiting for readiness before each call.
+///
+/// The first error stops the batch and is returned (records before it were handled; with
+/// `CheckpointLayer` outside, none of the batch is checkpointed). Each record's response says
+/// how far it may be checkpointed ([`Processed`]; `()` means checkpoint): a record answering
+/// [`Processed::SkipCheckpoint`] is covered by the next record that does not.
+///
+/// The batch future owns a clone of the inner service, so the inner service must be `Clone`
+/// (wrap it in `tower::buffer::Buffer` if it is not).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PerRecordLayer;
+
+impl PerRecordLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        PerRecordLayer
+    }
+}
+
+impl<S> Layer<S> for PerRecordLayer {
+    type Service = PerRecord<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PerRecord { inner }
+    }
+}
+
+/// The [`Service`] made by [`PerRecordLayer`].
+#[derive(Clone, Debug)]
+pub struct PerRecord<S> {
+    inner: S,
+}
+
+impl<S> PerRecord<S> {
+    /// Wraps a per-record service.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S> Service<Batch> for PerRecord<S>
+where
+    S: Service<Record> + Clone + Send + 'static,
+    S::Response: Into<Processed>,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    type Response = Processed;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Processed, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, batch: Batch) -> Self::Future {
+        // Take the service that was driven to readiness; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let mut covered = None;
+            let mut last_checkpointed = true;
+            let mut first = true;
+            for record in batch.records {
+                if !first {
+                    inner.ready().await.map_err(Into::into)?;
+                }
+                first = false;
+                let position = record.checkpoint();
+                match inner.call(record).await.map_err(Into::into)?.into() {
+                    Processed::Checkpoint => {
+                        covered = Some(position);
+                        last_checkpointed = true;
+                    }
+                    Processed::SkipCheckpoint => last_checkpointed = false,
+                    Processed::CheckpointAt(at) => {
+                        covered = covered.max(Some(at));
+                        last_checkpointed = false;
+                    }
+                }
+            }
+            Ok(match (last_checkpointed, covered) {
+                (true, _) => Processed::Checkpoint,
+                (false, Some(at)) => Processed::CheckpointAt(at),
+                (false, None) => Processed::SkipCheckpoint,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Checkpoint, SequenceNumber, ShardId};
+    use std::sync::{Arc, Mutex};
+    use tower::service_fn;
+
+    fn batch(seqs: &[u64]) -> Batch {
+        let shard = ShardId::from("s");
+        Batch::new(
+            shard.clone(),
+            seqs.iter()
+                .map(|s| Record {
+                    shard_id: shard.clone(),
+                    sequence_number: SequenceNumber::parse(&s.to_string()).unwrap(),
+                    sub_sequence_number: None,
+                    partition_key: "k".into(),
+                    explicit_hash_key: None,
+                    data: bytes::Bytes::new(),
+                    approximate_arrival_timestamp: None,
+                })
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn calls_each_record_in_order_and_stops_at_first_error() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let handler = service_fn(move |r: Record| {
+            let s = s.clone();
+            async move {
+                let n: u64 = r.sequence_number.to_string().parse().unwrap();
+                s.lock().unwrap().push(n);
+                if n == 3 {
+                    return Err::<(), BoxError>("record 3 failed".into());
+                }
+                Ok(())
+            }
+        });
+        let mut svc = PerRecordLayer.layer(handler);
+        assert_eq!(
+            svc.ready()
+                .await
+                .unwrap()
+                .call(batch(&[1, 2]))
+                .await
+                .unwrap(),
+            Processed::Checkpoint
+        );
+        let err = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(batch(&[3, 4]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "record 3 failed");
+        assert_eq!(*seen.lock().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn skipped_records_are_covered_by_the_last_checkpointed_one() {
+        let handler = service_fn(|r: Record| async move {
+            let n: u64 = r.sequence_number.to_string().parse().unwrap();
+            Ok::<_, BoxError>(if n % 2 == 0 {
+                Processed::SkipCheckpoint
+            } else {
+                Processed::Checkpoint
+            })
+        });
+        let mut svc = PerRecordLayer.layer(handler);
+        let answer = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(batch(&[1, 2, 3, 4]))
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            Processed::CheckpointAt(Checkpoint::at("3".parse().unwrap()))
+        );
+        let answer = svc.ready().await.unwrap().call(batch(&[2])).await.unwrap();
+        assert_eq!(answer, Processed::SkipCheckpoint);
+    }
+}
