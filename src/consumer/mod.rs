@@ -1,0 +1,388 @@
+//! The consumer: configuration, `records()` and `run()`.
+
+mod buffer;
+mod lineage;
+mod reader;
+mod records;
+mod runner;
+mod settings;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kinesis_tower_layers::{Batch, BoxError, CheckpointStore, Checkpointer, MemoryStore};
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+pub use records::RecordStream;
+pub use settings::StartPosition;
+
+use crate::kinesis::{KinesisApi, StreamRef};
+use crate::Error;
+use settings::{defaults, validate_name, Settings};
+
+pub(crate) struct Shared {
+    pub(crate) settings: Settings,
+    pub(crate) api: Arc<dyn KinesisApi>,
+    pub(crate) checkpointer: Checkpointer,
+}
+
+/// A Kinesis stream consumer.
+///
+/// Build one with [`Consumer::builder`], then either take every shard's records as one stream
+/// with [`records`](Consumer::records), or drive a `tower::Service<Batch>` with
+/// [`run`](Consumer::run) / [`run_until`](Consumer::run_until). A consumer can be run again
+/// after a run ends; it resumes from its checkpoints.
+#[derive(Clone)]
+pub struct Consumer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("settings", &self.shared.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// A builder; `stream_name` (or `stream_arn`) and a client are required.
+    pub fn builder() -> ConsumerBuilder {
+        ConsumerBuilder::default()
+    }
+
+    /// The checkpointer (store + this consumer's namespace), for `CheckpointLayer` and for
+    /// committing progress by hand.
+    pub fn checkpointer(&self) -> Checkpointer {
+        self.shared.checkpointer.clone()
+    }
+
+    /// The stream's name.
+    pub fn stream_name(&self) -> &str {
+        self.shared.settings.stream.stream_name()
+    }
+
+    /// The checkpoint namespace: `<app name>/<stream name>`.
+    pub fn namespace(&self) -> &str {
+        self.shared.checkpointer.namespace()
+    }
+
+    /// Drives `service` with every shard's batches until the service or Kinesis fails.
+    /// See [`run_until`](Consumer::run_until).
+    pub async fn run<S>(&self, service: S) -> Result<(), Error>
+    where
+        S: Service<Batch>,
+        S::Error: Into<BoxError>,
+    {
+        self.run_until(service, std::future::pending()).await
+    }
+
+    /// Drives `service` with every shard's batches until `shutdown` completes (or the service,
+    /// the store or Kinesis fails).
+    ///
+    /// Batches of one shard are handed over one at a time, in order; shards proceed
+    /// concurrently. `poll_ready` is awaited before every call. On shutdown, fetching stops,
+    /// each shard still being read gets a last empty batch marked `BatchEnd::Shutdown` (so
+    /// layers flush), in-flight calls get `drain_timeout` to finish, the store is flushed, and
+    /// every task is stopped before this returns. On a handler error, the other shards' in-flight
+    /// calls finish, the store is flushed, and the error is returned.
+    ///
+    /// Pass `token.cancelled_owned()` to stop it with a `CancellationToken`.
+    pub async fn run_until<S, F>(&self, service: S, shutdown: F) -> Result<(), Error>
+    where
+        S: Service<Batch>,
+        S::Error: Into<BoxError>,
+        F: Future<Output = ()>,
+    {
+        runner::run(self.shared.clone(), service, shutdown).await
+    }
+
+    /// Every shard's records merged into one stream (spawns the reading on the current tokio
+    /// runtime). Combine it with any `futures`/`tokio-stream` combinator, e.g.
+    /// `chunks_timeout`; commit progress with [`RecordStream::checkpointer`].
+    pub fn records(&self) -> RecordStream {
+        let (service, rx) = records::HandoffService::new();
+        let token = CancellationToken::new();
+        let shared = self.shared.clone();
+        let stop = token.clone().cancelled_owned();
+        let task = tokio::spawn(async move { runner::run(shared, service, stop).await });
+        RecordStream::new(
+            rx,
+            task,
+            self.stream_name().to_owned(),
+            self.checkpointer(),
+            token,
+        )
+    }
+}
+
+/// Builds a [`Consumer`]; every setting is validated by [`build`](ConsumerBuilder::build).
+#[derive(Default)]
+pub struct ConsumerBuilder {
+    api: Option<Arc<dyn KinesisApi>>,
+    stream: Option<Result<StreamRef, Error>>,
+    app_name: Option<String>,
+    store: Option<Arc<dyn CheckpointStore>>,
+    start_position: StartPosition,
+    poll_interval: Option<Duration>,
+    min_get_records_interval: Option<Duration>,
+    max_records_per_call: Option<usize>,
+    buffer_records: Option<usize>,
+    buffer_bytes: Option<usize>,
+    shard_refresh_interval: Option<Duration>,
+    drain_timeout: Option<Duration>,
+    list_shards_page_size: Option<usize>,
+}
+
+impl std::fmt::Debug for ConsumerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerBuilder").finish_non_exhaustive()
+    }
+}
+
+impl ConsumerBuilder {
+    /// Reads with this SDK client.
+    pub fn client(mut self, client: aws_sdk_kinesis::Client) -> Self {
+        self.api = Some(Arc::new(client));
+        self
+    }
+
+    /// Reads with a client made from this configuration (region, credentials, endpoint).
+    pub fn sdk_config(self, config: &aws_config::SdkConfig) -> Self {
+        self.client(aws_sdk_kinesis::Client::new(config))
+    }
+
+    /// Reads through any [`KinesisApi`] implementation.
+    pub fn kinesis_api(mut self, api: Arc<dyn KinesisApi>) -> Self {
+        self.api = Some(api);
+        self
+    }
+
+    /// The stream, by name.
+    pub fn stream_name(mut self, name: impl Into<String>) -> Self {
+        self.stream = Some(Ok(StreamRef::name(name)));
+        self
+    }
+
+    /// The stream, by ARN.
+    pub fn stream_arn(mut self, arn: impl Into<String>) -> Self {
+        self.stream = Some(StreamRef::arn(arn));
+        self
+    }
+
+    /// The application name: checkpoints are kept under `<app name>/<stream name>`, so
+    /// several applications can read one stream with one store. Default `default`.
+    pub fn app_name(mut self, name: impl Into<String>) -> Self {
+        self.app_name = Some(name.into());
+        self
+    }
+
+    /// Where checkpoints are kept. Default: a [`MemoryStore`] (nothing survives a restart).
+    pub fn store(mut self, store: impl CheckpointStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// A shared store.
+    pub fn store_arc(mut self, store: Arc<dyn CheckpointStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Where shards without a checkpoint start at the first run. Default `Latest`.
+    pub fn start_position(mut self, position: StartPosition) -> Self {
+        self.start_position = position;
+        self
+    }
+
+    /// How long a caught-up shard waits before polling again. Default 200 ms.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = Some(interval);
+        self
+    }
+
+    /// The shortest time between two GetRecords calls of one shard. Default 200 ms, which keeps
+    /// each shard under Kinesis's limit of 5 calls per second.
+    pub fn min_get_records_interval(mut self, interval: Duration) -> Self {
+        self.min_get_records_interval = Some(interval);
+        self
+    }
+
+    /// Records per GetRecords call, 1 to 10,000. Default 10,000.
+    pub fn max_records_per_call(mut self, records: usize) -> Self {
+        self.max_records_per_call = Some(records);
+        self
+    }
+
+    /// The most records fetched but not yet handled, per shard. Default 20,000.
+    pub fn buffer_records(mut self, records: usize) -> Self {
+        self.buffer_records = Some(records);
+        self
+    }
+
+    /// The most bytes (data + partition keys) fetched but not yet handled, per shard; one
+    /// GetRecords answer larger than this is still taken, alone. Default 32 MiB.
+    pub fn buffer_bytes(mut self, bytes: usize) -> Self {
+        self.buffer_bytes = Some(bytes);
+        self
+    }
+
+    /// How often the shard list is refreshed (new shards, closed shards). Default 30 s; it is
+    /// also refreshed whenever a shard ends.
+    pub fn shard_refresh_interval(mut self, interval: Duration) -> Self {
+        self.shard_refresh_interval = Some(interval);
+        self
+    }
+
+    /// How long shutdown waits for in-flight batches. Default 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// Shards per ListShards page, 1 to 10,000. Default: the service's (1,000).
+    pub fn list_shards_page_size(mut self, shards: usize) -> Self {
+        self.list_shards_page_size = Some(shards);
+        self
+    }
+
+    /// Validates every setting and builds the consumer.
+    pub fn build(self) -> Result<Consumer, Error> {
+        let api = self.api.ok_or_else(|| {
+            Error::config(
+                "client",
+                "no Kinesis client: call .client(..), .sdk_config(..) or .kinesis_api(..)",
+            )
+        })?;
+        let stream = self.stream.ok_or_else(|| {
+            Error::config(
+                "stream_name",
+                "no stream: call .stream_name(..) or .stream_arn(..)",
+            )
+        })??;
+        validate_name("stream_name", stream.stream_name())?;
+        let app_name = self
+            .app_name
+            .unwrap_or_else(|| defaults::APP_NAME.to_owned());
+        validate_name("app_name", &app_name)?;
+
+        let max_records_per_call = bounded(
+            "max_records_per_call",
+            self.max_records_per_call,
+            defaults::MAX_RECORDS_PER_CALL as usize,
+            1,
+            10_000,
+        )?;
+        let buffer_records = bounded(
+            "buffer_records",
+            self.buffer_records,
+            defaults::BUFFER_RECORDS as usize,
+            1,
+            u32::MAX as usize,
+        )?;
+        let buffer_bytes = bounded(
+            "buffer_bytes",
+            self.buffer_bytes,
+            defaults::BUFFER_BYTES as usize,
+            1,
+            u32::MAX as usize,
+        )?;
+        let list_shards_page_size = self
+            .list_shards_page_size
+            .map(|n| bounded("list_shards_page_size", Some(n), n, 1, 10_000))
+            .transpose()?
+            .map(|n| n as i32);
+        let poll_interval = duration(
+            "poll_interval",
+            self.poll_interval,
+            defaults::POLL_INTERVAL,
+            Duration::ZERO,
+        )?;
+        let min_get_records_interval = duration(
+            "min_get_records_interval",
+            self.min_get_records_interval,
+            defaults::MIN_GET_RECORDS_INTERVAL,
+            Duration::ZERO,
+        )?;
+        let shard_refresh_interval = duration(
+            "shard_refresh_interval",
+            self.shard_refresh_interval,
+            defaults::SHARD_REFRESH_INTERVAL,
+            Duration::from_millis(100),
+        )?;
+        let drain_timeout = duration(
+            "drain_timeout",
+            self.drain_timeout,
+            defaults::DRAIN_TIMEOUT,
+            Duration::ZERO,
+        )?;
+
+        let settings = Settings {
+            stream,
+            app_name,
+            start_position: self.start_position,
+            poll_interval,
+            min_get_records_interval,
+            max_records_per_call: max_records_per_call as u32,
+            buffer_records: buffer_records as u32,
+            buffer_bytes: buffer_bytes as u32,
+            read_bytes_per_second: defaults::READ_BYTES_PER_SECOND,
+            shard_refresh_interval,
+            drain_timeout,
+            list_shards_page_size,
+            backoff_base: defaults::BACKOFF_BASE,
+            backoff_max: defaults::BACKOFF_MAX,
+        };
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn CheckpointStore>);
+        let checkpointer = Checkpointer::from_arc(store, settings.namespace());
+        Ok(Consumer {
+            shared: Arc::new(Shared {
+                settings,
+                api,
+                checkpointer,
+            }),
+        })
+    }
+}
+
+fn bounded(
+    field: &'static str,
+    value: Option<usize>,
+    default: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, Error> {
+    let value = value.unwrap_or(default);
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::config(
+            field,
+            format!("{value} is out of range: allowed {min} to {max}"),
+        ))
+    }
+}
+
+/// One hour: the longest any interval or timeout may be set to.
+const MAX_DURATION: Duration = Duration::from_secs(3600);
+
+fn duration(
+    field: &'static str,
+    value: Option<Duration>,
+    default: Duration,
+    min: Duration,
+) -> Result<Duration, Error> {
+    let value = value.unwrap_or(default);
+    if value >= min && value <= MAX_DURATION {
+        Ok(value)
+    } else {
+        Err(Error::config(
+            field,
+            format!("{value:?} is out of range: allowed {min:?} to {MAX_DURATION:?}"),
+        ))
+    }
+}

@@ -1,0 +1,255 @@
+//! The polling reader: one task per shard, GetRecords in a loop, into the shard's buffer.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kinesis_tower_layers::{Batch, BatchEnd, Checkpoint, Record, ShardId};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::{sleep_until, Instant};
+
+use super::buffer::{BufferPermit, ShardBuffer};
+use super::lineage::Fallback;
+use super::Shared;
+use crate::backoff::Backoff;
+use crate::kinesis::{ChildShard, IteratorPosition, KinesisErrorKind, ShardDescription};
+use crate::Error;
+
+/// What readers and the shard lister tell the dispatcher.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// Records (or a heartbeat, or the last batch of a closed shard) with their buffer room.
+    Batch { batch: Batch, permit: BufferPermit },
+    /// A closed shard's children, reported before its last batch.
+    Children(Vec<ChildShard>),
+    /// The shard needs no reading: its checkpoint says it ended, or it is skipped.
+    AlreadyFinished { shard: ShardId, read: bool },
+    /// The shard's reader hit an error that retrying will not fix.
+    Failed { shard: ShardId, error: Error },
+    /// A complete ListShards answer, or an error that retrying will not fix.
+    Listing(Result<Vec<ShardDescription>, Error>),
+    /// ListShards failed for a passing reason; the next refresh tries again.
+    ListingUnavailable,
+}
+
+/// How many times a retryable checkpoint-store error is retried before it ends the consumer.
+const STORE_ATTEMPTS: u32 = 5;
+
+/// Reads one shard until it ends, or until the task is cancelled.
+pub(crate) async fn read_shard(
+    shared: Arc<Shared>,
+    shard: ShardId,
+    fallback: Fallback,
+    buffer: ShardBuffer,
+    events: UnboundedSender<Event>,
+) {
+    let mut reader = Reader {
+        shared,
+        shard: shard.clone(),
+        buffer,
+        events: events.clone(),
+        backoff: Backoff::new(Duration::ZERO, Duration::ZERO),
+    };
+    reader.backoff = Backoff::new(
+        reader.shared.settings.backoff_base,
+        reader.shared.settings.backoff_max,
+    );
+    if let Err(error) = reader.run(fallback).await {
+        tracing::error!(%error, "shard reader stopped");
+        let _ = events.send(Event::Failed { shard, error });
+    }
+}
+
+struct Reader {
+    shared: Arc<Shared>,
+    shard: ShardId,
+    buffer: ShardBuffer,
+    events: UnboundedSender<Event>,
+    backoff: Backoff,
+}
+
+impl Reader {
+    fn stream_name(&self) -> &str {
+        self.shared.settings.stream.stream_name()
+    }
+
+    async fn start_position(&mut self) -> Result<Option<Option<IteratorPosition>>, Error> {
+        loop {
+            match self.shared.checkpointer.get(&self.shard).await {
+                Ok(checkpoint) => return Ok(checkpoint.map(resume_position)),
+                Err(e) if e.is_retryable() && self.backoff.attempts() < STORE_ATTEMPTS => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "reading the checkpoint failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(source) => {
+                    return Err(Error::Store {
+                        stream: self.stream_name().to_owned(),
+                        shard: Some(self.shard.to_string()),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self, fallback: Fallback) -> Result<(), Error> {
+        let stored = self.start_position().await?;
+        self.backoff.reset();
+        let mut position = match (stored, fallback) {
+            (Some(Some(position)), _) => position,
+            (Some(None), _) => return self.already_finished(true),
+            (None, Fallback::Skip) => return self.already_finished(false),
+            (None, Fallback::Read(position)) => position,
+        };
+        tracing::debug!(?position, "starting shard reader");
+        let (mut iterator, opened_at) = self.iterator(position).await?;
+        if position == IteratorPosition::Latest {
+            // Anchor LATEST in time: if the iterator expires before a record is read, the new
+            // one starts at this moment instead of jumping to the tip and losing what came in.
+            position = IteratorPosition::AtTimestamp(opened_at);
+        }
+
+        let shared = self.shared.clone();
+        let settings = &shared.settings;
+        let limit = settings.records_per_call();
+        let mut next_call = Instant::now();
+        loop {
+            sleep_until(next_call).await;
+            let mut permit = self.buffer.reserve_records(limit).await;
+            let called_at = Instant::now();
+            let answer = self
+                .shared
+                .api
+                .get_records(&settings.stream, &self.shard, &iterator, limit as i32)
+                .await;
+            let page = match answer {
+                Ok(page) => page,
+                Err(e) => {
+                    drop(permit);
+                    match e.kind() {
+                        KinesisErrorKind::Throttled | KinesisErrorKind::Transient => {
+                            let delay = self.backoff.next_delay();
+                            tracing::warn!(error = %e, ?delay, "GetRecords failed; backing off");
+                            next_call = Instant::now() + delay;
+                        }
+                        KinesisErrorKind::ExpiredIterator => {
+                            tracing::info!(?position, "shard iterator expired; renewing it");
+                            iterator = self.iterator(position).await?.0;
+                            next_call = Instant::now();
+                        }
+                        _ => {
+                            return Err(Error::from_kinesis(
+                                self.stream_name(),
+                                Some(&self.shard),
+                                e,
+                            ))
+                        }
+                    }
+                    continue;
+                }
+            };
+            self.backoff.reset();
+            let count = page.records.len();
+            let bytes: usize = page.records.iter().map(Record::size).sum();
+            if let Some(last) = page.records.last() {
+                position = IteratorPosition::AfterSequenceNumber(last.sequence_number);
+            }
+            tracing::trace!(
+                count,
+                bytes,
+                millis_behind_latest = page.millis_behind_latest,
+                "GetRecords"
+            );
+            self.buffer.settle(&mut permit, count, bytes).await;
+
+            // Pacing: never more than one call per min interval; stay under the per-shard read
+            // rate after large answers; wait the poll interval only when caught up.
+            let behind = count as u32 >= limit || page.millis_behind_latest.unwrap_or(0) > 0;
+            let byte_pace =
+                Duration::from_secs_f64(bytes as f64 / settings.read_bytes_per_second as f64);
+            next_call = called_at + settings.min_get_records_interval.max(byte_pace);
+            if !behind {
+                next_call = next_call.max(Instant::now() + settings.poll_interval);
+            }
+
+            let mut batch = Batch::new(self.shard.clone(), page.records);
+            batch.millis_behind_latest = page.millis_behind_latest;
+            match page.next_iterator {
+                Some(next) => {
+                    iterator = next;
+                    if self.events.send(Event::Batch { batch, permit }).is_err() {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    tracing::info!("shard closed and fully read");
+                    if !page.child_shards.is_empty() {
+                        let _ = self.events.send(Event::Children(page.child_shards));
+                    }
+                    batch.end = Some(BatchEnd::ShardEnd);
+                    let _ = self.events.send(Event::Batch { batch, permit });
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn already_finished(&self, read: bool) -> Result<(), Error> {
+        tracing::debug!(read, "shard needs no reading");
+        let _ = self.events.send(Event::AlreadyFinished {
+            shard: self.shard.clone(),
+            read,
+        });
+        Ok(())
+    }
+
+    /// GetShardIterator, retrying throttling and transient errors with backoff.
+    async fn iterator(
+        &mut self,
+        position: IteratorPosition,
+    ) -> Result<(String, SystemTime), Error> {
+        loop {
+            let opened_at = SystemTime::now();
+            let answer = self
+                .shared
+                .api
+                .get_shard_iterator(&self.shared.settings.stream, &self.shard, position)
+                .await;
+            match answer {
+                Ok(iterator) => {
+                    self.backoff.reset();
+                    return Ok((iterator, opened_at));
+                }
+                Err(e) if e.is_retryable() => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "GetShardIterator failed; backing off");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => {
+                    return Err(Error::from_kinesis(
+                        self.stream_name(),
+                        Some(&self.shard),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Where to resume after a stored checkpoint; `None` when the shard has ended.
+fn resume_position(checkpoint: Checkpoint) -> Option<IteratorPosition> {
+    match checkpoint {
+        Checkpoint::ShardEnd => None,
+        Checkpoint::Sequence {
+            sequence_number,
+            sub_sequence_number: None,
+        } => Some(IteratorPosition::AfterSequenceNumber(sequence_number)),
+        // Part of a KPL aggregate was processed: read the aggregate again; the user records
+        // already processed come again (at least once) unless a deaggregating layer drops them.
+        Checkpoint::Sequence {
+            sequence_number,
+            sub_sequence_number: Some(_),
+        } => Some(IteratorPosition::AtSequenceNumber(sequence_number)),
+    }
+}

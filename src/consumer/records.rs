@@ -1,0 +1,170 @@
+//! `records()`: every shard merged into one `Stream` of records.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use futures::Stream;
+use kinesis_tower_layers::{Batch, BoxError, Checkpointer, Record};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tower::Service;
+
+use crate::Error;
+
+type Handoff = (Batch, oneshot::Sender<()>);
+
+/// The service `records()` runs: hands each batch to the stream and completes once the stream
+/// has yielded all of it, so the shard's buffer room is returned only then (backpressure), and
+/// a shard's next batch (or its children) comes only after.
+pub(crate) struct HandoffService {
+    tx: mpsc::UnboundedSender<Handoff>,
+}
+
+impl HandoffService {
+    pub(crate) fn new() -> (Self, mpsc::UnboundedReceiver<Handoff>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+}
+
+impl Service<Batch> for HandoffService {
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, batch: Batch) -> Self::Future {
+        if batch.is_empty() {
+            return Box::pin(async { Ok(()) });
+        }
+        let (done, yielded) = oneshot::channel();
+        // If the stream is gone, nobody reads these records: nothing is lost, as stream users
+        // checkpoint what they processed themselves.
+        let _ = self.tx.send((batch, done));
+        Box::pin(async move {
+            let _ = yielded.await;
+            Ok(())
+        })
+    }
+}
+
+/// Every shard's records, merged into one stream; what [`Consumer::records`] returns.
+///
+/// Records of one shard come in shard order; children of a closed shard come after all of the
+/// parent's records. The stream ends with an error item if the consumer fails (missing stream,
+/// denied access...), or ends when [`shutdown`](RecordStream::shutdown) is called. Commit
+/// progress with the [`Checkpointer`] from [`RecordStream::checkpointer`].
+///
+/// Dropping the stream stops the background task; call [`shutdown`](RecordStream::shutdown)
+/// to wait for it and for the store to be flushed.
+///
+/// [`Consumer::records`]: crate::Consumer::records
+pub struct RecordStream {
+    rx: mpsc::UnboundedReceiver<Handoff>,
+    current: Option<(std::vec::IntoIter<Record>, oneshot::Sender<()>)>,
+    task: Option<JoinHandle<Result<(), Error>>>,
+    stream: String,
+    checkpointer: Checkpointer,
+    shutdown: CancellationToken,
+    _stop_on_drop: DropGuard,
+}
+
+impl std::fmt::Debug for RecordStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordStream")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordStream {
+    pub(crate) fn new(
+        rx: mpsc::UnboundedReceiver<Handoff>,
+        task: JoinHandle<Result<(), Error>>,
+        stream: String,
+        checkpointer: Checkpointer,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            rx,
+            current: None,
+            task: Some(task),
+            stream,
+            checkpointer,
+            _stop_on_drop: shutdown.clone().drop_guard(),
+            shutdown,
+        }
+    }
+
+    /// The checkpointer to commit processed records with (per shard, it only moves forward).
+    pub fn checkpointer(&self) -> &Checkpointer {
+        &self.checkpointer
+    }
+
+    /// Stops reading, waits for the background task to finish and the store to be flushed.
+    /// Records not yet yielded are dropped; they are read again from the last checkpoint.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        self.shutdown.cancel();
+        self.current = None;
+        self.rx.close();
+        while self.rx.recv().await.is_some() {}
+        match self.task.take() {
+            Some(task) => join(task, &self.stream).await,
+            None => Ok(()),
+        }
+    }
+}
+
+async fn join(task: JoinHandle<Result<(), Error>>, stream: &str) -> Result<(), Error> {
+    task.await.unwrap_or_else(|e| {
+        Err(Error::Task {
+            stream: stream.to_owned(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+impl Stream for RecordStream {
+    type Item = Result<Record, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some((records, _)) = this.current.as_mut() {
+                if let Some(record) = records.next() {
+                    return Poll::Ready(Some(Ok(record)));
+                }
+                if let Some((_, done)) = this.current.take() {
+                    let _ = done.send(());
+                }
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some((batch, done))) => {
+                    this.current = Some((batch.records.into_iter(), done));
+                }
+                Poll::Ready(None) => {
+                    let Some(task) = this.task.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    let outcome = std::task::ready!(Pin::new(task).poll(cx));
+                    this.task = None;
+                    let outcome = outcome.unwrap_or_else(|e| {
+                        Err(Error::Task {
+                            stream: this.stream.clone(),
+                            reason: e.to_string(),
+                        })
+                    });
+                    return Poll::Ready(outcome.err().map(Err));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+use std::future::Future as _;

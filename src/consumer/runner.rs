@@ -1,0 +1,369 @@
+//! `run`: the dispatcher that drives a `tower::Service<Batch>` over every shard.
+//!
+//! One loop owns the service. Readers (one task per shard) and the shard lister send events;
+//! the loop keeps a queue per shard and at most one call in flight per shard (so each shard's
+//! batches are handled in order), calls `poll_ready` before every call (so tower's
+//! `ConcurrencyLimit`, `RateLimit`, `Buffer` and friends apply across shards), starts children
+//! when their parents' last batch succeeded, and on shutdown or failure drains what is in
+//! flight, flushes the store, and stops every task it started before returning.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use kinesis_tower_layers::{Batch, BatchEnd, BoxError, ShardId};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, Instant, MissedTickBehavior};
+use tower::Service;
+use tracing::Instrument;
+
+use super::buffer::{BufferPermit, ShardBuffer};
+use super::lineage::Lineage;
+use super::reader::{read_shard, Event};
+use super::Shared;
+use crate::backoff::Backoff;
+use crate::kinesis::ShardDescription;
+use crate::Error;
+
+/// Attempts of one listing before it waits for the next refresh tick.
+const LISTING_ATTEMPTS: u32 = 5;
+
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<(Batch, BufferPermit)>,
+    in_flight: bool,
+    /// Queued in `dispatchable` (queue non-empty and nothing in flight).
+    scheduled: bool,
+}
+
+struct Completed {
+    shard: ShardId,
+    end: Option<BatchEnd>,
+    first: Option<String>,
+    last: Option<String>,
+    result: Result<(), BoxError>,
+}
+
+async fn track<F, R, E>(
+    future: F,
+    permit: BufferPermit,
+    shard: ShardId,
+    end: Option<BatchEnd>,
+    span: (Option<String>, Option<String>),
+) -> Completed
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    let result = future.await.map(drop).map_err(Into::into);
+    drop(permit);
+    Completed {
+        shard,
+        end,
+        first: span.0,
+        last: span.1,
+        result,
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining { deadline: Instant },
+}
+
+pub(crate) async fn run<S, F>(shared: Arc<Shared>, mut service: S, shutdown: F) -> Result<(), Error>
+where
+    S: Service<Batch>,
+    S::Error: Into<BoxError>,
+    F: Future<Output = ()>,
+{
+    let settings = &shared.settings;
+    let stream = settings.stream.stream_name().to_owned();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+    let mut tasks = JoinSet::new();
+    let mut lineage = Lineage::new(settings.start_position.clone());
+    let mut lanes: HashMap<ShardId, Lane> = HashMap::new();
+    let mut dispatchable: VecDeque<ShardId> = VecDeque::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut listing_in_flight = false;
+    let mut listing_wanted = false;
+    let mut refresh = tokio::time::interval(settings.shard_refresh_interval);
+    refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut shutdown = pin!(shutdown);
+    let mut phase = Phase::Running;
+    let mut failure: Option<Error> = None;
+
+    let schedule = |lanes: &mut HashMap<ShardId, Lane>,
+                    dispatchable: &mut VecDeque<ShardId>,
+                    shard: &ShardId| {
+        if let Some(lane) = lanes.get_mut(shard) {
+            if !lane.in_flight && !lane.scheduled && !lane.queue.is_empty() {
+                lane.scheduled = true;
+                dispatchable.push_back(shard.clone());
+            }
+        }
+    };
+
+    loop {
+        if let Phase::Draining { .. } = phase {
+            if in_flight.is_empty() && dispatchable.is_empty() {
+                break;
+            }
+        }
+        let draining = phase != Phase::Running;
+        let deadline = match phase {
+            Phase::Draining { deadline } => deadline,
+            Phase::Running => Instant::now(),
+        };
+        tokio::select! {
+            biased;
+            () = &mut shutdown, if !draining => {
+                tracing::info!(%stream, "shutdown requested; draining");
+                begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, true, &mut tasks);
+            }
+            () = sleep_until(deadline), if draining => {
+                let shards = lanes
+                    .iter()
+                    .filter(|(_, lane)| lane.in_flight)
+                    .map(|(id, _)| id.to_string())
+                    .collect();
+                failure.get_or_insert(Error::DrainTimeout {
+                    stream: stream.clone(),
+                    timeout: settings.drain_timeout,
+                    shards,
+                });
+                break;
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let Completed { shard, end, first, last, result } = done;
+                if let Some(lane) = lanes.get_mut(&shard) {
+                    lane.in_flight = false;
+                }
+                match result {
+                    Ok(()) => {
+                        if end == Some(BatchEnd::ShardEnd) {
+                            lanes.remove(&shard);
+                            lineage.finish(&shard, true);
+                            listing_wanted = true;
+                            if !draining {
+                                start_ready(&shared, &mut lineage, &mut lanes, &mut tasks, &events_tx);
+                            }
+                        } else {
+                            schedule(&mut lanes, &mut dispatchable, &shard);
+                        }
+                    }
+                    Err(source) => {
+                        tracing::error!(%stream, %shard, error = %source, "handler failed; stopping");
+                        failure.get_or_insert(Error::Handler {
+                            stream: stream.clone(),
+                            shard: shard.to_string(),
+                            first_sequence_number: first,
+                            last_sequence_number: last,
+                            source,
+                        });
+                        begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                    }
+                }
+            }
+            ready = std::future::poll_fn(|cx| service.poll_ready(cx)), if !dispatchable.is_empty() => {
+                if let Err(source) = ready {
+                    failure.get_or_insert(Error::ServiceNotReady { stream: stream.clone(), source: source.into() });
+                    // The service is broken: nothing more can be dispatched.
+                    dispatchable.clear();
+                    begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                    continue;
+                }
+                let Some(shard) = dispatchable.pop_front() else { continue };
+                let Some(lane) = lanes.get_mut(&shard) else { continue };
+                lane.scheduled = false;
+                let Some((batch, permit)) = lane.queue.pop_front() else { continue };
+                lane.in_flight = true;
+                let end = batch.end;
+                let span = (
+                    batch.records.first().map(|r| r.sequence_number.to_string()),
+                    batch.records.last().map(|r| r.sequence_number.to_string()),
+                );
+                let future = service.call(batch);
+                in_flight.push(track(future, permit, shard, end, span));
+            }
+            Some(event) = events.recv(), if !draining => match event {
+                Event::Batch { batch, permit } => {
+                    let shard = batch.shard_id.clone();
+                    let Some(lane) = lanes.get_mut(&shard) else { continue };
+                    let heartbeat = batch.is_empty() && batch.end.is_none();
+                    // One queued heartbeat per shard is enough.
+                    if heartbeat && !lane.queue.is_empty() {
+                        continue;
+                    }
+                    lane.queue.push_back((batch, permit));
+                    schedule(&mut lanes, &mut dispatchable, &shard);
+                }
+                Event::Children(children) => lineage.merge_children(&children),
+                Event::AlreadyFinished { shard, read } => {
+                    lanes.remove(&shard);
+                    lineage.finish(&shard, read);
+                    start_ready(&shared, &mut lineage, &mut lanes, &mut tasks, &events_tx);
+                }
+                Event::Failed { shard, error } => {
+                    tracing::error!(%stream, %shard, %error, "shard reader failed; stopping");
+                    failure.get_or_insert(error);
+                    begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                }
+                Event::Listing(Ok(listing)) => {
+                    listing_in_flight = false;
+                    lineage.merge_listing(listing);
+                    start_ready(&shared, &mut lineage, &mut lanes, &mut tasks, &events_tx);
+                }
+                Event::ListingUnavailable => listing_in_flight = false,
+                Event::Listing(Err(error)) => {
+                    listing_in_flight = false;
+                    failure.get_or_insert(error);
+                    begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                }
+            },
+            _ = refresh.tick(), if !draining && !listing_in_flight => {
+                listing_wanted = true;
+            }
+        }
+        if listing_wanted && !listing_in_flight && phase == Phase::Running {
+            listing_wanted = false;
+            listing_in_flight = true;
+            let shared = shared.clone();
+            let tx = events_tx.clone();
+            tasks.spawn(async move {
+                let event = match list_shards(&shared).await {
+                    Some(result) => Event::Listing(result),
+                    None => Event::ListingUnavailable,
+                };
+                let _ = tx.send(event);
+            });
+        }
+    }
+
+    // Stop every task (readers, lister) and wait for them: none outlives `run`.
+    tasks.shutdown().await;
+    drop(in_flight);
+    if let Err(source) = shared.checkpointer.flush().await {
+        failure.get_or_insert(Error::Store {
+            stream: stream.clone(),
+            shard: None,
+            source,
+        });
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Stops the readers and keeps only in-flight work; on a graceful stop, each shard still being
+/// read gets a last empty batch marked [`BatchEnd::Shutdown`] so layers can flush what they hold.
+fn begin_drain(
+    phase: &mut Phase,
+    lanes: &mut HashMap<ShardId, Lane>,
+    dispatchable: &mut VecDeque<ShardId>,
+    drain_timeout: std::time::Duration,
+    graceful: bool,
+    tasks: &mut JoinSet<()>,
+) {
+    if *phase != Phase::Running {
+        return;
+    }
+    *phase = Phase::Draining {
+        deadline: Instant::now() + drain_timeout,
+    };
+    // Stop fetching at once. Queued batches are dropped unhandled: their records are read
+    // again from the checkpoint next time.
+    tasks.abort_all();
+    dispatchable.clear();
+    for (shard, lane) in lanes.iter_mut() {
+        lane.queue.clear();
+        lane.scheduled = false;
+        if graceful {
+            lane.queue.push_back((
+                Batch::empty(shard.clone(), Some(BatchEnd::Shutdown)),
+                BufferPermit::default(),
+            ));
+            if !lane.in_flight {
+                lane.scheduled = true;
+                dispatchable.push_back(shard.clone());
+            }
+        }
+    }
+}
+
+/// Starts a reader for every shard whose parents have finished.
+fn start_ready(
+    shared: &Arc<Shared>,
+    lineage: &mut Lineage,
+    lanes: &mut HashMap<ShardId, Lane>,
+    tasks: &mut JoinSet<()>,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let settings = &shared.settings;
+    for (shard, fallback) in lineage.take_ready() {
+        lanes.insert(shard.clone(), Lane::default());
+        let span = tracing::info_span!(
+            "kinesis_shard",
+            stream = %settings.stream.stream_name(),
+            shard = %shard
+        );
+        let buffer = ShardBuffer::new(settings.buffer_records, settings.buffer_bytes);
+        tasks.spawn(
+            read_shard(shared.clone(), shard, fallback, buffer, events.clone()).instrument(span),
+        );
+    }
+}
+
+/// One complete ListShards (every page). `None` after repeated transient failures (the next
+/// refresh tries again; running shards are not affected); `Some(Err)` for errors that retrying
+/// will not fix.
+async fn list_shards(shared: &Shared) -> Option<Result<Vec<ShardDescription>, Error>> {
+    let settings = &shared.settings;
+    let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
+    'attempt: loop {
+        let mut shards = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = shared
+                .api
+                .list_shards(
+                    &settings.stream,
+                    token.as_deref(),
+                    settings.list_shards_page_size,
+                )
+                .await;
+            match page {
+                Ok(page) => {
+                    shards.extend(page.shards);
+                    match page.next_token {
+                        Some(next) => token = Some(next),
+                        None => return Some(Ok(shards)),
+                    }
+                }
+                Err(e) if e.is_retryable() => {
+                    if backoff.attempts() >= LISTING_ATTEMPTS {
+                        tracing::warn!(error = %e, "ListShards keeps failing; trying again at the next refresh");
+                        return None;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "ListShards failed; backing off");
+                    tokio::time::sleep(delay).await;
+                    continue 'attempt;
+                }
+                Err(e) => {
+                    return Some(Err(Error::from_kinesis(
+                        settings.stream.stream_name(),
+                        None,
+                        e,
+                    )))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Validated consumer settings and the start position.
+
+use std::time::{Duration, SystemTime};
+
+use kinesis_tower_layers::{SequenceNumber, ShardId};
+
+use crate::kinesis::StreamRef;
+
+/// Where a shard without a checkpoint starts reading, at the consumer's first start.
+///
+/// Only shards present at start-up use it. A shard discovered later, and the child of any shard
+/// this consumer read, starts at `TRIM_HORIZON` when it has no checkpoint, so no record written
+/// before it was discovered is lost.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartPosition {
+    /// Only records put after the consumer started (the default, as in the Go library). Closed
+    /// shards without a checkpoint are not read.
+    #[default]
+    Latest,
+    /// The oldest record kept in each shard; closed parents are read before their children.
+    TrimHorizon,
+    /// The first record at or after this time, in each shard.
+    AtTimestamp(SystemTime),
+    /// One shard starts at this record. Its ancestors are not read; every other shard starts at
+    /// `TRIM_HORIZON`.
+    AtSequenceNumber {
+        /// The shard the sequence number belongs to.
+        shard_id: ShardId,
+        /// The first record to read.
+        sequence_number: SequenceNumber,
+    },
+    /// One shard starts just after this record. Its ancestors are not read; every other shard
+    /// starts at `TRIM_HORIZON`.
+    AfterSequenceNumber {
+        /// The shard the sequence number belongs to.
+        shard_id: ShardId,
+        /// The last record not to read.
+        sequence_number: SequenceNumber,
+    },
+}
+
+/// Everything the builder validated.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub stream: StreamRef,
+    pub app_name: String,
+    pub start_position: StartPosition,
+    pub poll_interval: Duration,
+    pub min_get_records_interval: Duration,
+    pub max_records_per_call: u32,
+    pub buffer_records: u32,
+    pub buffer_bytes: u32,
+    pub read_bytes_per_second: u64,
+    pub shard_refresh_interval: Duration,
+    pub drain_timeout: Duration,
+    pub list_shards_page_size: Option<i32>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Settings {
+    /// The checkpoint namespace: app name and stream name.
+    pub(crate) fn namespace(&self) -> String {
+        format!("{}/{}", self.app_name, self.stream.stream_name())
+    }
+
+    /// The GetRecords limit: never more records than the shard's buffer may hold.
+    pub(crate) fn records_per_call(&self) -> u32 {
+        self.max_records_per_call.min(self.buffer_records)
+    }
+}
+
+/// Defaults, named so the docs and the builder agree.
+pub(crate) mod defaults {
+    use std::time::Duration;
+
+    pub const APP_NAME: &str = "default";
+    pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+    pub const MIN_GET_RECORDS_INTERVAL: Duration = Duration::from_millis(200);
+    pub const MAX_RECORDS_PER_CALL: u32 = 10_000;
+    pub const BUFFER_RECORDS: u32 = 20_000;
+    pub const BUFFER_BYTES: u32 = 32 * 1024 * 1024;
+    pub const READ_BYTES_PER_SECOND: u64 = 2 * 1024 * 1024;
+    pub const SHARD_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
+    pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+}
+
+/// Kinesis stream names: 1 to 128 of `a-z A-Z 0-9 _ . -`. App names follow the same rule.
+pub(crate) fn validate_name(field: &'static str, name: &str) -> Result<(), crate::Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::config(
+            field,
+            format!("{name:?} must be 1 to 128 characters of letters, digits, '_', '.', '-'"),
+        ))
+    }
+}

@@ -1,0 +1,192 @@
+//! The consumer's error type.
+
+use kinesis_tower_layers::{BoxError, StoreError};
+
+use crate::kinesis::KinesisError;
+
+/// Everything that can end a consumer. Each variant names the stream (and shard, where one is
+/// involved) and says what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The consumer's configuration is invalid; nothing was started.
+    #[error("invalid consumer configuration: {field}: {reason}")]
+    Config {
+        /// The builder method / field at fault.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
+    /// The stream (or a shard of it) does not exist.
+    #[error("stream {stream} not found ({operation}{}): create it, or fix the stream name/ARN and region/endpoint", shard_suffix(shard.as_deref()))]
+    StreamNotFound {
+        /// The stream.
+        stream: String,
+        /// The shard, when the call was about one.
+        shard: Option<String>,
+        /// The Kinesis operation.
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: KinesisError,
+    },
+
+    /// Kinesis refused access.
+    #[error("access denied to stream {stream} ({operation}{}): grant kinesis:ListShards, kinesis:GetShardIterator and kinesis:GetRecords on it to these credentials", shard_suffix(shard.as_deref()))]
+    AccessDenied {
+        /// The stream.
+        stream: String,
+        /// The shard, when the call was about one.
+        shard: Option<String>,
+        /// The Kinesis operation.
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: KinesisError,
+    },
+
+    /// Kinesis answered with an error that retrying will not fix.
+    #[error("Kinesis {operation} failed for stream {stream}{}: {source}", shard_suffix(shard.as_deref()))]
+    Kinesis {
+        /// The stream.
+        stream: String,
+        /// The shard, when the call was about one.
+        shard: Option<String>,
+        /// The Kinesis operation.
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: KinesisError,
+    },
+
+    /// The handler (the service given to `run`) failed; the shard's checkpoint stays before the
+    /// failed batch, so its records are delivered again on the next run.
+    #[error("handler failed on stream {stream}, shard {shard}{}: {source}", sequence_suffix(first_sequence_number.as_deref(), last_sequence_number.as_deref()))]
+    Handler {
+        /// The stream.
+        stream: String,
+        /// The shard whose batch failed.
+        shard: String,
+        /// The batch's first sequence number, if it had records.
+        first_sequence_number: Option<String>,
+        /// The batch's last sequence number, if it had records.
+        last_sequence_number: Option<String>,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The service given to `run` reported, through `poll_ready`, that it cannot take requests.
+    #[error("handler service of stream {stream} failed in poll_ready: {source}")]
+    ServiceNotReady {
+        /// The stream.
+        stream: String,
+        /// The service's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The checkpoint store failed.
+    #[error("checkpoint store failed for stream {stream}{}: {source}", shard_suffix(shard.as_deref()))]
+    Store {
+        /// The stream.
+        stream: String,
+        /// The shard, when the operation was about one.
+        shard: Option<String>,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+
+    /// Shutdown did not finish the in-flight work within the drain timeout; those batches were
+    /// dropped unacknowledged and will be delivered again on the next run.
+    #[error("shutdown of stream {stream} timed out after {timeout:?} with batches still in flight on shards {shards:?}: raise drain_timeout or make the handler honour cancellation")]
+    DrainTimeout {
+        /// The stream.
+        stream: String,
+        /// The drain timeout.
+        timeout: std::time::Duration,
+        /// Shards whose batch was still being handled.
+        shards: Vec<String>,
+    },
+
+    /// A background task of the consumer panicked or was cancelled unexpectedly.
+    #[error("internal task of stream {stream} failed: {reason}")]
+    Task {
+        /// The stream.
+        stream: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+fn shard_suffix(shard: Option<&str>) -> String {
+    shard.map(|s| format!(", shard {s}")).unwrap_or_default()
+}
+
+fn sequence_suffix(first: Option<&str>, last: Option<&str>) -> String {
+    match (first, last) {
+        (Some(f), Some(l)) => format!(", records {f}..={l}"),
+        _ => String::new(),
+    }
+}
+
+impl Error {
+    /// Whether running the consumer again (after a pause) may succeed without changing
+    /// anything: throttling, timeouts, a handler or store that failed for a passing reason.
+    /// Configuration, missing streams and denied access are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Config { .. } | Error::StreamNotFound { .. } | Error::AccessDenied { .. } => {
+                false
+            }
+            Error::Kinesis { source, .. } => source.is_retryable(),
+            Error::Store { source, .. } => source.is_retryable(),
+            Error::Handler { .. }
+            | Error::ServiceNotReady { .. }
+            | Error::DrainTimeout { .. }
+            | Error::Task { .. } => true,
+        }
+    }
+
+    /// True for configuration errors (fix the builder call named in the message).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Error::Config { .. })
+    }
+
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::Config {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// Turns a fatal Kinesis error into the variant that says what to fix.
+    pub(crate) fn from_kinesis(stream: &str, shard: Option<&str>, source: KinesisError) -> Self {
+        use crate::kinesis::KinesisErrorKind as K;
+        let stream = stream.to_owned();
+        let shard = shard.map(str::to_owned);
+        let operation = source.operation();
+        match source.kind() {
+            K::ResourceNotFound => Error::StreamNotFound {
+                stream,
+                shard,
+                operation,
+                source,
+            },
+            K::AccessDenied => Error::AccessDenied {
+                stream,
+                shard,
+                operation,
+                source,
+            },
+            _ => Error::Kinesis {
+                stream,
+                shard,
+                operation,
+                source,
+            },
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! `KinesisApi` for the AWS SDK client.
+
+use std::error::Error as StdError;
+use std::time::SystemTime;
+
+use aws_sdk_kinesis::config::http::HttpResponse;
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::types::ShardIteratorType;
+use aws_sdk_kinesis::Client;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use kinesis_tower_layers::{Record, SequenceNumber, ShardId};
+
+use super::{
+    ChildShard, IteratorPosition, KinesisApi, KinesisError, KinesisErrorKind, RecordsPage,
+    ShardDescription, ShardPage, StreamRef,
+};
+
+/// Sorts an SDK error into a [`KinesisErrorKind`] by its error code and HTTP status.
+fn classify<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> KinesisError
+where
+    E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+{
+    let kind = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            KinesisErrorKind::Transient
+        }
+        SdkError::ServiceError(service) => kind_of_code(service.err().code()),
+        _ => KinesisErrorKind::Other,
+    };
+    let status_is_5xx = err
+        .raw_response()
+        .is_some_and(|r| r.status().is_server_error());
+    let kind = if kind == KinesisErrorKind::Other && status_is_5xx {
+        KinesisErrorKind::Transient
+    } else {
+        kind
+    };
+    let message = match err.message() {
+        Some(m) => format!("{}: {m}", err.code().unwrap_or("error")),
+        None => err.code().map_or_else(|| err.to_string(), str::to_owned),
+    };
+    KinesisError::new(kind, operation, message).with_source(err)
+}
+
+fn kind_of_code(code: Option<&str>) -> KinesisErrorKind {
+    match code.unwrap_or_default() {
+        "ProvisionedThroughputExceededException"
+        | "LimitExceededException"
+        | "ThrottlingException"
+        | "KMSThrottlingException"
+        | "RequestLimitExceeded" => KinesisErrorKind::Throttled,
+        "ExpiredIteratorException" => KinesisErrorKind::ExpiredIterator,
+        "ResourceNotFoundException" => KinesisErrorKind::ResourceNotFound,
+        "AccessDeniedException"
+        | "KMSAccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "MissingAuthenticationToken" => KinesisErrorKind::AccessDenied,
+        "InvalidArgumentException" | "ValidationException" => KinesisErrorKind::InvalidArgument,
+        "InternalFailure"
+        | "InternalFailureException"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException"
+        | "ResourceInUseException" => KinesisErrorKind::Transient,
+        _ => KinesisErrorKind::Other,
+    }
+}
+
+fn invalid_response(operation: &'static str, what: String) -> KinesisError {
+    KinesisError::new(KinesisErrorKind::Other, operation, what)
+}
+
+fn parse_sequence(
+    operation: &'static str,
+    shard: &str,
+    value: &str,
+) -> Result<SequenceNumber, KinesisError> {
+    SequenceNumber::parse(value).map_err(|e| {
+        invalid_response(
+            operation,
+            format!("Kinesis returned an invalid sequence number for shard {shard}: {e}"),
+        )
+    })
+}
+
+fn convert_record(
+    shard_id: &ShardId,
+    record: aws_sdk_kinesis::types::Record,
+) -> Result<Record, KinesisError> {
+    let sequence_number = parse_sequence("GetRecords", shard_id, &record.sequence_number)?;
+    Ok(Record {
+        shard_id: shard_id.clone(),
+        sequence_number,
+        sub_sequence_number: None,
+        partition_key: record.partition_key.unwrap_or_default().into(),
+        explicit_hash_key: None,
+        data: Bytes::from(record.data.into_inner()),
+        approximate_arrival_timestamp: record
+            .approximate_arrival_timestamp
+            .and_then(|t| SystemTime::try_from(t).ok()),
+    })
+}
+
+impl KinesisApi for Client {
+    fn list_shards<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+        next_token: Option<&'a str>,
+        max_results: Option<i32>,
+    ) -> BoxFuture<'a, Result<ShardPage, KinesisError>> {
+        Box::pin(async move {
+            let mut request = self.list_shards().set_max_results(max_results);
+            // With a NextToken, the stream must not be named again (Kinesis rejects it).
+            request = match (next_token, stream.stream_arn()) {
+                (Some(token), _) => request.next_token(token),
+                (None, Some(arn)) => request.stream_arn(arn),
+                (None, None) => request.stream_name(stream.stream_name()),
+            };
+            let output = request
+                .send()
+                .await
+                .map_err(|e| classify("ListShards", e))?;
+            let mut shards = Vec::with_capacity(output.shards.as_ref().map_or(0, Vec::len));
+            for shard in output.shards.unwrap_or_default() {
+                let range = shard.sequence_number_range;
+                let starting_sequence_number = range
+                    .as_ref()
+                    .map(|r| {
+                        parse_sequence("ListShards", &shard.shard_id, &r.starting_sequence_number)
+                    })
+                    .transpose()?;
+                let ending_sequence_number = range
+                    .as_ref()
+                    .and_then(|r| r.ending_sequence_number.as_deref())
+                    .map(|e| parse_sequence("ListShards", &shard.shard_id, e))
+                    .transpose()?;
+                shards.push(ShardDescription {
+                    shard_id: shard.shard_id.into(),
+                    parent_shard_id: shard.parent_shard_id.map(Into::into),
+                    adjacent_parent_shard_id: shard.adjacent_parent_shard_id.map(Into::into),
+                    starting_sequence_number,
+                    ending_sequence_number,
+                });
+            }
+            Ok(ShardPage {
+                shards,
+                next_token: output.next_token,
+            })
+        })
+    }
+
+    fn get_shard_iterator<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+        shard_id: &'a ShardId,
+        position: IteratorPosition,
+    ) -> BoxFuture<'a, Result<String, KinesisError>> {
+        Box::pin(async move {
+            let mut request = self.get_shard_iterator().shard_id(shard_id.as_str());
+            request = match stream.stream_arn() {
+                Some(arn) => request.stream_arn(arn),
+                None => request.stream_name(stream.stream_name()),
+            };
+            request = match position {
+                IteratorPosition::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+                IteratorPosition::TrimHorizon => {
+                    request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+                }
+                IteratorPosition::AtTimestamp(t) => request
+                    .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                    .timestamp(aws_smithy_types::DateTime::from(t)),
+                IteratorPosition::AtSequenceNumber(s) => request
+                    .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                    .starting_sequence_number(s.to_string()),
+                IteratorPosition::AfterSequenceNumber(s) => request
+                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                    .starting_sequence_number(s.to_string()),
+            };
+            let output = request
+                .send()
+                .await
+                .map_err(|e| classify("GetShardIterator", e))?;
+            output.shard_iterator.ok_or_else(|| {
+                invalid_response(
+                    "GetShardIterator",
+                    format!("Kinesis returned no iterator for shard {shard_id}"),
+                )
+            })
+        })
+    }
+
+    fn get_records<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+        shard_id: &'a ShardId,
+        iterator: &'a str,
+        limit: i32,
+    ) -> BoxFuture<'a, Result<RecordsPage, KinesisError>> {
+        Box::pin(async move {
+            let output = self
+                .get_records()
+                .shard_iterator(iterator)
+                .limit(limit)
+                .set_stream_arn(stream.stream_arn().map(str::to_owned))
+                .send()
+                .await
+                .map_err(|e| classify("GetRecords", e))?;
+            let records = output
+                .records
+                .into_iter()
+                .map(|r| convert_record(shard_id, r))
+                .collect::<Result<Vec<_>, _>>()?;
+            let child_shards = output
+                .child_shards
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| ChildShard {
+                    shard_id: c.shard_id.into(),
+                    parent_shards: c.parent_shards.into_iter().map(Into::into).collect(),
+                })
+                .collect();
+            Ok(RecordsPage {
+                records,
+                next_iterator: output.next_shard_iterator,
+                millis_behind_latest: output.millis_behind_latest,
+                child_shards,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_map_to_kinds() {
+        assert_eq!(
+            kind_of_code(Some("ProvisionedThroughputExceededException")),
+            KinesisErrorKind::Throttled
+        );
+        assert_eq!(
+            kind_of_code(Some("ExpiredIteratorException")),
+            KinesisErrorKind::ExpiredIterator
+        );
+        assert_eq!(
+            kind_of_code(Some("ResourceNotFoundException")),
+            KinesisErrorKind::ResourceNotFound
+        );
+        assert_eq!(kind_of_code(None), KinesisErrorKind::Other);
+    }
+}

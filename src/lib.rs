@@ -1,0 +1,57 @@
+//! Consume AWS Kinesis Data Streams the `tower` way.
+//!
+//! A [`Consumer`] reads every shard of a stream (polling GetRecords, one task per shard, each
+//! with a bounded buffer), follows resharding (parents before children), and either
+//! - merges all shards into one `Stream` of records: [`Consumer::records`], or
+//! - drives a `tower::Service<Batch>` with each shard's batches, in order:
+//!   [`Consumer::run`] / [`Consumer::run_until`].
+//!
+//! Processing is composed from `tower` layers: [`layers::CheckpointLayer`] records progress in
+//! a [`layers::CheckpointStore`] after the handler succeeded, [`layers::PerRecordLayer`] runs a
+//! per-record handler, and tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer`
+//! stack with them.
+//!
+//! ```no_run
+//! use kinesis_tower::{Consumer, StartPosition};
+//! use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer};
+//! use tower::{service_fn, ServiceBuilder};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = aws_config::load_from_env().await;
+//! let consumer = Consumer::builder()
+//!     .sdk_config(&config)
+//!     .stream_name("orders")
+//!     .app_name("billing")
+//!     .start_position(StartPosition::TrimHorizon)
+//!     .build()?;
+//! let handler = service_fn(|batch: Batch| async move {
+//!     for record in &batch.records {
+//!         println!("{} {}", record.sequence_number, String::from_utf8_lossy(&record.data));
+//!     }
+//!     Ok::<_, BoxError>(())
+//! });
+//! let service = ServiceBuilder::new()
+//!     .layer(CheckpointLayer::new(consumer.checkpointer()))
+//!     .service(handler);
+//! consumer.run_until(service, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod backoff;
+mod consumer;
+mod error;
+pub mod kinesis;
+pub mod store;
+
+pub use consumer::{Consumer, ConsumerBuilder, RecordStream, StartPosition};
+pub use error::Error;
+pub use kinesis_tower_layers as layers;
+pub use kinesis_tower_layers::{
+    Batch, BatchEnd, Checkpoint, Checkpointer, Record, SequenceNumber, ShardId,
+};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
