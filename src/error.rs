@@ -19,42 +19,36 @@ pub enum Error {
     },
 
     /// The stream (or a shard of it) does not exist.
-    #[error("stream {stream} not found ({operation}{}): create it, or fix the stream name/ARN and region/endpoint", shard_suffix(shard.as_deref()))]
+    #[error("stream {stream} not found ({}{}): create it, or fix the stream name/ARN and region/endpoint", source.operation(), shard_suffix(shard.as_deref()))]
     StreamNotFound {
         /// The stream.
         stream: String,
         /// The shard, when the call was about one.
         shard: Option<String>,
-        /// The Kinesis operation.
-        operation: &'static str,
         /// The underlying error.
         #[source]
         source: KinesisError,
     },
 
     /// Kinesis refused access.
-    #[error("access denied to stream {stream} ({operation}{}): grant kinesis:ListShards, kinesis:GetShardIterator and kinesis:GetRecords on it to these credentials", shard_suffix(shard.as_deref()))]
+    #[error("access denied to stream {stream} ({}{}): grant kinesis:ListShards, kinesis:GetShardIterator and kinesis:GetRecords on it to these credentials", source.operation(), shard_suffix(shard.as_deref()))]
     AccessDenied {
         /// The stream.
         stream: String,
         /// The shard, when the call was about one.
         shard: Option<String>,
-        /// The Kinesis operation.
-        operation: &'static str,
         /// The underlying error.
         #[source]
         source: KinesisError,
     },
 
     /// Kinesis answered with an error that retrying will not fix.
-    #[error("Kinesis {operation} failed for stream {stream}{}: {source}", shard_suffix(shard.as_deref()))]
+    #[error("Kinesis {} failed for stream {stream}{}: {source}", source.operation(), shard_suffix(shard.as_deref()))]
     Kinesis {
         /// The stream.
         stream: String,
         /// The shard, when the call was about one.
         shard: Option<String>,
-        /// The Kinesis operation.
-        operation: &'static str,
         /// The underlying error.
         #[source]
         source: KinesisError,
@@ -96,7 +90,7 @@ pub enum Error {
         shard: Option<String>,
         /// The store's error.
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
 
     /// Shutdown did not finish the in-flight work within the drain timeout; those batches were
@@ -167,24 +161,20 @@ impl Error {
         use crate::kinesis::KinesisErrorKind as K;
         let stream = stream.to_owned();
         let shard = shard.map(str::to_owned);
-        let operation = source.operation();
         match source.kind() {
             K::ResourceNotFound => Error::StreamNotFound {
                 stream,
                 shard,
-                operation,
                 source,
             },
             K::AccessDenied => Error::AccessDenied {
                 stream,
                 shard,
-                operation,
                 source,
             },
             _ => Error::Kinesis {
                 stream,
                 shard,
-                operation,
                 source,
             },
         }

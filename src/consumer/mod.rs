@@ -71,12 +71,13 @@ impl Consumer {
 
     /// Drives `service` with every shard's batches until the service or Kinesis fails.
     /// See [`run_until`](Consumer::run_until).
-    pub async fn run<S>(&self, service: S) -> Result<(), Error>
+    pub fn run<S>(&self, service: S) -> impl Future<Output = Result<(), Error>> + use<S>
     where
-        S: Service<Batch>,
+        S: Service<Batch> + Send + 'static,
+        S::Future: Send + 'static,
         S::Error: Into<BoxError>,
     {
-        self.run_until(service, std::future::pending()).await
+        self.run_until(service, std::future::pending())
     }
 
     /// Drives `service` with every shard's batches until `shutdown` completes (or the service,
@@ -90,13 +91,22 @@ impl Consumer {
     /// calls finish, the store is flushed, and the error is returned.
     ///
     /// Pass `token.cancelled_owned()` to stop it with a `CancellationToken`.
-    pub async fn run_until<S, F>(&self, service: S, shutdown: F) -> Result<(), Error>
+    pub fn run_until<S, F>(
+        &self,
+        service: S,
+        shutdown: F,
+    ) -> impl Future<Output = Result<(), Error>> + use<S, F>
     where
-        S: Service<Batch>,
+        S: Service<Batch> + Send + 'static,
+        S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         F: Future<Output = ()>,
     {
-        runner::run(self.shared.clone(), service, shutdown).await
+        runner::run(
+            self.shared.clone(),
+            Box::new(runner::Erased(service)),
+            shutdown,
+        )
     }
 
     /// Every shard's records merged into one stream (spawns the reading on the current tokio
@@ -107,7 +117,7 @@ impl Consumer {
         let token = CancellationToken::new();
         let shared = self.shared.clone();
         let stop = token.clone().cancelled_owned();
-        let task = tokio::spawn(async move { runner::run(shared, service, stop).await });
+        let task = tokio::spawn(runner::run(shared, Box::new(runner::Erased(service)), stop));
         RecordStream::new(
             rx,
             task,
@@ -386,3 +396,6 @@ fn duration(
         ))
     }
 }
+
+#[cfg(test)]
+mod tests;

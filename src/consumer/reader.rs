@@ -85,7 +85,7 @@ impl Reader {
                     return Err(Error::Store {
                         stream: self.stream_name().to_owned(),
                         shard: Some(self.shard.to_string()),
-                        source,
+                        source: Box::new(source),
                     })
                 }
             }

@@ -11,6 +11,9 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -48,24 +51,52 @@ struct Completed {
     result: Result<(), BoxError>,
 }
 
-async fn track<F, R, E>(
-    future: F,
+/// The handler service with its future and error types erased.
+///
+/// `run` works on this rather than on a generic `S: Service<Batch>`: when a generic `async fn`
+/// holds `S::Future`s across awaits, the compiler cannot prove the future `Send` for services
+/// whose impls require `E: Into<BoxError>` (tower's `Timeout`, among others), and users could
+/// not spawn a run inside an `async` block. Erased, `run` needs no such proof.
+pub(crate) trait Dispatch: Send {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
+    fn call(&mut self, batch: Batch) -> BoxFuture<'static, Result<(), BoxError>>;
+}
+
+/// Erases a `Service<Batch>` into a [`Dispatch`].
+pub(crate) struct Erased<S>(pub(crate) S);
+
+impl<S> Dispatch for Erased<S>
+where
+    S: Service<Batch> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, batch: Batch) -> BoxFuture<'static, Result<(), BoxError>> {
+        let future = self.0.call(batch);
+        Box::pin(async move { future.await.map(drop).map_err(Into::into) })
+    }
+}
+
+/// A call in flight: the service's future and the batch's buffer room, held until it completes.
+async fn tracked(
+    future: BoxFuture<'static, Result<(), BoxError>>,
     permit: BufferPermit,
     shard: ShardId,
     end: Option<BatchEnd>,
-    span: (Option<String>, Option<String>),
-) -> Completed
-where
-    F: Future<Output = Result<R, E>>,
-    E: Into<BoxError>,
-{
-    let result = future.await.map(drop).map_err(Into::into);
+    first: Option<String>,
+    last: Option<String>,
+) -> Completed {
+    let result = future.await;
     drop(permit);
     Completed {
         shard,
         end,
-        first: span.0,
-        last: span.1,
+        first,
+        last,
         result,
     }
 }
@@ -76,10 +107,13 @@ enum Phase {
     Draining { deadline: Instant },
 }
 
-pub(crate) async fn run<S, F>(shared: Arc<Shared>, mut service: S, shutdown: F) -> Result<(), Error>
+/// Runs the dispatcher until `shutdown` completes or something fails.
+pub(crate) async fn run<F>(
+    shared: Arc<Shared>,
+    mut service: Box<dyn Dispatch>,
+    shutdown: F,
+) -> Result<(), Error>
 where
-    S: Service<Batch>,
-    S::Error: Into<BoxError>,
     F: Future<Output = ()>,
 {
     let settings = &shared.settings;
@@ -172,7 +206,7 @@ where
             }
             ready = std::future::poll_fn(|cx| service.poll_ready(cx)), if !dispatchable.is_empty() => {
                 if let Err(source) = ready {
-                    failure.get_or_insert(Error::ServiceNotReady { stream: stream.clone(), source: source.into() });
+                    failure.get_or_insert(Error::ServiceNotReady { stream: stream.clone(), source });
                     // The service is broken: nothing more can be dispatched.
                     dispatchable.clear();
                     begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
@@ -184,12 +218,10 @@ where
                 let Some((batch, permit)) = lane.queue.pop_front() else { continue };
                 lane.in_flight = true;
                 let end = batch.end;
-                let span = (
-                    batch.records.first().map(|r| r.sequence_number.to_string()),
-                    batch.records.last().map(|r| r.sequence_number.to_string()),
-                );
+                let first = batch.records.first().map(|r| r.sequence_number.to_string());
+                let last = batch.records.last().map(|r| r.sequence_number.to_string());
                 let future = service.call(batch);
-                in_flight.push(track(future, permit, shard, end, span));
+                in_flight.push(tracked(future, permit, shard, end, first, last));
             }
             Some(event) = events.recv(), if !draining => match event {
                 Event::Batch { batch, permit } => {
@@ -252,7 +284,7 @@ where
         failure.get_or_insert(Error::Store {
             stream: stream.clone(),
             shard: None,
-            source,
+            source: Box::new(source),
         });
     }
     match failure {

@@ -1,0 +1,846 @@
+//! Consumer behaviour against the in-memory Kinesis, with faults no emulator produces.
+//! Time is paused: sleeps complete as soon as every task is idle.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kinesis_tower_layers::{
+    Batch, BatchEnd, BoxError, Checkpoint, CheckpointLayer, CheckpointStore, MemoryStore,
+    PerRecordLayer, Processed, Record, SequenceNumber, ShardId,
+};
+use tokio_util::sync::CancellationToken;
+use tower::{service_fn, Layer, ServiceBuilder};
+
+use crate::kinesis::memory::{shard_name, MemoryKinesis, Operation};
+use crate::kinesis::{IteratorPosition, KinesisErrorKind};
+use crate::{Consumer, ConsumerBuilder, Error, StartPosition};
+
+fn builder(kinesis: &MemoryKinesis) -> ConsumerBuilder {
+    Consumer::builder()
+        .kinesis_api(Arc::new(kinesis.clone()))
+        .stream_name("test-stream")
+        .app_name("tests")
+        .start_position(StartPosition::TrimHorizon)
+}
+
+/// What a handler saw: every record per shard, and every batch marker.
+#[derive(Clone, Default)]
+struct Seen {
+    records: Arc<Mutex<HashMap<ShardId, Vec<SequenceNumber>>>>,
+    order: Arc<Mutex<Vec<(ShardId, SequenceNumber)>>>,
+    ends: Arc<Mutex<Vec<(ShardId, BatchEnd)>>>,
+    count: Arc<AtomicU64>,
+}
+
+impl Seen {
+    fn take(&self, batch: &Batch) {
+        let mut records = self.records.lock().unwrap();
+        let mut order = self.order.lock().unwrap();
+        for r in &batch.records {
+            records
+                .entry(r.shard_id.clone())
+                .or_default()
+                .push(r.sequence_number);
+            order.push((r.shard_id.clone(), r.sequence_number));
+        }
+        if let Some(end) = batch.end {
+            self.ends
+                .lock()
+                .unwrap()
+                .push((batch.shard_id.clone(), end));
+        }
+        self.count.fetch_add(batch.len() as u64, Ordering::SeqCst);
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn of(&self, shard: &str) -> Vec<SequenceNumber> {
+        self.records
+            .lock()
+            .unwrap()
+            .get(shard)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn handler(
+        &self,
+    ) -> impl tower::Service<Batch, Response = (), Error = BoxError, Future = impl Send> + Clone
+    {
+        let seen = self.clone();
+        service_fn(move |batch: Batch| {
+            seen.take(&batch);
+            async { Ok::<_, BoxError>(()) }
+        })
+    }
+}
+
+fn sequences(kinesis: &MemoryKinesis, shard: &str) -> Vec<SequenceNumber> {
+    kinesis
+        .records(shard)
+        .iter()
+        .map(|r| r.sequence_number)
+        .collect()
+}
+
+/// Polls `cond` every 10 ms of (paused) time until it holds; panics after `limit`.
+async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_delivers_every_record_once_in_shard_order_and_checkpoints() {
+    let kinesis = MemoryKinesis::with_shards(4);
+    kinesis.fill(2_500, 10);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .max_records_per_call(1_000)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let service = CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler());
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let consumer = consumer.clone();
+        let stop = stop.clone();
+        async move { consumer.run_until(service, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(60), || seen.count() == 10_000).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    for i in 0..4 {
+        let shard = shard_name(i);
+        assert_eq!(
+            seen.of(&shard),
+            sequences(&kinesis, &shard),
+            "shard {shard}"
+        );
+        let last = *sequences(&kinesis, &shard).last().unwrap();
+        assert_eq!(
+            store.get(consumer.namespace(), &shard).await.unwrap(),
+            Some(Checkpoint::at(last))
+        );
+    }
+    // Every shard still being read was told about the shutdown.
+    assert_eq!(seen.ends.lock().unwrap().len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_resumes_after_the_checkpoint() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.fill(100, 10);
+    let store = Arc::new(MemoryStore::new());
+    let first = sequences(&kinesis, &shard_name(0));
+    let checkpoint = first[41];
+    store
+        .set(
+            "tests/test-stream",
+            &shard_name(0),
+            Checkpoint::at(checkpoint),
+        )
+        .await
+        .unwrap();
+    let consumer = builder(&kinesis).store_arc(store).build().unwrap();
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(10), || seen.count() == 58).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(seen.of(&shard_name(0)), first[42..].to_vec());
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_backs_off_and_loses_nothing() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    kinesis.fill(50, 10);
+    kinesis.inject(
+        Some(&shard_name(0)),
+        Operation::GetRecords,
+        KinesisErrorKind::Throttled,
+        4,
+    );
+    let consumer = builder(&kinesis).max_records_per_call(10).build().unwrap();
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let started = tokio::time::Instant::now();
+    let run = tokio::spawn({
+        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(60), || seen.count() == 100).await;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
+    // 4 throttles then 5 full reads: the throttled calls were retried, with backoff.
+    assert!(kinesis.get_records_calls(&shard_name(0)) >= 9);
+    assert!(
+        elapsed >= Duration::from_millis(100 + 200 + 400 + 800),
+        "{elapsed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_iterator_resumes_after_the_last_record_read_not_the_checkpoint() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.fill(20, 10);
+    let shard = shard_name(0);
+    let all = sequences(&kinesis, &shard);
+    // No CheckpointLayer: the checkpoint never moves, so a resume from the checkpoint would
+    // replay from the start.
+    let consumer = builder(&kinesis).max_records_per_call(5).build().unwrap();
+    let seen = Seen::default();
+    let kinesis_in_handler = kinesis.clone();
+    let seen_in_handler = seen.clone();
+    let handler = service_fn(move |batch: Batch| {
+        seen_in_handler.take(&batch);
+        if seen_in_handler.count() == 10 {
+            kinesis_in_handler.expire_iterators();
+        }
+        async { Ok::<_, BoxError>(()) }
+    });
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(30), || seen.count() >= 20).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(seen.of(&shard), all, "every record exactly once, in order");
+    let requests = kinesis.iterator_requests();
+    assert_eq!(requests[0].1, IteratorPosition::TrimHorizon);
+    assert!(
+        requests[1..].iter().any(
+            |(_, p)| matches!(p, IteratorPosition::AfterSequenceNumber(s) if all[9..].contains(s))
+        ),
+        "renewed after a record read, not at the (empty) checkpoint: {requests:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_latest_iterator_before_any_record_is_anchored_in_time() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    let consumer = builder(&kinesis)
+        .start_position(StartPosition::Latest)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(5), || {
+        kinesis.get_records_calls(&shard_name(0)) > 0
+    })
+    .await;
+    kinesis.expire_iterators();
+    let put = kinesis.put(&shard_name(0), "k", "after the iterator was taken");
+    wait_for(Duration::from_secs(5), || seen.count() == 1).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(seen.of(&shard_name(0)), vec![put]);
+    assert!(matches!(
+        kinesis.iterator_requests()[1].1,
+        IteratorPosition::AtTimestamp(_)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failure_of_one_shard_does_not_stop_the_others() {
+    let kinesis = MemoryKinesis::with_shards(3);
+    kinesis.fill(30, 10);
+    kinesis.inject(
+        Some(&shard_name(1)),
+        Operation::GetRecords,
+        KinesisErrorKind::Transient,
+        10,
+    );
+    let consumer = builder(&kinesis).build().unwrap();
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(5), || {
+        seen.of(&shard_name(0)).len() == 30 && seen.of(&shard_name(2)).len() == 30
+    })
+    .await;
+    assert!(
+        seen.of(&shard_name(1)).is_empty(),
+        "shard 1 is still failing"
+    );
+    // Shard 1 recovers once its faults are used up.
+    wait_for(Duration::from_secs(120), || {
+        seen.of(&shard_name(1)).len() == 30
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn missing_stream_ends_run_with_a_clear_error() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    kinesis.delete_stream();
+    let consumer = builder(&kinesis).build().unwrap();
+    let err = consumer.run(Seen::default().handler()).await.unwrap_err();
+    assert!(matches!(err, Error::StreamNotFound { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+    let message = err.to_string();
+    assert!(
+        message.contains("test-stream") && message.contains("create it"),
+        "{message}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_deleted_while_reading_ends_run_with_the_shard_named() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.fill(5, 10);
+    let consumer = builder(&kinesis).build().unwrap();
+    let seen = Seen::default();
+    let kinesis_in_handler = kinesis.clone();
+    let inner = seen.handler();
+    let handler = tower::ServiceExt::map_request(inner, move |b: Batch| {
+        if !b.is_empty() {
+            kinesis_in_handler.inject(
+                None,
+                Operation::GetRecords,
+                KinesisErrorKind::ResourceNotFound,
+                1,
+            );
+        }
+        b
+    });
+    let err = consumer.run(handler).await.unwrap_err();
+    match &err {
+        Error::StreamNotFound { shard, source, .. } => {
+            assert_eq!(shard.as_deref(), Some(shard_name(0).as_str()));
+            assert_eq!(source.operation(), "GetRecords");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(seen.count(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_handler_stops_fetching_instead_of_growing_the_buffer() {
+    const CAP: u64 = 100;
+    let kinesis = MemoryKinesis::with_shards(2);
+    kinesis.fill(5_000, 100);
+    let consumer = builder(&kinesis)
+        .buffer_records(CAP as usize)
+        .max_records_per_call(30)
+        .build()
+        .unwrap();
+    let processed = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let worst = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let (kinesis, processed, gate, worst) = (
+            kinesis.clone(),
+            processed.clone(),
+            gate.clone(),
+            worst.clone(),
+        );
+        service_fn(move |batch: Batch| {
+            let (kinesis, processed, gate, worst) = (
+                kinesis.clone(),
+                processed.clone(),
+                gate.clone(),
+                worst.clone(),
+            );
+            async move {
+                gate.acquire().await.unwrap().forget();
+                // Everything fetched and not yet handled, over both shards.
+                let outstanding = kinesis.records_served() - processed.load(Ordering::SeqCst);
+                worst.fetch_max(outstanding, Ordering::SeqCst);
+                processed.fetch_add(batch.len() as u64, Ordering::SeqCst);
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    // The handler is blocked: the readers fill their buffers, then stop.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        kinesis.records_served() <= 2 * CAP,
+        "fetched {}",
+        kinesis.records_served()
+    );
+    assert!(
+        kinesis.records_served() >= CAP,
+        "readers did fill their buffers"
+    );
+    // Let it go slowly; the bound holds all the way.
+    for _ in 0..400 {
+        gate.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let outstanding = kinesis.records_served() - processed.load(Ordering::SeqCst);
+        assert!(outstanding <= 2 * CAP, "outstanding {outstanding}");
+    }
+    gate.add_permits(100_000);
+    wait_for(Duration::from_secs(120), || {
+        processed.load(Ordering::SeqCst) == 10_000
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert!(worst.load(Ordering::SeqCst) <= 2 * CAP);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_finishes_in_flight_work_flushes_and_leaves_no_task() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    kinesis.fill(10, 10);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .max_records_per_call(10)
+        .build()
+        .unwrap();
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    let seen = Seen::default();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (seen, started) = (seen.clone(), started.clone());
+        service_fn(move |batch: Batch| {
+            let (seen, started) = (seen.clone(), started.clone());
+            async move {
+                if !batch.is_empty() {
+                    started.notify_one();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                seen.take(&batch);
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    let service = CheckpointLayer::new(consumer.checkpointer()).layer(handler);
+    let stop = CancellationToken::new();
+    let run = {
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run_until(service, stop.cancelled_owned()).await }
+    };
+    let trigger = async {
+        started.notified().await;
+        stop.cancel();
+    };
+    let (result, ()) = tokio::join!(run, trigger);
+    result.unwrap();
+    // The batches in flight when shutdown came were finished and checkpointed.
+    let handled: u64 = seen.count();
+    assert!(handled >= 10, "in-flight batch finished: {handled}");
+    let checkpoints = store.snapshot(consumer.namespace());
+    assert!(!checkpoints.is_empty());
+    for (shard, checkpoint) in checkpoints {
+        let seen_last = *seen.of(&shard).last().unwrap();
+        assert_eq!(checkpoint, Checkpoint::at(seen_last));
+    }
+    assert!(seen
+        .ends
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(_, e)| *e == BatchEnd::Shutdown));
+    let tasks_after = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert_eq!(tasks_after, tasks_before, "no task outlives run");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_timeout_is_reported() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.fill(1, 10);
+    let consumer = builder(&kinesis)
+        .drain_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let handler = service_fn(|batch: Batch| async move {
+        if !batch.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, BoxError>(())
+    });
+    let err = consumer
+        .run_until(handler, tokio::time::sleep(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::DrainTimeout { shards, .. } if shards == &[shard_name(0)]),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_error_ends_run_keeps_its_checkpoint_and_flushes_others() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    kinesis.fill(20, 10);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .max_records_per_call(10)
+        .build()
+        .unwrap();
+    let bad_shard = shard_name(1);
+    let calls = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let (bad_shard, calls) = (bad_shard.clone(), calls.clone());
+        service_fn(move |batch: Batch| {
+            let fail = *batch.shard_id == *bad_shard
+                && !batch.is_empty()
+                && calls.fetch_add(1, Ordering::SeqCst) == 1;
+            async move {
+                if fail {
+                    return Err::<(), BoxError>("cannot write to the warehouse".into());
+                }
+                tokio::task::yield_now().await;
+                Ok(())
+            }
+        })
+    };
+    let service = CheckpointLayer::new(consumer.checkpointer()).layer(handler);
+    let err = consumer.run(service).await.unwrap_err();
+    let records = kinesis.records(&bad_shard);
+    match &err {
+        Error::Handler {
+            shard,
+            first_sequence_number,
+            last_sequence_number,
+            ..
+        } => {
+            assert_eq!(shard, &bad_shard);
+            assert_eq!(
+                first_sequence_number.as_deref(),
+                Some(records[10].sequence_number.to_string().as_str())
+            );
+            assert_eq!(
+                last_sequence_number.as_deref(),
+                Some(records[19].sequence_number.to_string().as_str())
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains("cannot write to the warehouse"));
+    // The failed batch is not checkpointed; the batch before it is.
+    assert_eq!(
+        store.get(consumer.namespace(), &bad_shard).await.unwrap(),
+        Some(records[9].checkpoint())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn children_start_after_their_parents_and_parents_end_with_shard_end() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("parent-a", &[]);
+    kinesis.add_shard("parent-b", &[]);
+    for i in 0..30 {
+        kinesis.put("parent-a", &format!("k{i}"), "a");
+        kinesis.put("parent-b", &format!("k{i}"), "b");
+    }
+    kinesis.close_shard("parent-a");
+    kinesis.close_shard("parent-b");
+    // parent-a splits into two; both merge... into merged children of their own.
+    kinesis.add_shard("child-a1", &["parent-a"]);
+    kinesis.add_shard("merged", &["parent-a", "parent-b"]);
+    for i in 0..10 {
+        kinesis.put("child-a1", &format!("c{i}"), "c");
+        kinesis.put("merged", &format!("m{i}"), "m");
+    }
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .max_records_per_call(7)
+        .start_position(StartPosition::Latest)
+        .build()
+        .unwrap();
+    // With LATEST, closed parents without checkpoints are skipped: only records put from now on.
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        let service = CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler());
+        async move { consumer.run_until(service, stop.cancelled_owned()).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(seen.count(), 0, "LATEST: nothing old is read");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+
+    // TRIM_HORIZON: parents first, in full, then children.
+    let consumer = builder(&kinesis)
+        .app_name("from-the-start")
+        .store_arc(store.clone())
+        .max_records_per_call(7)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        let service = CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler());
+        async move { consumer.run_until(service, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(30), || seen.count() == 80).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let order = seen.order.lock().unwrap().clone();
+    let position = |shard: &str, first: bool| {
+        let mut it = order
+            .iter()
+            .enumerate()
+            .filter(|(_, (s, _))| &**s == shard)
+            .map(|(i, _)| i);
+        if first {
+            it.next().unwrap()
+        } else {
+            it.next_back().unwrap()
+        }
+    };
+    assert!(position("parent-a", false) < position("child-a1", true));
+    assert!(position("parent-a", false) < position("merged", true));
+    assert!(position("parent-b", false) < position("merged", true));
+    for shard in ["parent-a", "parent-b", "child-a1", "merged"] {
+        assert_eq!(seen.of(shard), sequences(&kinesis, shard), "{shard}");
+    }
+    assert_eq!(
+        store.get(consumer.namespace(), "parent-a").await.unwrap(),
+        Some(Checkpoint::ShardEnd)
+    );
+    assert!(seen
+        .ends
+        .lock()
+        .unwrap()
+        .contains(&(ShardId::from("parent-b"), BatchEnd::ShardEnd)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn tower_concurrency_limit_timeout_and_rate_limit_stack_with_ours() {
+    let kinesis = MemoryKinesis::with_shards(4);
+    kinesis.fill(25, 10);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .max_records_per_call(5)
+        .build()
+        .unwrap();
+    let active = Arc::new(AtomicU64::new(0));
+    let max_active = Arc::new(AtomicU64::new(0));
+    let seen = Seen::default();
+    let per_record = {
+        let (active, max_active, seen) = (active.clone(), max_active.clone(), seen.clone());
+        service_fn(move |record: Record| {
+            let (active, max_active, seen) = (active.clone(), max_active.clone(), seen.clone());
+            async move {
+                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                max_active.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                seen.take(&Batch::new(record.shard_id.clone(), vec![record]));
+                active.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, BoxError>(Processed::Checkpoint)
+            }
+        })
+    };
+    let service = ServiceBuilder::new()
+        .layer(CheckpointLayer::new(consumer.checkpointer()))
+        .concurrency_limit(2)
+        .timeout(Duration::from_secs(5))
+        .rate_limit(5, Duration::from_secs(1))
+        .layer(PerRecordLayer::new())
+        .service(per_record);
+    let stop = CancellationToken::new();
+    let started = tokio::time::Instant::now();
+    // Spawned inside an async block: the run future is Send with tower's layers in the stack.
+    let run = tokio::spawn({
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        async move { consumer.run_until(service, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(60), || seen.count() == 100).await;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    // ConcurrencyLimit(2): never more than two batches at once.
+    assert!(max_active.load(Ordering::SeqCst) <= 2);
+    // RateLimit(5 calls/s): 20 batches of 5 records need at least four windows.
+    assert!(elapsed >= Duration::from_secs(3), "{elapsed:?}");
+    for i in 0..4 {
+        let shard = shard_name(i);
+        assert_eq!(seen.of(&shard), sequences(&kinesis, &shard));
+        assert_eq!(
+            store.get(consumer.namespace(), &shard).await.unwrap(),
+            Some(kinesis.records(&shard).last().unwrap().checkpoint())
+        );
+    }
+
+    // Timeout: a handler that hangs ends the run with the timeout error, checkpoint unmoved.
+    let hanging = service_fn(|batch: Batch| async move {
+        if !batch.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, BoxError>(())
+    });
+    let consumer = builder(&kinesis)
+        .app_name("timeouts")
+        .store_arc(store.clone())
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(CheckpointLayer::new(consumer.checkpointer()))
+        .timeout(Duration::from_secs(1))
+        .service(hanging);
+    let err = consumer.run(service).await.unwrap_err();
+    assert!(matches!(err, Error::Handler { .. }), "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(store.snapshot(consumer.namespace()).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_stream_merges_shards_and_commits_through_the_checkpointer() {
+    let kinesis = MemoryKinesis::with_shards(3);
+    kinesis.fill(40, 10);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
+    let mut stream = consumer.records();
+    let checkpointer = stream.checkpointer().clone();
+    let mut chunks = Box::pin(tokio_stream::StreamExt::chunks_timeout(
+        &mut stream,
+        25,
+        Duration::from_secs(1),
+    ));
+    let mut seen: HashMap<ShardId, Vec<SequenceNumber>> = HashMap::new();
+    let mut total = 0;
+    while total < 120 {
+        let chunk: Vec<Result<Record, Error>> = chunks.next().await.unwrap();
+        let chunk: Vec<Record> = chunk.into_iter().map(Result::unwrap).collect();
+        assert!(chunk.len() <= 25);
+        checkpointer.commit_all(&chunk).await.unwrap();
+        for r in &chunk {
+            seen.entry(r.shard_id.clone())
+                .or_default()
+                .push(r.sequence_number);
+        }
+        total += chunk.len();
+    }
+    for i in 0..3 {
+        let shard = shard_name(i);
+        assert_eq!(seen[shard.as_str()], sequences(&kinesis, &shard));
+        assert_eq!(
+            store.get(consumer.namespace(), &shard).await.unwrap(),
+            Some(kinesis.records(&shard).last().unwrap().checkpoint())
+        );
+    }
+    // Checkpoints never move backwards, even if an old chunk is committed late.
+    let first = kinesis.records(&shard_name(0))[0].clone();
+    checkpointer.commit(&first).await.unwrap();
+    assert_eq!(
+        store
+            .get(consumer.namespace(), &shard_name(0))
+            .await
+            .unwrap(),
+        Some(kinesis.records(&shard_name(0)).last().unwrap().checkpoint())
+    );
+    drop(chunks);
+    stream.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_stream_ends_with_the_error() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.delete_stream();
+    let consumer = builder(&kinesis).build().unwrap();
+    let mut stream = consumer.records();
+    let item = stream.next().await.unwrap();
+    assert!(matches!(item, Err(Error::StreamNotFound { .. })));
+    assert!(stream.next().await.is_none());
+}
+
+#[test]
+fn invalid_configuration_names_the_field() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    let cases: Vec<(ConsumerBuilder, &str)> = vec![
+        (
+            builder(&kinesis).max_records_per_call(10_001),
+            "max_records_per_call",
+        ),
+        (
+            builder(&kinesis).max_records_per_call(0),
+            "max_records_per_call",
+        ),
+        (builder(&kinesis).buffer_records(0), "buffer_records"),
+        (builder(&kinesis).stream_name("bad name!"), "stream_name"),
+        (builder(&kinesis).app_name(""), "app_name"),
+        (builder(&kinesis).stream_arn("not-an-arn"), "stream_arn"),
+        (
+            builder(&kinesis).list_shards_page_size(0),
+            "list_shards_page_size",
+        ),
+        (
+            builder(&kinesis).shard_refresh_interval(Duration::ZERO),
+            "shard_refresh_interval",
+        ),
+        (Consumer::builder().stream_name("s"), "client"),
+        (
+            Consumer::builder().kinesis_api(Arc::new(kinesis.clone())),
+            "stream_name",
+        ),
+    ];
+    for (b, field) in cases {
+        match b.build() {
+            Err(Error::Config { field: f, reason }) => {
+                assert_eq!(f, field, "{reason}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{field}: expected a config error, got {other:?}"),
+        }
+    }
+    let consumer = builder(&kinesis)
+        .stream_arn("arn:aws:kinesis:us-east-1:123456789012:stream/orders")
+        .build()
+        .unwrap();
+    assert_eq!(consumer.stream_name(), "orders");
+    assert_eq!(consumer.namespace(), "tests/orders");
+}
+
+#[tokio::test(start_paused = true)]
+async fn list_shards_pagination_reads_every_page() {
+    let kinesis = MemoryKinesis::with_shards(25);
+    kinesis.fill(1, 10);
+    let consumer = builder(&kinesis).list_shards_page_size(10).build().unwrap();
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(10), || seen.count() == 25).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
