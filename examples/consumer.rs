@@ -1,0 +1,249 @@
+//! Prints every record of a Kinesis stream, with checkpoints in SQLite, until Ctrl-C.
+//!
+//! ```text
+//! cargo run --example consumer --features sqlite -- --stream NAME [--app NAME]
+//!                              [--db PATH] [--from trim-horizon|latest]
+//! ```
+//!
+//! Each record becomes one line on stdout: shard, sequence number, partition key and data
+//! (lossy UTF-8; line breaks and tabs escaped), separated by tabs. Logs go to stderr
+//! (`RUST_LOG` is respected; default `kinesis_tower=info`).
+//!
+//! The handler is plain `tower`: a per-record `service_fn`, adapted to batches by
+//! `PerRecordLayer`, under a `CheckpointLayer` that records each batch in a `SqliteStore`
+//! once every record of it was printed. Run it again with the same `--db` and `--app`: it
+//! resumes after the last checkpoint instead of printing everything again. `--from` only
+//! applies to shards without a checkpoint.
+//!
+//! Ctrl-C stops it gracefully (`run_until`): the batch being printed is finished and
+//! checkpointed, then a summary is printed.
+//!
+//! Region, credentials and endpoint come from the usual AWS environment
+//! (`aws_config::load_from_env`); for a local emulator, `source scripts/env.sh` first.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kinesis_tower::layers::{BoxError, CheckpointLayer, PerRecordLayer};
+use kinesis_tower::store::SqliteStore;
+use kinesis_tower::{Consumer, Record, ShardId, StartPosition};
+use tower::{service_fn, ServiceBuilder};
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "\
+usage: consumer --stream NAME [--app NAME] [--db PATH] [--from trim-horizon|latest]
+
+Prints every record of the Kinesis stream NAME (shard, sequence number, partition key, data;
+tab-separated) until Ctrl-C, keeping checkpoints in a SQLite file so that the next run
+resumes where this one stopped.
+
+  --stream NAME     the stream (required)
+  --app NAME        application name: checkpoints are kept per app and stream (default 'consumer-example')
+  --db PATH         SQLite checkpoint file, created if missing (default 'checkpoints.sqlite')
+  --from POSITION   where shards without a checkpoint start: trim-horizon (oldest record)
+                    or latest (only new records; the default)
+
+Region, credentials and endpoint come from the AWS environment; for a local emulator run
+'source scripts/env.sh' first. Logs go to stderr; RUST_LOG overrides the default
+'kinesis_tower=info'.";
+
+struct Args {
+    stream: String,
+    app: String,
+    db: PathBuf,
+    from: StartPosition,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut stream = None;
+    let mut app = "consumer-example".to_owned();
+    let mut db = PathBuf::from("checkpoints.sqlite");
+    let mut from = StartPosition::Latest;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--stream" => stream = Some(value("--stream")?),
+            "--app" => app = value("--app")?,
+            "--db" => db = PathBuf::from(value("--db")?),
+            "--from" => {
+                from = match value("--from")?.as_str() {
+                    "trim-horizon" => StartPosition::TrimHorizon,
+                    "latest" => StartPosition::Latest,
+                    other => {
+                        return Err(format!(
+                            "--from: {other:?} is not one of trim-horizon, latest"
+                        ))
+                    }
+                }
+            }
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    Ok(Args {
+        stream: stream.ok_or("--stream NAME is required")?,
+        app,
+        db,
+        from,
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("error: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("kinesis_tower=info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", error_chain(err.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let config = aws_config::load_from_env().await;
+    if config.region().is_none() {
+        return Err(
+            "no AWS region configured: set AWS_REGION (for local emulators: source scripts/env.sh)"
+                .into(),
+        );
+    }
+    let store = SqliteStore::open(&args.db).await?;
+    let consumer = Consumer::builder()
+        .sdk_config(&config)
+        .stream_name(&args.stream)
+        .app_name(&args.app)
+        .start_position(args.from.clone())
+        .store(store)
+        .build()?;
+
+    // Records printed per shard, shared by every clone of the handler.
+    let printed: Arc<Mutex<BTreeMap<ShardId, u64>>> = Arc::default();
+    let handler = service_fn({
+        let printed = printed.clone();
+        move |record: Record| {
+            let result = print_record(&record);
+            if result.is_ok() {
+                *printed
+                    .lock()
+                    .unwrap()
+                    .entry(record.shard_id.clone())
+                    .or_default() += 1;
+            }
+            // An error (stdout closed) fails the batch: it is not checkpointed, and the run
+            // stops with the error.
+            std::future::ready(result.map_err(BoxError::from))
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(CheckpointLayer::new(consumer.checkpointer()))
+        .layer(PerRecordLayer::new())
+        .service(handler);
+
+    eprintln!(
+        "reading stream {} (checkpoints: {} in {}; shards without one start at {}); Ctrl-C stops",
+        args.stream,
+        consumer.namespace(),
+        args.db.display(),
+        match args.from {
+            StartPosition::TrimHorizon => "the oldest record",
+            _ => "the newest record",
+        }
+    );
+    let started = Instant::now();
+    let shutdown = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            // Without a signal handler, run until an error instead of stopping at once.
+            tracing::warn!(%err, "cannot listen for Ctrl-C; stop the process another way");
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = consumer.run_until(service, shutdown).await;
+
+    // The summary, also after an error: it says how far this run got.
+    let printed = std::mem::take(&mut *printed.lock().unwrap());
+    let total: u64 = printed.values().sum();
+    eprintln!(
+        "{} after {:.1?}: printed {total} records",
+        if result.is_ok() { "stopped" } else { "failed" },
+        started.elapsed()
+    );
+    let checkpointer = consumer.checkpointer();
+    for (shard, count) in &printed {
+        let checkpoint = match checkpointer.get(shard).await {
+            Ok(Some(checkpoint)) => checkpoint.to_string(),
+            Ok(None) => "none".to_owned(),
+            Err(err) => format!("unreadable ({err})"),
+        };
+        let plural = if *count == 1 { "" } else { "s" };
+        eprintln!("  {shard}: {count} record{plural}, checkpoint {checkpoint}");
+    }
+    if result.is_ok() && total > 0 {
+        eprintln!(
+            "the next run with --db {} --app {} resumes after these checkpoints",
+            args.db.display(),
+            args.app
+        );
+    }
+    result.map_err(Into::into)
+}
+
+/// One tab-separated line: shard, sequence number, partition key, data.
+fn print_record(record: &Record) -> std::io::Result<()> {
+    let data = String::from_utf8_lossy(&record.data);
+    let mut escaped = String::with_capacity(data.len());
+    for c in data.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            '\\' => escaped.push_str("\\\\"),
+            c => escaped.push(c),
+        }
+    }
+    // Stdout is line-buffered: each record is written out as soon as it is printed.
+    writeln!(
+        std::io::stdout().lock(),
+        "{}\t{}\t{}\t{escaped}",
+        record.shard_id,
+        record.sequence_number,
+        record.partition_key
+    )
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        // Errors often repeat their source's message in their own; don't print it twice.
+        if !out.contains(&s_text) {
+            out.push_str(": ");
+            out.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    out
+}
