@@ -13,6 +13,7 @@ export KT_REPO
 export AWS_ACCESS_KEY_ID=test
 export AWS_SECRET_ACCESS_KEY=test
 export AWS_REGION=us-east-1
+export AWS_DEFAULT_REGION=us-east-1
 # Without this the SDK probes an EC2 metadata address off this machine.
 export AWS_EC2_METADATA_DISABLED=true
 export NO_PROXY=127.0.0.1,localhost

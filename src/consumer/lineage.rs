@@ -71,6 +71,11 @@ impl Lineage {
         self.listed_once = true;
     }
 
+    /// Whether a listing was ever merged.
+    pub(crate) fn has_listing(&self) -> bool {
+        self.listed_once
+    }
+
     /// Adds the children a closed shard reported (GetRecords `ChildShards`), so they can start
     /// as soon as their parents finish, without waiting for the next listing.
     pub(crate) fn merge_children(&mut self, children: &[ChildShard]) {

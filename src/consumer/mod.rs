@@ -144,6 +144,7 @@ pub struct ConsumerBuilder {
     shard_refresh_interval: Option<Duration>,
     drain_timeout: Option<Duration>,
     list_shards_page_size: Option<usize>,
+    read_bytes_per_second: Option<u64>,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -252,6 +253,14 @@ impl ConsumerBuilder {
         self
     }
 
+    /// The read rate each shard's reader keeps under, in bytes per second: after a large
+    /// answer, the next GetRecords waits until the rate allows it. Default 2 MiB/s, Kinesis's
+    /// per-shard read limit; raise it for sources without that limit (tests, benches).
+    pub fn read_bytes_per_second(mut self, bytes: u64) -> Self {
+        self.read_bytes_per_second = Some(bytes);
+        self
+    }
+
     /// Shards per ListShards page, 1 to 10,000. Default: the service's (1,000).
     pub fn list_shards_page_size(mut self, shards: usize) -> Self {
         self.list_shards_page_size = Some(shards);
@@ -338,7 +347,16 @@ impl ConsumerBuilder {
             max_records_per_call: max_records_per_call as u32,
             buffer_records: buffer_records as u32,
             buffer_bytes: buffer_bytes as u32,
-            read_bytes_per_second: defaults::READ_BYTES_PER_SECOND,
+            read_bytes_per_second: match self.read_bytes_per_second {
+                Some(0) => {
+                    return Err(Error::config(
+                        "read_bytes_per_second",
+                        "0 would stop every reader: use at least 1",
+                    ))
+                }
+                Some(rate) => rate,
+                None => defaults::READ_BYTES_PER_SECOND,
+            },
             shard_refresh_interval,
             drain_timeout,
             list_shards_page_size,

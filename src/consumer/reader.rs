@@ -27,8 +27,8 @@ pub(crate) enum Event {
     Failed { shard: ShardId, error: Error },
     /// A complete ListShards answer, or an error that retrying will not fix.
     Listing(Result<Vec<ShardDescription>, Error>),
-    /// ListShards failed for a passing reason; the next refresh tries again.
-    ListingUnavailable,
+    /// ListShards kept failing for a passing reason; the next refresh tries again.
+    ListingUnavailable(crate::kinesis::KinesisError),
 }
 
 /// How many times a retryable checkpoint-store error is retried before it ends the consumer.
@@ -95,13 +95,14 @@ impl Reader {
     async fn run(&mut self, fallback: Fallback) -> Result<(), Error> {
         let stored = self.start_position().await?;
         self.backoff.reset();
+        let from_checkpoint = matches!(stored, Some(Some(_)));
         let mut position = match (stored, fallback) {
             (Some(Some(position)), _) => position,
             (Some(None), _) => return self.already_finished(true),
             (None, Fallback::Skip) => return self.already_finished(false),
             (None, Fallback::Read(position)) => position,
         };
-        tracing::debug!(?position, "starting shard reader");
+        tracing::info!(?position, from_checkpoint, "reading shard");
         let (mut iterator, opened_at) = self.iterator(position).await?;
         if position == IteratorPosition::Latest {
             // Anchor LATEST in time: if the iterator expires before a record is read, the new

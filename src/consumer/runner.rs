@@ -251,7 +251,14 @@ where
                     lineage.merge_listing(listing);
                     start_ready(&shared, &mut lineage, &mut lanes, &mut tasks, &events_tx);
                 }
-                Event::ListingUnavailable => listing_in_flight = false,
+                Event::ListingUnavailable(cause) => {
+                    listing_in_flight = false;
+                    if !lineage.has_listing() {
+                        // Never listed: the endpoint, region or network is wrong, not passing.
+                        failure.get_or_insert(Error::from_kinesis(&stream, None, cause));
+                        begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                    }
+                }
                 Event::Listing(Err(error)) => {
                     listing_in_flight = false;
                     failure.get_or_insert(error);
@@ -269,8 +276,8 @@ where
             let tx = events_tx.clone();
             tasks.spawn(async move {
                 let event = match list_shards(&shared).await {
-                    Some(result) => Event::Listing(result),
-                    None => Event::ListingUnavailable,
+                    Ok(result) => Event::Listing(result),
+                    Err(cause) => Event::ListingUnavailable(cause),
                 };
                 let _ = tx.send(event);
             });
@@ -352,10 +359,12 @@ fn start_ready(
     }
 }
 
-/// One complete ListShards (every page). `None` after repeated transient failures (the next
-/// refresh tries again; running shards are not affected); `Some(Err)` for errors that retrying
-/// will not fix.
-async fn list_shards(shared: &Shared) -> Option<Result<Vec<ShardDescription>, Error>> {
+/// One complete ListShards (every page). `Err` with the last error after repeated transient
+/// failures (the next refresh tries again; running shards are not affected); `Ok(Err)` for
+/// errors that retrying will not fix.
+async fn list_shards(
+    shared: &Shared,
+) -> Result<Result<Vec<ShardDescription>, Error>, crate::kinesis::KinesisError> {
     let settings = &shared.settings;
     let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
     'attempt: loop {
@@ -375,13 +384,16 @@ async fn list_shards(shared: &Shared) -> Option<Result<Vec<ShardDescription>, Er
                     shards.extend(page.shards);
                     match page.next_token {
                         Some(next) => token = Some(next),
-                        None => return Some(Ok(shards)),
+                        None => {
+                            tracing::debug!(shards = shards.len(), "listed shards");
+                            return Ok(Ok(shards));
+                        }
                     }
                 }
                 Err(e) if e.is_retryable() => {
                     if backoff.attempts() >= LISTING_ATTEMPTS {
                         tracing::warn!(error = %e, "ListShards keeps failing; trying again at the next refresh");
-                        return None;
+                        return Err(e);
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "ListShards failed; backing off");
@@ -389,7 +401,7 @@ async fn list_shards(shared: &Shared) -> Option<Result<Vec<ShardDescription>, Er
                     continue 'attempt;
                 }
                 Err(e) => {
-                    return Some(Err(Error::from_kinesis(
+                    return Ok(Err(Error::from_kinesis(
                         settings.stream.stream_name(),
                         None,
                         e,

@@ -795,6 +795,10 @@ fn invalid_configuration_names_the_field() {
             "max_records_per_call",
         ),
         (builder(&kinesis).buffer_records(0), "buffer_records"),
+        (
+            builder(&kinesis).read_bytes_per_second(0),
+            "read_bytes_per_second",
+        ),
         (builder(&kinesis).stream_name("bad name!"), "stream_name"),
         (builder(&kinesis).app_name(""), "app_name"),
         (builder(&kinesis).stream_arn("not-an-arn"), "stream_arn"),
@@ -841,6 +845,51 @@ async fn list_shards_pagination_reads_every_page() {
         async move { consumer.run_until(handler, stop.cancelled_owned()).await }
     });
     wait_for(Duration::from_secs(10), || seen.count() == 25).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreachable_kinesis_at_start_is_an_error_but_later_listing_failures_are_not() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.inject(
+        None,
+        Operation::ListShards,
+        KinesisErrorKind::Transient,
+        1_000,
+    );
+    let consumer = builder(&kinesis).build().unwrap();
+    let err = consumer.run(Seen::default().handler()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Kinesis { shard: None, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("ListShards"), "{err}");
+
+    // Once the shards are known, a failing refresh leaves the readers alone.
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.fill(10, 10);
+    let consumer = builder(&kinesis)
+        .shard_refresh_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    wait_for(Duration::from_secs(5), || seen.count() == 10).await;
+    kinesis.inject(
+        None,
+        Operation::ListShards,
+        KinesisErrorKind::Transient,
+        1_000,
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    kinesis.put(&shard_name(0), "k", "still read");
+    wait_for(Duration::from_secs(5), || seen.count() == 11).await;
     stop.cancel();
     run.await.unwrap().unwrap();
 }

@@ -4,7 +4,7 @@ use std::error::Error as StdError;
 use std::time::SystemTime;
 
 use aws_sdk_kinesis::config::http::HttpResponse;
-use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_sdk_kinesis::Client;
 use bytes::Bytes;
@@ -36,9 +36,14 @@ where
     } else {
         kind
     };
-    let message = match err.message() {
-        Some(m) => format!("{}: {m}", err.code().unwrap_or("error")),
-        None => err.code().map_or_else(|| err.to_string(), str::to_owned),
+    // A service error says enough in its code and message; for the others (connection
+    // refused, timeouts) the root cause is deep in the source chain: print the whole chain.
+    let message = match (&err, err.code()) {
+        (SdkError::ServiceError(_), Some(code)) => match err.message() {
+            Some(m) => format!("{code}: {m}"),
+            None => code.to_owned(),
+        },
+        _ => DisplayErrorContext(&err).to_string(),
     };
     KinesisError::new(kind, operation, message).with_source(err)
 }

@@ -1,0 +1,131 @@
+//! Records/s through `Consumer::run` over the in-memory Kinesis, with a no-op handler under
+//! `CheckpointLayer` and a `MemoryStore`, on one core (current-thread runtime), for 1, 4 and
+//! 64 shards. The baseline, measured in the same run, is a bare loop of GetRecords calls on the
+//! same in-memory source (what the records cost to produce before any consumer work).
+//!
+//! `cargo bench --bench pipeline --features test-util`
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
+use kinesis_tower::kinesis::{IteratorPosition, KinesisApi, StreamRef};
+use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer, MemoryStore};
+use kinesis_tower::{Consumer, ShardId, StartPosition};
+use tokio_util::sync::CancellationToken;
+use tower::{service_fn, Layer};
+
+const TOTAL_RECORDS: usize = 1_000_000;
+const RECORD_BYTES: usize = 100;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Every record through the consumer: readers, buffers, dispatcher, CheckpointLayer, handler.
+async fn through_run(kinesis: &MemoryKinesis, total: u64) -> Duration {
+    let consumer = Consumer::builder()
+        .kinesis_api(Arc::new(kinesis.clone()))
+        .stream_name("bench")
+        .start_position(StartPosition::TrimHorizon)
+        .store(MemoryStore::new())
+        .min_get_records_interval(Duration::ZERO)
+        .read_bytes_per_second(u64::MAX)
+        .poll_interval(Duration::from_millis(1))
+        .build()
+        .expect("valid configuration");
+    let handled = Arc::new(AtomicU64::new(0));
+    let done = CancellationToken::new();
+    let handler = {
+        let (handled, done) = (handled.clone(), done.clone());
+        service_fn(move |batch: Batch| {
+            if handled.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64
+                >= total
+            {
+                done.cancel();
+            }
+            std::future::ready(Ok::<_, BoxError>(()))
+        })
+    };
+    let service = CheckpointLayer::new(consumer.checkpointer()).layer(handler);
+    let start = Instant::now();
+    consumer
+        .run_until(service, done.cancelled_owned())
+        .await
+        .expect("run succeeds");
+    let elapsed = start.elapsed();
+    assert_eq!(handled.load(Ordering::Relaxed), total);
+    elapsed
+}
+
+/// The baseline: GetRecords on the same source in a loop, records dropped.
+async fn bare_get_records(kinesis: &MemoryKinesis, shards: usize, total: u64) -> Duration {
+    let stream = StreamRef::name("bench");
+    let start = Instant::now();
+    let mut seen = 0u64;
+    for i in 0..shards {
+        let shard = ShardId::from(shard_name(i));
+        let mut iterator = kinesis
+            .get_shard_iterator(&stream, &shard, IteratorPosition::TrimHorizon)
+            .await
+            .expect("iterator");
+        loop {
+            let page = kinesis
+                .get_records(&stream, &shard, &iterator, 10_000)
+                .await
+                .expect("records");
+            if page.records.is_empty() {
+                break;
+            }
+            seen += page.records.len() as u64;
+            iterator = page.next_iterator.expect("open shard");
+        }
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(seen, total);
+    elapsed
+}
+
+fn pipeline(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("pipeline");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(TOTAL_RECORDS as u64));
+    for shards in [1usize, 4, 64] {
+        let kinesis = MemoryKinesis::with_shards(shards);
+        kinesis.fill(TOTAL_RECORDS / shards, RECORD_BYTES);
+        let total = (TOTAL_RECORDS / shards * shards) as u64;
+        group.bench_with_input(
+            BenchmarkId::new("baseline_get_records", shards),
+            &shards,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| rt.block_on(bare_get_records(&kinesis, shards, total)))
+                        .sum()
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("run_checkpoint_noop", shards),
+            &shards,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| rt.block_on(through_run(&kinesis, total)))
+                        .sum()
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pipeline);
+criterion_main!(benches);
