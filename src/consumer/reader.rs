@@ -115,7 +115,11 @@ impl Reader {
         let limit = settings.records_per_call();
         let mut next_call = Instant::now();
         loop {
-            sleep_until(next_call).await;
+            // The timer wheel has millisecond ticks: sleeping until a moment already past can
+            // still wait for the next tick, so only sleep when there is time to wait.
+            if next_call > Instant::now() {
+                sleep_until(next_call).await;
+            }
             let mut permit = self.buffer.reserve_records(limit).await;
             let called_at = Instant::now();
             let answer = self
