@@ -130,17 +130,18 @@ fn pipeline(c: &mut Criterion) {
                 })
             },
         );
-        group.bench_with_input(
-            BenchmarkId::new("run_checkpoint_noop", shards),
-            &shards,
-            |b, _| {
+        for (name, tuning) in [
+            ("run_checkpoint_noop_defaults", Tuning::Defaults),
+            ("run_checkpoint_noop_1k_batches", Tuning::SmallBatches),
+        ] {
+            group.bench_with_input(BenchmarkId::new(name, shards), &shards, |b, _| {
                 b.iter_custom(|iters| {
                     (0..iters)
-                        .map(|_| rt.block_on(through_run(&kinesis, total)))
+                        .map(|_| rt.block_on(through_run(&kinesis, total, tuning)))
                         .sum()
                 })
-            },
-        );
+            });
+        }
     }
     group.finish();
 }
