@@ -52,6 +52,6 @@ pub use kinesis_tower_layers::{
     Batch, BatchEnd, Checkpoint, Checkpointer, Record, SequenceNumber, ShardId,
 };
 
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "sqlite"))]
 #[doc = include_str!("../README.md")]
 mod readme {}
