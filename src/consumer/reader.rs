@@ -135,12 +135,14 @@ impl Reader {
                         KinesisErrorKind::Throttled | KinesisErrorKind::Transient => {
                             let delay = self.backoff.next_delay();
                             tracing::warn!(error = %e, ?delay, "GetRecords failed; backing off");
-                            next_call = Instant::now() + delay;
+                            next_call = (Instant::now() + delay)
+                                .max(called_at + settings.min_get_records_interval);
                         }
                         KinesisErrorKind::ExpiredIterator => {
                             tracing::info!(?position, "shard iterator expired; renewing it");
                             iterator = self.iterator(position).await?.0;
-                            next_call = Instant::now();
+                            // The failed call counted: keep to the per-shard call rate.
+                            next_call = called_at + settings.min_get_records_interval;
                         }
                         _ => {
                             return Err(Error::from_kinesis(

@@ -893,3 +893,41 @@ async fn unreachable_kinesis_at_start_is_an_error_but_later_listing_failures_are
     stop.cancel();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn pacing_no_wait_while_behind_poll_interval_when_caught_up_never_over_5_calls_per_second() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    // Shard 0 has a long backlog; shard 1 is empty (caught up).
+    for i in 0..10_000 {
+        kinesis.put(&shard_name(0), &format!("k{i}"), "x");
+    }
+    kinesis.inject(
+        Some(&shard_name(0)),
+        Operation::GetRecords,
+        KinesisErrorKind::Throttled,
+        3,
+    );
+    let consumer = builder(&kinesis)
+        .max_records_per_call(10)
+        .poll_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), Seen::default().handler());
+        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let behind = kinesis.get_records_calls(&shard_name(0));
+    let idle = kinesis.get_records_calls(&shard_name(1));
+    // At most one call per 200 ms, throttled calls included; close to that while behind.
+    assert!(behind <= 51, "behind: {behind} calls in 10 s");
+    assert!(
+        behind >= 40,
+        "behind: {behind} calls in 10 s; a shard that is behind must not wait"
+    );
+    // Caught up: one call per poll interval.
+    assert!((9..=11).contains(&idle), "idle: {idle} calls in 10 s");
+}
