@@ -80,6 +80,34 @@ impl Seen {
     }
 }
 
+/// A consumer running in the background until [`Running::stop`].
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    fn start<S>(consumer: &Consumer, service: S) -> Self
+    where
+        S: tower::Service<Batch> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (consumer, stop) = (consumer.clone(), stop.clone());
+            async move { consumer.run_until(service, stop.cancelled_owned()).await }
+        });
+        Self { stop, task }
+    }
+
+    /// Asks for a graceful shutdown and returns what `run_until` returned.
+    async fn stop(self) -> Result<(), Error> {
+        self.stop.cancel();
+        self.task.await.expect("run task")
+    }
+}
+
 fn sequences(kinesis: &MemoryKinesis, shard: &str) -> Vec<SequenceNumber> {
     kinesis
         .records(shard)
@@ -112,15 +140,9 @@ async fn run_delivers_every_record_once_in_shard_order_and_checkpoints() {
         .unwrap();
     let seen = Seen::default();
     let service = CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler());
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let consumer = consumer.clone();
-        let stop = stop.clone();
-        async move { consumer.run_until(service, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, service);
     wait_for(Duration::from_secs(60), || seen.count() == 10_000).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     for i in 0..4 {
         let shard = shard_name(i);
         assert_eq!(
@@ -155,14 +177,9 @@ async fn restart_resumes_after_the_checkpoint() {
         .unwrap();
     let consumer = builder(&kinesis).store_arc(store).build().unwrap();
     let seen = Seen::default();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(10), || seen.count() == 58).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     assert_eq!(seen.of(&shard_name(0)), first[42..].to_vec());
 }
 
@@ -178,16 +195,11 @@ async fn throttling_backs_off_and_loses_nothing() {
     );
     let consumer = builder(&kinesis).max_records_per_call(10).build().unwrap();
     let seen = Seen::default();
-    let stop = CancellationToken::new();
     let started = tokio::time::Instant::now();
-    let run = tokio::spawn({
-        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(60), || seen.count() == 100).await;
     let elapsed = started.elapsed();
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
     // 4 throttles then 5 full reads: the throttled calls were retried, with backoff.
     assert!(kinesis.get_records_calls(&shard_name(0)) >= 9);
@@ -216,15 +228,10 @@ async fn expired_iterator_resumes_after_the_last_record_read_not_the_checkpoint(
         }
         async { Ok::<_, BoxError>(()) }
     });
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, handler);
     wait_for(Duration::from_secs(30), || seen.count() >= 20).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     assert_eq!(seen.of(&shard), all, "every record exactly once, in order");
     let requests = kinesis.iterator_requests();
     assert_eq!(requests[0].1, IteratorPosition::TrimHorizon);
@@ -244,11 +251,7 @@ async fn expired_latest_iterator_before_any_record_is_anchored_in_time() {
         .build()
         .unwrap();
     let seen = Seen::default();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(5), || {
         kinesis.get_records_calls(&shard_name(0)) > 0
     })
@@ -256,8 +259,7 @@ async fn expired_latest_iterator_before_any_record_is_anchored_in_time() {
     kinesis.expire_iterators();
     let put = kinesis.put(&shard_name(0), "k", "after the iterator was taken");
     wait_for(Duration::from_secs(5), || seen.count() == 1).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     assert_eq!(seen.of(&shard_name(0)), vec![put]);
     assert!(matches!(
         kinesis.iterator_requests()[1].1,
@@ -277,11 +279,7 @@ async fn transient_failure_of_one_shard_does_not_stop_the_others() {
     );
     let consumer = builder(&kinesis).build().unwrap();
     let seen = Seen::default();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(5), || {
         seen.of(&shard_name(0)).len() == 30 && seen.of(&shard_name(2)).len() == 30
     })
@@ -295,8 +293,7 @@ async fn transient_failure_of_one_shard_does_not_stop_the_others() {
         seen.of(&shard_name(1)).len() == 30
     })
     .await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -381,11 +378,7 @@ async fn slow_handler_stops_fetching_instead_of_growing_the_buffer() {
             }
         })
     };
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, handler);
     // The handler is blocked: the readers fill their buffers, then stop.
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(
@@ -409,8 +402,7 @@ async fn slow_handler_stops_fetching_instead_of_growing_the_buffer() {
         processed.load(Ordering::SeqCst) == 10_000
     })
     .await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     assert!(worst.load(Ordering::SeqCst) <= 2 * CAP);
 }
 
@@ -584,16 +576,11 @@ async fn children_start_after_their_parents_and_parents_end_with_shard_end() {
         .unwrap();
     // With LATEST, closed parents without checkpoints are skipped: only records put from now on.
     let seen = Seen::default();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        let service = CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler());
-        async move { consumer.run_until(service, stop.cancelled_owned()).await }
-    });
+    let service = CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler());
+    let run = Running::start(&consumer, service);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(seen.count(), 0, "LATEST: nothing old is read");
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
 
     // TRIM_HORIZON: parents first, in full, then children.
     let consumer = builder(&kinesis)
@@ -603,15 +590,10 @@ async fn children_start_after_their_parents_and_parents_end_with_shard_end() {
         .build()
         .unwrap();
     let seen = Seen::default();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        let service = CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler());
-        async move { consumer.run_until(service, stop.cancelled_owned()).await }
-    });
+    let service = CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler());
+    let run = Running::start(&consumer, service);
     wait_for(Duration::from_secs(30), || seen.count() == 80).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     let order = seen.order.lock().unwrap().clone();
     let position = |shard: &str, first: bool| {
         let mut it = order
@@ -676,17 +658,13 @@ async fn tower_concurrency_limit_timeout_and_rate_limit_stack_with_ours() {
         .rate_limit(5, Duration::from_secs(1))
         .layer(PerRecordLayer::new())
         .service(per_record);
-    let stop = CancellationToken::new();
     let started = tokio::time::Instant::now();
-    // Spawned inside an async block: the run future is Send with tower's layers in the stack.
-    let run = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        async move { consumer.run_until(service, stop.cancelled_owned()).await }
-    });
+    // `Running::start` spawns the run inside an async block: the run future is Send with
+    // tower's layers in the stack.
+    let run = Running::start(&consumer, service);
     wait_for(Duration::from_secs(60), || seen.count() == 100).await;
     let elapsed = started.elapsed();
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     // ConcurrencyLimit(2): never more than two batches at once.
     assert!(max_active.load(Ordering::SeqCst) <= 2);
     // RateLimit(5 calls/s): 20 batches of 5 records need at least four windows.
@@ -839,14 +817,9 @@ async fn list_shards_pagination_reads_every_page() {
     kinesis.fill(1, 10);
     let consumer = builder(&kinesis).list_shards_page_size(10).build().unwrap();
     let seen = Seen::default();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(10), || seen.count() == 25).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -875,11 +848,7 @@ async fn unreachable_kinesis_at_start_is_an_error_but_later_listing_failures_are
         .build()
         .unwrap();
     let seen = Seen::default();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), seen.handler());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(5), || seen.count() == 10).await;
     kinesis.inject(
         None,
@@ -890,8 +859,7 @@ async fn unreachable_kinesis_at_start_is_an_error_but_later_listing_failures_are
     tokio::time::sleep(Duration::from_secs(60)).await;
     kinesis.put(&shard_name(0), "k", "still read");
     wait_for(Duration::from_secs(5), || seen.count() == 11).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -912,14 +880,9 @@ async fn pacing_no_wait_while_behind_poll_interval_when_caught_up_never_over_5_c
         .poll_interval(Duration::from_secs(1))
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let (consumer, stop, handler) = (consumer.clone(), stop.clone(), Seen::default().handler());
-        async move { consumer.run_until(handler, stop.cancelled_owned()).await }
-    });
+    let run = Running::start(&consumer, Seen::default().handler());
     tokio::time::sleep(Duration::from_secs(10)).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     let behind = kinesis.get_records_calls(&shard_name(0));
     let idle = kinesis.get_records_calls(&shard_name(1));
     // At most one call per 200 ms, throttled calls included; close to that while behind.
