@@ -30,6 +30,20 @@ pub enum Error {
         source: KinesisError,
     },
 
+    /// A shard that ListShards still lists cannot be read (GetShardIterator/GetRecords answer
+    /// ResourceNotFound). A shard that has disappeared from the listing (expired by
+    /// retention) is not an error: it is treated as finished.
+    #[error("shard {shard} of stream {stream} is listed but cannot be read ({}): {source}; check the stream's state, or report it if it persists", source.operation())]
+    ShardNotFound {
+        /// The stream.
+        stream: String,
+        /// The shard.
+        shard: String,
+        /// The underlying error.
+        #[source]
+        source: KinesisError,
+    },
+
     /// Kinesis refused access.
     #[error("access denied to stream {stream} ({}{}): grant kinesis:ListShards, kinesis:GetShardIterator and kinesis:GetRecords on it to these credentials", source.operation(), shard_suffix(shard.as_deref()))]
     AccessDenied {
@@ -105,6 +119,16 @@ pub enum Error {
         shards: Vec<String>,
     },
 
+    /// The checkpoint store did not finish flushing within the drain timeout at the end of a
+    /// run; checkpoints it still held may be lost (their records are delivered again).
+    #[error("flushing the checkpoint store of stream {stream} did not finish within {timeout:?}: check that the store's back-end is reachable, or raise drain_timeout")]
+    FlushTimeout {
+        /// The stream.
+        stream: String,
+        /// The time allowed.
+        timeout: std::time::Duration,
+    },
+
     /// A background task of the consumer panicked or was cancelled unexpectedly.
     #[error("internal task of stream {stream} failed: {reason}")]
     Task {
@@ -132,14 +156,16 @@ impl Error {
     /// Configuration, missing streams and denied access are not retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Config { .. } | Error::StreamNotFound { .. } | Error::AccessDenied { .. } => {
-                false
-            }
+            Error::Config { .. }
+            | Error::StreamNotFound { .. }
+            | Error::ShardNotFound { .. }
+            | Error::AccessDenied { .. } => false,
             Error::Kinesis { source, .. } => source.is_retryable(),
             Error::Store { source, .. } => source.is_retryable(),
             Error::Handler { .. }
             | Error::ServiceNotReady { .. }
             | Error::DrainTimeout { .. }
+            | Error::FlushTimeout { .. }
             | Error::Task { .. } => true,
         }
     }

@@ -120,9 +120,10 @@ pub enum BatchEnd {
 
 /// A run of one shard's records, in shard order, with the shard's metadata.
 ///
-/// The consumer also delivers empty batches: a heartbeat when a poll of the shard returned
-/// nothing (so time-based layers can flush without a background task), and a last batch marked
-/// with [`Batch::end`] when the shard ends, is revoked, or the consumer shuts down.
+/// The consumer also delivers empty batches: a last batch marked with [`Batch::end`] when the
+/// shard ends, is revoked, or the consumer shuts down; and, when heartbeats are enabled, an
+/// empty heartbeat when a poll of the shard returned nothing (so time-based layers can flush
+/// without a background task).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
     /// The shard every record of this batch comes from.

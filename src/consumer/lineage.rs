@@ -30,6 +30,9 @@ struct Entry {
     state: State,
     /// Discovered after the first listing: always starts at TRIM_HORIZON without a checkpoint.
     late: bool,
+    /// Seen in a ListShards answer (not only in a parent's ChildShards). Until then a parent
+    /// missing from the lineage may simply not be listed yet, so the shard must wait.
+    listed: bool,
 }
 
 /// The shards of the stream and how far each is.
@@ -59,13 +62,14 @@ impl Lineage {
         for description in listing {
             match self.shards.get_mut(&description.shard_id) {
                 Some(entry) => {
+                    entry.listed = true;
                     if description.ending_sequence_number.is_some()
                         || description.starting_sequence_number.is_some()
                     {
                         entry.description = description;
                     }
                 }
-                None => self.insert(description, late),
+                None => self.insert(description, late, true),
             }
         }
         self.listed_once = true;
@@ -86,11 +90,11 @@ impl Lineage {
             let mut description = ShardDescription::new(child.shard_id.clone());
             description.parent_shard_id = child.parent_shards.first().cloned();
             description.adjacent_parent_shard_id = child.parent_shards.get(1).cloned();
-            self.insert(description, true);
+            self.insert(description, true, false);
         }
     }
 
-    fn insert(&mut self, description: ShardDescription, late: bool) {
+    fn insert(&mut self, description: ShardDescription, late: bool, listed: bool) {
         self.order.push(description.shard_id.clone());
         self.shards.insert(
             description.shard_id.clone(),
@@ -98,6 +102,7 @@ impl Lineage {
                 description,
                 state: State::Waiting,
                 late,
+                listed,
             },
         );
     }
@@ -111,11 +116,15 @@ impl Lineage {
             if entry.state != State::Waiting {
                 continue;
             }
-            let parents_done = entry.description.parents().all(|p| {
-                self.shards
-                    .get(p)
-                    .is_none_or(|parent| matches!(parent.state, State::Finished { .. }))
-            });
+            // A parent the lineage does not know counts as finished (trimmed by retention) only
+            // once a listing that shows this shard does not show it.
+            let parents_done = entry
+                .description
+                .parents()
+                .all(|p| match self.shards.get(p) {
+                    Some(parent) => matches!(parent.state, State::Finished { .. }),
+                    None => entry.listed,
+                });
             if parents_done {
                 ready.push((id.clone(), self.fallback(entry)));
             }

@@ -84,7 +84,9 @@ impl Consumer {
     /// the store or Kinesis fails).
     ///
     /// Batches of one shard are handed over one at a time, in order; shards proceed
-    /// concurrently. `poll_ready` is awaited before every call. On shutdown, fetching stops,
+    /// concurrently. `poll_ready` is awaited before every call. When a closed shard's last
+    /// batch (marked `BatchEnd::ShardEnd`) has been handled, the shard's checkpoint becomes
+    /// `ShardEnd` once it covers the last record delivered, and its children start. On shutdown, fetching stops,
     /// each shard still being read gets a last empty batch marked `BatchEnd::Shutdown` (so
     /// layers flush), in-flight calls get `drain_timeout` to finish, the store is flushed, and
     /// every task is stopped before this returns. On a handler error, the other shards' in-flight
@@ -145,6 +147,7 @@ pub struct ConsumerBuilder {
     drain_timeout: Option<Duration>,
     list_shards_page_size: Option<usize>,
     read_bytes_per_second: Option<u64>,
+    heartbeat_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -261,6 +264,15 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Delivers an empty batch (a heartbeat) to the service for a shard whose poll returned
+    /// nothing, at most once per `interval` per shard, so layers that hold records (batching
+    /// by time) can flush without a background task. Off by default: heartbeats are service
+    /// calls, and count against tower's `RateLimit` and `ConcurrencyLimit` like any other.
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = Some(interval);
+        self
+    }
+
     /// Shards per ListShards page, 1 to 10,000. Default: the service's (1,000).
     pub fn list_shards_page_size(mut self, shards: usize) -> Self {
         self.list_shards_page_size = Some(shards);
@@ -338,6 +350,17 @@ impl ConsumerBuilder {
             Duration::ZERO,
         )?;
 
+        let heartbeat_interval = self
+            .heartbeat_interval
+            .map(|interval| {
+                duration(
+                    "heartbeat_interval",
+                    Some(interval),
+                    interval,
+                    Duration::from_millis(1),
+                )
+            })
+            .transpose()?;
         let settings = Settings {
             stream,
             app_name,
@@ -359,6 +382,7 @@ impl ConsumerBuilder {
             },
             shard_refresh_interval,
             drain_timeout,
+            heartbeat_interval,
             list_shards_page_size,
             backoff_base: defaults::BACKOFF_BASE,
             backoff_max: defaults::BACKOFF_MAX,

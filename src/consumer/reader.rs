@@ -11,7 +11,9 @@ use super::buffer::{BufferPermit, ShardBuffer};
 use super::lineage::Fallback;
 use super::Shared;
 use crate::backoff::Backoff;
-use crate::kinesis::{ChildShard, IteratorPosition, KinesisErrorKind, ShardDescription};
+use crate::kinesis::{
+    ChildShard, IteratorPosition, KinesisError, KinesisErrorKind, ShardDescription,
+};
 use crate::Error;
 
 /// What readers and the shard lister tell the dispatcher.
@@ -25,11 +27,31 @@ pub(crate) enum Event {
     AlreadyFinished { shard: ShardId, read: bool },
     /// The shard's reader hit an error that retrying will not fix.
     Failed { shard: ShardId, error: Error },
+    /// Kinesis says the shard does not exist: expired, or the stream is gone. `error` is what
+    /// to report if a listing still shows the shard.
+    ShardGone { shard: ShardId, error: Error },
     /// A complete ListShards answer, or an error that retrying will not fix.
     Listing(Result<Vec<ShardDescription>, Error>),
     /// ListShards kept failing for a passing reason; the next refresh tries again.
     ListingUnavailable(crate::kinesis::KinesisError),
 }
+
+/// Why a reader ended early.
+pub(crate) enum Stop {
+    /// Retrying will not help.
+    Failed(Error),
+    /// The shard was not found: expired, or the stream is gone (the dispatcher checks).
+    Gone(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(error: Error) -> Self {
+        Stop::Failed(error)
+    }
+}
+
+/// How much earlier than our clock an expired LATEST iterator is renewed (see `Reader::run`).
+const LATEST_ANCHOR_MARGIN: Duration = Duration::from_secs(30);
 
 /// How many times a retryable checkpoint-store error is retried before it ends the consumer.
 const STORE_ATTEMPTS: u32 = 5;
@@ -53,9 +75,15 @@ pub(crate) async fn read_shard(
         reader.shared.settings.backoff_base,
         reader.shared.settings.backoff_max,
     );
-    if let Err(error) = reader.run(fallback).await {
-        tracing::error!(%error, "shard reader stopped");
-        let _ = events.send(Event::Failed { shard, error });
+    match reader.run(fallback).await {
+        Ok(()) => {}
+        Err(Stop::Gone(error)) => {
+            let _ = events.send(Event::ShardGone { shard, error });
+        }
+        Err(Stop::Failed(error)) => {
+            tracing::error!(%error, "shard reader stopped");
+            let _ = events.send(Event::Failed { shard, error });
+        }
     }
 }
 
@@ -92,7 +120,24 @@ impl Reader {
         }
     }
 
-    async fn run(&mut self, fallback: Fallback) -> Result<(), Error> {
+    /// What ends a reader early, from a Kinesis error.
+    fn stop(&self, error: KinesisError) -> Stop {
+        if error.kind() == KinesisErrorKind::ResourceNotFound {
+            Stop::Gone(Error::ShardNotFound {
+                stream: self.stream_name().to_owned(),
+                shard: self.shard.to_string(),
+                source: error,
+            })
+        } else {
+            Stop::Failed(Error::from_kinesis(
+                self.stream_name(),
+                Some(&self.shard),
+                error,
+            ))
+        }
+    }
+
+    async fn run(&mut self, fallback: Fallback) -> Result<(), Stop> {
         let stored = self.start_position().await?;
         self.backoff.reset();
         let from_checkpoint = matches!(stored, Some(Some(_)));
@@ -107,7 +152,12 @@ impl Reader {
         if position == IteratorPosition::Latest {
             // Anchor LATEST in time: if the iterator expires before a record is read, the new
             // one starts at this moment instead of jumping to the tip and losing what came in.
-            position = IteratorPosition::AtTimestamp(opened_at);
+            // Kinesis compares the timestamp with its own clock: start a margin earlier so a
+            // clock behind ours loses nothing (at the cost of re-reading that margin).
+            let anchor = opened_at
+                .checked_sub(LATEST_ANCHOR_MARGIN)
+                .unwrap_or(opened_at);
+            position = IteratorPosition::AtTimestamp(anchor);
         }
 
         let shared = self.shared.clone();
@@ -144,13 +194,7 @@ impl Reader {
                             // The failed call counted: keep to the per-shard call rate.
                             next_call = called_at + settings.min_get_records_interval;
                         }
-                        _ => {
-                            return Err(Error::from_kinesis(
-                                self.stream_name(),
-                                Some(&self.shard),
-                                e,
-                            ))
-                        }
+                        _ => return Err(self.stop(e)),
                     }
                     continue;
                 }
@@ -201,7 +245,7 @@ impl Reader {
         }
     }
 
-    fn already_finished(&self, read: bool) -> Result<(), Error> {
+    fn already_finished(&self, read: bool) -> Result<(), Stop> {
         tracing::debug!(read, "shard needs no reading");
         let _ = self.events.send(Event::AlreadyFinished {
             shard: self.shard.clone(),
@@ -211,10 +255,7 @@ impl Reader {
     }
 
     /// GetShardIterator, retrying throttling and transient errors with backoff.
-    async fn iterator(
-        &mut self,
-        position: IteratorPosition,
-    ) -> Result<(String, SystemTime), Error> {
+    async fn iterator(&mut self, position: IteratorPosition) -> Result<(String, SystemTime), Stop> {
         loop {
             let opened_at = SystemTime::now();
             let answer = self
@@ -232,13 +273,7 @@ impl Reader {
                     tracing::warn!(error = %e, ?delay, "GetShardIterator failed; backing off");
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) => {
-                    return Err(Error::from_kinesis(
-                        self.stream_name(),
-                        Some(&self.shard),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(self.stop(e)),
             }
         }
     }

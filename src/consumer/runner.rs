@@ -17,7 +17,9 @@ use futures::future::BoxFuture;
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use kinesis_tower_layers::{Batch, BatchEnd, BoxError, ShardId};
+use kinesis_tower_layers::{
+    Batch, BatchEnd, BoxError, Checkpoint, Checkpointer, ShardId, StoreError,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant, MissedTickBehavior};
@@ -27,6 +29,7 @@ use tracing::Instrument;
 use super::buffer::{BufferPermit, ShardBuffer};
 use super::lineage::Lineage;
 use super::reader::{read_shard, Event};
+use super::settings::Settings;
 use super::Shared;
 use crate::backoff::Backoff;
 use crate::kinesis::ShardDescription;
@@ -41,6 +44,18 @@ struct Lane {
     in_flight: bool,
     /// Queued in `dispatchable` (queue non-empty and nothing in flight).
     scheduled: bool,
+    /// The last record handed to the service in this run.
+    last_delivered: Option<Checkpoint>,
+    /// When the last heartbeat was queued.
+    last_heartbeat: Option<Instant>,
+}
+
+/// Why a call did not succeed.
+enum Failure {
+    /// The service failed.
+    Handler(BoxError),
+    /// The service succeeded on a shard's last batch, but recording the shard's end failed.
+    Store(StoreError),
 }
 
 struct Completed {
@@ -48,7 +63,7 @@ struct Completed {
     end: Option<BatchEnd>,
     first: Option<String>,
     last: Option<String>,
-    result: Result<(), BoxError>,
+    result: Result<(), Failure>,
 }
 
 /// The handler service with its future and error types erased.
@@ -82,16 +97,24 @@ where
 }
 
 /// A call in flight: the service's future and the batch's buffer room, held until it completes.
+/// For a closed shard's last batch, once the call succeeded, the shard's end is recorded
+/// (`Checkpointer::shard_ended`) before its children may start.
 async fn tracked(
     future: BoxFuture<'static, Result<(), BoxError>>,
     permit: BufferPermit,
     shard: ShardId,
     end: Option<BatchEnd>,
-    first: Option<String>,
-    last: Option<String>,
+    (first, last): (Option<String>, Option<String>),
+    shard_end: Option<(Checkpointer, Option<Checkpoint>)>,
 ) -> Completed {
-    let result = future.await;
+    let mut result = future.await.map_err(Failure::Handler);
     drop(permit);
+    if let (Ok(()), Some((checkpointer, last_delivered))) = (&result, shard_end) {
+        result = checkpointer
+            .shard_ended(&shard, last_delivered)
+            .await
+            .map_err(Failure::Store);
+    }
     Completed {
         shard,
         end,
@@ -131,6 +154,9 @@ where
     let mut shutdown = pin!(shutdown);
     let mut phase = Phase::Running;
     let mut failure: Option<Error> = None;
+    // Shards whose reads answered ResourceNotFound, waiting for a listing to tell whether they
+    // expired (finished) or something is wrong (fatal).
+    let mut gone: HashMap<ShardId, Error> = HashMap::new();
 
     let schedule = |lanes: &mut HashMap<ShardId, Lane>,
                     dispatchable: &mut VecDeque<ShardId>,
@@ -191,7 +217,7 @@ where
                             schedule(&mut lanes, &mut dispatchable, &shard);
                         }
                     }
-                    Err(source) => {
+                    Err(Failure::Handler(source)) => {
                         tracing::error!(%stream, %shard, error = %source, "handler failed; stopping");
                         failure.get_or_insert(Error::Handler {
                             stream: stream.clone(),
@@ -199,6 +225,15 @@ where
                             first_sequence_number: first,
                             last_sequence_number: last,
                             source,
+                        });
+                        begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                    }
+                    Err(Failure::Store(source)) => {
+                        tracing::error!(%stream, %shard, error = %source, "recording the end of the shard failed; stopping");
+                        failure.get_or_insert(Error::Store {
+                            stream: stream.clone(),
+                            shard: Some(shard.to_string()),
+                            source: Box::new(source),
                         });
                         begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
                     }
@@ -220,17 +255,27 @@ where
                 let end = batch.end;
                 let first = batch.records.first().map(|r| r.sequence_number.to_string());
                 let last = batch.records.last().map(|r| r.sequence_number.to_string());
+                if let Some(record) = batch.records.last() {
+                    lane.last_delivered = Some(record.checkpoint());
+                }
+                let shard_end = (end == Some(BatchEnd::ShardEnd))
+                    .then(|| (shared.checkpointer.clone(), lane.last_delivered));
                 let future = service.call(batch);
-                in_flight.push(tracked(future, permit, shard, end, first, last));
+                in_flight.push(tracked(future, permit, shard, end, (first, last), shard_end));
             }
             Some(event) = events.recv(), if !draining => match event {
                 Event::Batch { batch, permit } => {
                     let shard = batch.shard_id.clone();
                     let Some(lane) = lanes.get_mut(&shard) else { continue };
-                    let heartbeat = batch.is_empty() && batch.end.is_none();
-                    // One queued heartbeat per shard is enough.
-                    if heartbeat && !lane.queue.is_empty() {
-                        continue;
+                    if batch.is_empty() && batch.end.is_none() {
+                        // A heartbeat: only when enabled, at most one per interval per shard,
+                        // and never queued behind other batches.
+                        let Some(interval) = settings.heartbeat_interval else { continue };
+                        let due = lane.last_heartbeat.is_none_or(|at| at.elapsed() >= interval);
+                        if !due || !lane.queue.is_empty() {
+                            continue;
+                        }
+                        lane.last_heartbeat = Some(Instant::now());
                     }
                     lane.queue.push_back((batch, permit));
                     schedule(&mut lanes, &mut dispatchable, &shard);
@@ -246,10 +291,34 @@ where
                     failure.get_or_insert(error);
                     begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
                 }
+                Event::ShardGone { shard, error } => {
+                    tracing::warn!(%stream, %shard, %error, "shard not found; checking whether it expired");
+                    gone.insert(shard, error);
+                    listing_wanted = true;
+                }
                 Event::Listing(Ok(listing)) => {
                     listing_in_flight = false;
+                    if !lineage.has_listing() {
+                        if let Err(error) = check_start_shard(settings, &listing) {
+                            failure.get_or_insert(error);
+                            begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                            continue;
+                        }
+                    }
+                    for (shard, error) in gone.drain() {
+                        if listing.iter().any(|s| s.shard_id == shard) {
+                            failure.get_or_insert(error);
+                            begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                        } else {
+                            tracing::warn!(%stream, %shard, "shard expired (no longer listed); treating it as finished");
+                            lanes.remove(&shard);
+                            lineage.finish(&shard, true);
+                        }
+                    }
                     lineage.merge_listing(listing);
-                    start_ready(&shared, &mut lineage, &mut lanes, &mut tasks, &events_tx);
+                    if phase == Phase::Running {
+                        start_ready(&shared, &mut lineage, &mut lanes, &mut tasks, &events_tx);
+                    }
                 }
                 Event::ListingUnavailable(cause) => {
                     listing_in_flight = false;
@@ -265,6 +334,17 @@ where
                     begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
                 }
             },
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                // Reap finished readers and listers (a JoinSet keeps them until joined), and
+                // turn a panic into an error instead of a shard that silently stops.
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        tracing::error!(%stream, error = %e, "a consumer task panicked; stopping");
+                        failure.get_or_insert(Error::Task { stream: stream.clone(), reason: e.to_string() });
+                        begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                    }
+                }
+            }
             _ = refresh.tick(), if !draining && !listing_in_flight => {
                 listing_wanted = true;
             }
@@ -286,13 +366,28 @@ where
 
     // Stop every task (readers, lister) and wait for them: none outlives `run`.
     tasks.shutdown().await;
+    // A reader failure that arrived while draining still decides the outcome.
+    while let Ok(event) = events.try_recv() {
+        if let Event::Failed { error, .. } = event {
+            failure.get_or_insert(error);
+        }
+    }
     drop(in_flight);
-    if let Err(source) = shared.checkpointer.flush().await {
-        failure.get_or_insert(Error::Store {
-            stream: stream.clone(),
-            shard: None,
-            source: Box::new(source),
-        });
+    match tokio::time::timeout(settings.drain_timeout, shared.checkpointer.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(source)) => {
+            failure.get_or_insert(Error::Store {
+                stream: stream.clone(),
+                shard: None,
+                source: Box::new(source),
+            });
+        }
+        Err(_) => {
+            failure.get_or_insert(Error::FlushTimeout {
+                stream: stream.clone(),
+                timeout: settings.drain_timeout,
+            });
+        }
     }
     match failure {
         Some(error) => Err(error),
@@ -409,5 +504,26 @@ async fn list_shards(
                 }
             }
         }
+    }
+}
+
+/// A sequence-number start position must name a shard of the stream.
+fn check_start_shard(settings: &Settings, listing: &[ShardDescription]) -> Result<(), Error> {
+    use super::settings::StartPosition;
+    let shard = match &settings.start_position {
+        StartPosition::AtSequenceNumber { shard_id, .. }
+        | StartPosition::AfterSequenceNumber { shard_id, .. } => shard_id,
+        _ => return Ok(()),
+    };
+    if listing.iter().any(|s| &s.shard_id == shard) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "start_position",
+            format!(
+                "shard {shard} of the sequence-number start position is not a shard of stream {}",
+                settings.stream.stream_name()
+            ),
+        ))
     }
 }

@@ -54,6 +54,7 @@ pub(crate) struct Settings {
     pub read_bytes_per_second: u64,
     pub shard_refresh_interval: Duration,
     pub drain_timeout: Duration,
+    pub heartbeat_interval: Option<Duration>,
     pub list_shards_page_size: Option<i32>,
     pub backoff_base: Duration,
     pub backoff_max: Duration,

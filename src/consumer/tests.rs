@@ -312,7 +312,7 @@ async fn missing_stream_ends_run_with_a_clear_error() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn stream_deleted_while_reading_ends_run_with_the_shard_named() {
+async fn shard_not_found_while_still_listed_ends_run_naming_the_shard() {
     let kinesis = MemoryKinesis::with_shards(1);
     kinesis.fill(5, 10);
     let consumer = builder(&kinesis).build().unwrap();
@@ -332,13 +332,32 @@ async fn stream_deleted_while_reading_ends_run_with_the_shard_named() {
     });
     let err = consumer.run(handler).await.unwrap_err();
     match &err {
-        Error::StreamNotFound { shard, source, .. } => {
-            assert_eq!(shard.as_deref(), Some(shard_name(0).as_str()));
+        Error::ShardNotFound { shard, source, .. } => {
+            assert_eq!(shard, &shard_name(0));
             assert_eq!(source.operation(), "GetRecords");
         }
         other => panic!("unexpected {other:?}"),
     }
+    assert!(err.to_string().contains(&shard_name(0)), "{err}");
     assert_eq!(seen.count(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_deleted_while_reading_ends_run_with_stream_not_found() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    kinesis.fill(5, 10);
+    let consumer = builder(&kinesis).build().unwrap();
+    let seen = Seen::default();
+    let kinesis_in_handler = kinesis.clone();
+    let handler = tower::ServiceExt::map_request(seen.handler(), move |b: Batch| {
+        if !b.is_empty() {
+            kinesis_in_handler.delete_stream();
+        }
+        b
+    });
+    let err = consumer.run(handler).await.unwrap_err();
+    assert!(matches!(&err, Error::StreamNotFound { .. }), "{err:?}");
+    assert!(seen.count() >= 5);
 }
 
 #[tokio::test(start_paused = true)]
@@ -893,4 +912,519 @@ async fn pacing_no_wait_while_behind_poll_interval_when_caught_up_never_over_5_c
     );
     // Caught up: one call per poll interval.
     assert!((9..=11).contains(&idle), "idle: {idle} calls in 10 s");
+}
+
+// Sources that fail in ways the in-memory Kinesis does not express.
+
+/// A `KinesisApi` wrapper for faults the in-memory Kinesis cannot express.
+struct Faulty {
+    inner: MemoryKinesis,
+    /// GetShardIterator on this shard answers ResourceNotFound (shard trimmed by retention).
+    gone: Option<ShardId>,
+    /// GetShardIterator on this shard panics.
+    panics: Option<ShardId>,
+    /// Kinesis's clock is this far behind ours (AT_TIMESTAMP is compared with its clock).
+    server_clock_behind: Duration,
+}
+
+impl Faulty {
+    fn new(inner: &MemoryKinesis) -> Self {
+        Self {
+            inner: inner.clone(),
+            gone: None,
+            panics: None,
+            server_clock_behind: Duration::ZERO,
+        }
+    }
+}
+
+impl crate::kinesis::KinesisApi for Faulty {
+    fn list_shards<'a>(
+        &'a self,
+        stream: &'a crate::kinesis::StreamRef,
+        next_token: Option<&'a str>,
+        max_results: Option<i32>,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<crate::kinesis::ShardPage, crate::kinesis::KinesisError>,
+    > {
+        // An expired shard is no longer listed either.
+        Box::pin(async move {
+            let mut page = self
+                .inner
+                .list_shards(stream, next_token, max_results)
+                .await?;
+            page.shards
+                .retain(|s| Some(&s.shard_id) != self.gone.as_ref());
+            Ok(page)
+        })
+    }
+
+    fn get_shard_iterator<'a>(
+        &'a self,
+        stream: &'a crate::kinesis::StreamRef,
+        shard_id: &'a ShardId,
+        position: IteratorPosition,
+    ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>> {
+        if self.gone.as_ref() == Some(shard_id) {
+            return Box::pin(async move {
+                Err(crate::kinesis::KinesisError::new(
+                    KinesisErrorKind::ResourceNotFound,
+                    "GetShardIterator",
+                    format!("Shard {shard_id} in stream test-stream does not exist"),
+                ))
+            });
+        }
+        if self.panics.as_ref() == Some(shard_id) {
+            panic!("bug in a KinesisApi implementation");
+        }
+        let position = match position {
+            // Our "now" is ahead of Kinesis's "now" by the skew.
+            IteratorPosition::AtTimestamp(t) => {
+                IteratorPosition::AtTimestamp(t + self.server_clock_behind)
+            }
+            other => other,
+        };
+        self.inner.get_shard_iterator(stream, shard_id, position)
+    }
+
+    fn get_records<'a>(
+        &'a self,
+        stream: &'a crate::kinesis::StreamRef,
+        shard_id: &'a ShardId,
+        iterator: &'a str,
+        limit: i32,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<crate::kinesis::RecordsPage, crate::kinesis::KinesisError>,
+    > {
+        self.inner.get_records(stream, shard_id, iterator, limit)
+    }
+}
+
+/// Resharding between two listings (x splits into b and c, then a and b merge into m): a's
+/// ChildShards names m with parents a and b; m waits until a listing shows b and b is read.
+#[tokio::test(start_paused = true)]
+async fn merge_child_waits_for_a_parent_created_after_the_last_listing() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("a", &[]);
+    kinesis.add_shard("x", &[]);
+    for i in 0..3 {
+        kinesis.put("a", &format!("a{i}"), "a");
+    }
+    // x has a backlog, so it is still being read when a ends.
+    for i in 0..2_000 {
+        kinesis.put("x", &format!("x{i}"), "x");
+    }
+    let consumer = builder(&kinesis)
+        .max_records_per_call(10)
+        .shard_refresh_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(&consumer, seen.handler());
+    wait_for(Duration::from_secs(5), || seen.of("a").len() == 3).await;
+    // Between two listings: x splits into b and c; then a and b merge into m.
+    kinesis.close_shard("x");
+    kinesis.add_shard("b", &["x"]);
+    kinesis.add_shard("c", &["x"]);
+    kinesis.put("b", "key-1", "first");
+    kinesis.close_shard("a");
+    kinesis.close_shard("b");
+    kinesis.add_shard("m", &["a", "b"]);
+    kinesis.put("m", "key-1", "second");
+    wait_for(Duration::from_secs(600), || {
+        seen.of("b").len() == 1 && seen.of("m").len() == 1
+    })
+    .await;
+    run.stop().await.unwrap();
+    let order = seen.order.lock().unwrap().clone();
+    let pos = |s: &str| order.iter().position(|(id, _)| &**id == s).unwrap();
+    assert!(
+        pos("b") < pos("m"),
+        "child m handled (position {}) before its parent b (position {})",
+        pos("m"),
+        pos("b")
+    );
+}
+
+/// records() under LATEST: after a split, a child record yielded but not committed is delivered
+/// again after a restart (the parent, from which nothing was delivered, is marked SHARD_END, so
+/// the child restarts at TRIM_HORIZON rather than LATEST).
+#[tokio::test(start_paused = true)]
+async fn records_stream_restart_under_latest_redelivers_uncommitted_child_records() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .start_position(StartPosition::Latest)
+        .build()
+        .unwrap();
+    let mut stream = consumer.records();
+    wait_for(Duration::from_secs(5), || {
+        kinesis.get_records_calls("p") > 0
+    })
+    .await;
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    let put = kinesis.put("c", "k", "v");
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.sequence_number, put);
+    // The process stops before the record is processed and committed.
+    stream.shutdown().await.unwrap();
+    let stored = store.snapshot(consumer.namespace());
+    assert_eq!(
+        stored.get("p"),
+        Some(&Checkpoint::ShardEnd),
+        "nothing of p was delivered"
+    );
+    assert_eq!(stored.get("c"), None);
+
+    let mut stream = consumer.records();
+    let again = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+    let redelivered = matches!(&again, Ok(Some(Ok(r))) if r.sequence_number == put);
+    drop(stream);
+    assert!(
+        redelivered,
+        "uncommitted record of child c never delivered again; iterator requests: {:?}",
+        kinesis.iterator_requests()
+    );
+}
+
+/// A closed shard that expired (retention) between ListShards and GetShardIterator answers
+/// ResourceNotFound and is no longer listed: it counts as finished, its child and the other
+/// shards are read, and the run goes on.
+#[tokio::test(start_paused = true)]
+async fn a_trimmed_shard_does_not_stop_the_consumer() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("old", &[]);
+    kinesis.close_shard("old");
+    kinesis.add_shard("new", &["old"]);
+    kinesis.add_shard("other", &[]);
+    for i in 0..10 {
+        kinesis.put("new", &format!("n{i}"), "n");
+        kinesis.put("other", &format!("o{i}"), "o");
+    }
+    let mut api = Faulty::new(&kinesis);
+    api.gone = Some("old".into());
+    let consumer = Consumer::builder()
+        .kinesis_api(Arc::new(api))
+        .stream_name("test-stream")
+        .start_position(StartPosition::TrimHorizon)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), consumer.run(seen.handler())).await;
+    assert!(
+        outcome.is_err() && seen.count() == 20,
+        "run ended: {:?}; handled {} of 20",
+        outcome.map(|r| r.map_err(|e| e.to_string())),
+        seen.count()
+    );
+}
+
+/// A panic in a reader task (here in the KinesisApi implementation) ends the run with
+/// `Error::Task` instead of leaving its shard silently unread.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_reader_ends_run_instead_of_silently_stalling_its_shard() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    kinesis.fill(5, 10);
+    let mut api = Faulty::new(&kinesis);
+    api.panics = Some(shard_name(1).into());
+    let consumer = Consumer::builder()
+        .kinesis_api(Arc::new(api))
+        .stream_name("test-stream")
+        .start_position(StartPosition::TrimHorizon)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let outcome =
+        tokio::time::timeout(Duration::from_secs(600), consumer.run(seen.handler())).await;
+    assert!(
+        matches!(outcome, Ok(Err(Error::Task { .. }))),
+        "after 600 s: {:?}; shard 1 handled {} of 5 records",
+        outcome.map(|r| r.map_err(|e| e.to_string())),
+        seen.of(&shard_name(1)).len()
+    );
+}
+
+/// A store whose flush never returns (a hung network back-end).
+struct HangingFlush(MemoryStore);
+
+#[async_trait::async_trait]
+impl CheckpointStore for HangingFlush {
+    async fn get(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+    ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
+        self.0.get(namespace, shard_id).await
+    }
+    async fn set(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
+        self.0.set(namespace, shard_id, checkpoint).await
+    }
+    async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
+        std::future::pending().await
+    }
+}
+
+/// The final store flush has a deadline: with a store that hangs, run_until still returns.
+#[tokio::test(start_paused = true)]
+async fn shutdown_returns_within_the_drain_timeout_even_if_the_store_hangs() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    let consumer = builder(&kinesis)
+        .store(HangingFlush(MemoryStore::new()))
+        .drain_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let run = consumer.run_until(
+        Seen::default().handler(),
+        tokio::time::sleep(Duration::from_secs(1)),
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(300), run).await;
+    assert!(
+        outcome.is_ok(),
+        "run_until still running 300 s after shutdown"
+    );
+}
+
+/// A per-record handler that answers SkipCheckpoint for the last record of a closed shard:
+/// the records were handled, so the children start (delivery order holds), and the parent's
+/// checkpoint stays where the handler left it until that record is committed, at which point it
+/// becomes SHARD_END. (Until then a restart reads the parent's tail again before the children.)
+#[tokio::test(start_paused = true)]
+async fn skip_checkpoint_on_a_closed_shards_last_record_ends_the_shard_once_committed() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "checkpoint");
+    let skipped = kinesis.put("p", "k", "skip");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "child");
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
+    let seen = Seen::default();
+    let make = |seen: Seen| {
+        let per_record = service_fn(move |r: Record| {
+            seen.take(&Batch::new(r.shard_id.clone(), vec![r.clone()]));
+            async move {
+                Ok::<_, BoxError>(if &r.data[..] == b"skip" {
+                    Processed::SkipCheckpoint
+                } else {
+                    Processed::Checkpoint
+                })
+            }
+        });
+        ServiceBuilder::new()
+            .layer(CheckpointLayer::new(consumer.checkpointer()))
+            .layer(PerRecordLayer::new())
+            .service(per_record)
+    };
+    let run = Running::start(&consumer, make(seen.clone()));
+    wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
+    run.stop().await.unwrap();
+    let order = seen.order.lock().unwrap().clone();
+    assert_eq!(
+        order.last().unwrap().0.as_str(),
+        "c",
+        "children after the parent"
+    );
+    let first = kinesis.records("p")[0].checkpoint();
+    assert_eq!(store.snapshot(consumer.namespace()).get("p"), Some(&first));
+    consumer
+        .checkpointer()
+        .set("p", Checkpoint::at(skipped))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.snapshot(consumer.namespace()).get("p"),
+        Some(&Checkpoint::ShardEnd)
+    );
+}
+
+/// An expired LATEST iterator, renewed before any record was read, starts a margin before our
+/// clock: a Kinesis clock behind ours does not skip the records put in between.
+#[tokio::test(start_paused = true)]
+async fn expired_latest_iterator_with_clock_skew_loses_nothing() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    let mut api = Faulty::new(&kinesis);
+    api.server_clock_behind = Duration::from_secs(2);
+    let consumer = Consumer::builder()
+        .kinesis_api(Arc::new(api))
+        .stream_name("test-stream")
+        .start_position(StartPosition::Latest)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(&consumer, seen.handler());
+    wait_for(Duration::from_secs(5), || {
+        kinesis.get_records_calls(&shard_name(0)) > 0
+    })
+    .await;
+    let put = kinesis.put(&shard_name(0), "k", "after the iterator was taken");
+    kinesis.expire_iterators();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.count() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let delivered = seen.count() == 1;
+    run.stop().await.unwrap();
+    assert!(
+        delivered,
+        "record {put:?} put after the LATEST iterator was never delivered"
+    );
+}
+
+/// shutdown() with batches queued in the handoff channel and a half-consumed batch returns,
+/// and drop() stops every task.
+#[tokio::test(start_paused = true)]
+async fn records_shutdown_and_drop_with_queued_batches() {
+    let kinesis = MemoryKinesis::with_shards(4);
+    kinesis.fill(500, 10);
+    let consumer = builder(&kinesis).max_records_per_call(100).build().unwrap();
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    let mut stream = consumer.records();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::timeout(Duration::from_secs(5), stream.shutdown())
+        .await
+        .expect("shutdown returns")
+        .unwrap();
+    let mut stream = consumer.records();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tasks_after = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert_eq!(tasks_after, tasks_before);
+}
+
+/// Idle shards do not use up tower's RateLimit budget: heartbeats are off by default.
+#[tokio::test(start_paused = true)]
+async fn idle_shard_heartbeats_do_not_eat_the_rate_limit() {
+    let kinesis = MemoryKinesis::with_shards(10);
+    for i in 0..500 {
+        kinesis.put(&shard_name(0), &format!("k{i}"), "x");
+    }
+    let consumer = builder(&kinesis).max_records_per_call(10).build().unwrap();
+    let seen = Seen::default();
+    let heartbeats = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let (seen, heartbeats) = (seen.clone(), heartbeats.clone());
+        service_fn(move |batch: Batch| {
+            if batch.is_empty() {
+                heartbeats.fetch_add(1, Ordering::SeqCst);
+            }
+            seen.take(&batch);
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let service = ServiceBuilder::new()
+        .rate_limit(5, Duration::from_secs(1))
+        .service(handler);
+    let started = tokio::time::Instant::now();
+    let run = Running::start(&consumer, service);
+    wait_for(Duration::from_secs(600), || seen.count() == 500).await;
+    let elapsed = started.elapsed();
+    run.stop().await.unwrap();
+    // 50 batches at 5 calls/s: about 10 s.
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "50 batches took {elapsed:?} under a 5/s rate limit; {} heartbeat calls used the budget",
+        heartbeats.load(Ordering::SeqCst)
+    );
+}
+
+/// run() + CheckpointLayer under LATEST: the parent ends with SHARD_END, so after a restart the
+/// child is read from TRIM_HORIZON and its unfinished record is delivered again.
+#[tokio::test(start_paused = true)]
+async fn control_run_mode_redelivers_uncommitted_child_records_under_latest() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .start_position(StartPosition::Latest)
+        .drain_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let hanging = service_fn(|batch: Batch| async move {
+        if !batch.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, BoxError>(())
+    });
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(hanging),
+    );
+    wait_for(Duration::from_secs(5), || {
+        kinesis.get_records_calls("p") > 0
+    })
+    .await;
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    let put = kinesis.put("c", "k", "v");
+    wait_for(Duration::from_secs(10), || {
+        kinesis.get_records_calls("c") > 0
+    })
+    .await;
+    assert!(run.stop().await.is_err());
+    let seen = Seen::default();
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
+    );
+    wait_for(Duration::from_secs(10), || seen.count() == 1).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of("c"), vec![put]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_when_enabled_reach_idle_shards_at_most_once_per_interval() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    let consumer = builder(&kinesis)
+        .heartbeat_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let heartbeats = Arc::new(Mutex::new(HashMap::<ShardId, u64>::new()));
+    let handler = {
+        let heartbeats = heartbeats.clone();
+        service_fn(move |batch: Batch| {
+            if batch.is_empty() && batch.end.is_none() {
+                *heartbeats
+                    .lock()
+                    .unwrap()
+                    .entry(batch.shard_id)
+                    .or_default() += 1;
+            }
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let run = Running::start(&consumer, handler);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    run.stop().await.unwrap();
+    let heartbeats = heartbeats.lock().unwrap().clone();
+    for i in 0..2 {
+        let n = heartbeats.get(shard_name(i).as_str()).copied().unwrap_or(0);
+        assert!((8..=11).contains(&n), "shard {i}: {n} heartbeats in 10 s");
+    }
 }

@@ -256,8 +256,9 @@ impl KinesisApi for MemoryKinesis {
             let start: usize = next_token.map_or(Ok(0), str::parse).map_err(|_| {
                 KinesisError::new(KinesisErrorKind::InvalidArgument, "ListShards", "bad token")
             })?;
-            let page = max_results.map_or(1000, |m| m as usize);
-            let end = (start + page).min(state.shards.len());
+            let page = max_results.map_or(1000, |m| m.max(1) as usize);
+            let start = start.min(state.shards.len());
+            let end = start.saturating_add(page).min(state.shards.len());
             let shards = state.shards[start..end]
                 .iter()
                 .map(|s| s.description.clone())

@@ -64,7 +64,17 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options)
             .await
-            .map_err(|e| backend("open", is_retryable(&e), e))?;
+            .map_err(|e| StoreError::Backend {
+                backend: "sqlite",
+                operation: "open",
+                namespace: None,
+                shard_id: None,
+                retryable: is_retryable(&e),
+                source: Box::new(OpenError {
+                    path: path.as_ref().display().to_string(),
+                    source: e,
+                }),
+            })?;
         let store = Self {
             pool,
             table: table.to_owned(),
@@ -109,6 +119,14 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
+
+/// Opening the database file failed; names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open SQLite file {path}: {source}")]
+struct OpenError {
+    path: String,
+    source: sqlx::Error,
 }
 
 /// Table names are spliced into SQL (they cannot be bound), so only plain identifiers pass.
@@ -336,6 +354,17 @@ mod tests {
         SqliteStore::open_with_table(dir.path().join("x.db"), "my_checkpoints_2")
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn open_error_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir").join("cp.db");
+        let err = SqliteStore::open(&path).await.unwrap_err();
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The `CheckpointStore` trait and the `Checkpointer` handle that binds a store to a namespace.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 
@@ -149,6 +149,9 @@ impl<T: CheckpointStore + ?Sized> CheckpointStore for Arc<T> {
 pub struct Checkpointer {
     store: Arc<dyn CheckpointStore>,
     namespace: Arc<str>,
+    /// Closed shards whose last delivered record is not checkpointed yet: once a checkpoint
+    /// reaches it, [`Checkpoint::ShardEnd`] is written instead.
+    ended: Arc<Mutex<HashMap<String, Checkpoint>>>,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -170,6 +173,7 @@ impl Checkpointer {
         Self {
             store,
             namespace: namespace.into(),
+            ended: Arc::default(),
         }
     }
 
@@ -188,13 +192,63 @@ impl Checkpointer {
         self.store.get(&self.namespace, shard_id).await
     }
 
-    /// Moves the shard's checkpoint forward to `checkpoint` (never backwards).
+    /// Moves the shard's checkpoint forward to `checkpoint` (never backwards). On a shard that
+    /// has ended (see [`shard_ended`](Checkpointer::shard_ended)), reaching its last record
+    /// writes [`Checkpoint::ShardEnd`].
     pub async fn set(
         &self,
         shard_id: &str,
         checkpoint: Checkpoint,
     ) -> Result<SetOutcome, StoreError> {
+        let reaches_end = self
+            .lock_ended()
+            .get(shard_id)
+            .is_some_and(|last| checkpoint >= *last);
+        if reaches_end {
+            let outcome = self
+                .store
+                .set(&self.namespace, shard_id, Checkpoint::ShardEnd)
+                .await?;
+            self.lock_ended().remove(shard_id);
+            return Ok(outcome);
+        }
         self.store.set(&self.namespace, shard_id, checkpoint).await
+    }
+
+    /// Records that a closed shard has been read to its end, `last` being the last record this
+    /// consumer delivered from it (`None` if it delivered none). Once the shard's checkpoint
+    /// covers `last` (already, or through a later [`set`](Checkpointer::set) or
+    /// [`commit`](Checkpointer::commit)), it becomes [`Checkpoint::ShardEnd`], so after a
+    /// restart the shard is not read again and its children start where they stopped.
+    ///
+    /// The consumer calls this when a shard's last batch has been handled; `CheckpointLayer`
+    /// users have usually written `ShardEnd` already, stream users get it when they commit the
+    /// shard's last record.
+    pub async fn shard_ended(
+        &self,
+        shard_id: &str,
+        last: Option<Checkpoint>,
+    ) -> Result<(), StoreError> {
+        let Some(last) = last else {
+            self.store
+                .set(&self.namespace, shard_id, Checkpoint::ShardEnd)
+                .await?;
+            return Ok(());
+        };
+        // Registered before reading the store, so a commit racing with this call either sees
+        // the registration or is seen by the read below.
+        self.lock_ended().insert(shard_id.to_owned(), last);
+        if let Some(stored) = self.get(shard_id).await? {
+            if stored >= last {
+                self.set(shard_id, stored).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_ended(&self) -> MutexGuard<'_, HashMap<String, Checkpoint>> {
+        // Single inserts and removes: a poisoned lock still holds a consistent map.
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Marks `record` and everything before it in its shard processed.
@@ -228,5 +282,55 @@ impl Checkpointer {
     /// Writes whatever the store buffers.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.store.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MemoryStore, SequenceNumber};
+
+    fn at(n: u64) -> Checkpoint {
+        Checkpoint::at(SequenceNumber::parse(&n.to_string()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_ended_shard_becomes_shard_end_once_its_last_record_is_checkpointed() {
+        let store = Arc::new(MemoryStore::new());
+        let checkpointer = Checkpointer::from_arc(store.clone(), "ns");
+        checkpointer.set("s", at(5)).await.unwrap();
+        checkpointer.shard_ended("s", Some(at(9))).await.unwrap();
+        assert_eq!(checkpointer.get("s").await.unwrap(), Some(at(5)));
+        checkpointer.set("s", at(7)).await.unwrap();
+        assert_eq!(checkpointer.get("s").await.unwrap(), Some(at(7)));
+        // A clone shares what it knows about ended shards.
+        checkpointer.clone().set("s", at(9)).await.unwrap();
+        assert_eq!(
+            checkpointer.get("s").await.unwrap(),
+            Some(Checkpoint::ShardEnd)
+        );
+    }
+
+    #[tokio::test]
+    async fn shard_end_is_written_at_once_when_already_covered_or_nothing_was_delivered() {
+        let store = Arc::new(MemoryStore::new());
+        let checkpointer = Checkpointer::from_arc(store.clone(), "ns");
+        checkpointer.set("a", at(9)).await.unwrap();
+        checkpointer.shard_ended("a", Some(at(9))).await.unwrap();
+        assert_eq!(
+            checkpointer.get("a").await.unwrap(),
+            Some(Checkpoint::ShardEnd)
+        );
+        checkpointer.shard_ended("b", None).await.unwrap();
+        assert_eq!(
+            checkpointer.get("b").await.unwrap(),
+            Some(Checkpoint::ShardEnd)
+        );
+        // Already at shard end (CheckpointLayer wrote it): nothing changes.
+        checkpointer.shard_ended("a", Some(at(9))).await.unwrap();
+        assert_eq!(
+            checkpointer.get("a").await.unwrap(),
+            Some(Checkpoint::ShardEnd)
+        );
     }
 }
