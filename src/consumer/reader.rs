@@ -12,7 +12,7 @@ use super::lineage::Fallback;
 use super::Shared;
 use crate::backoff::Backoff;
 use crate::kinesis::{
-    ChildShard, IteratorPosition, KinesisError, KinesisErrorKind, ShardDescription,
+    timed, ChildShard, IteratorPosition, KinesisError, KinesisErrorKind, ShardDescription,
 };
 use crate::Error;
 
@@ -172,11 +172,13 @@ impl Reader {
             }
             let mut permit = self.buffer.reserve_records(limit).await;
             let called_at = Instant::now();
-            let answer = self
-                .shared
-                .api
-                .get_records(&settings.stream, &self.shard, &iterator, limit as i32)
-                .await;
+            let answer = timed(
+                "GetRecords",
+                self.shared
+                    .api
+                    .get_records(&settings.stream, &self.shard, &iterator, limit as i32),
+            )
+            .await;
             let page = match answer {
                 Ok(page) => page,
                 Err(e) => {
@@ -258,11 +260,15 @@ impl Reader {
     async fn iterator(&mut self, position: IteratorPosition) -> Result<(String, SystemTime), Stop> {
         loop {
             let opened_at = SystemTime::now();
-            let answer = self
-                .shared
-                .api
-                .get_shard_iterator(&self.shared.settings.stream, &self.shard, position)
-                .await;
+            let answer = timed(
+                "GetShardIterator",
+                self.shared.api.get_shard_iterator(
+                    &self.shared.settings.stream,
+                    &self.shard,
+                    position,
+                ),
+            )
+            .await;
             match answer {
                 Ok(iterator) => {
                     self.backoff.reset();

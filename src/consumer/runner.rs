@@ -38,6 +38,9 @@ use crate::Error;
 /// Attempts of one listing before it waits for the next refresh tick.
 const LISTING_ATTEMPTS: u32 = 5;
 
+/// The final store flush gets at least this long, whatever the drain timeout.
+const MIN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Default)]
 struct Lane {
     queue: VecDeque<(Batch, BufferPermit)>,
@@ -156,7 +159,10 @@ where
     let mut failure: Option<Error> = None;
     // Shards whose reads answered ResourceNotFound, waiting for a listing to tell whether they
     // expired (finished) or something is wrong (fatal).
-    let mut gone: HashMap<ShardId, Error> = HashMap::new();
+    // Each with the number of listings started when it was reported: only a listing started
+    // after that can tell (one already in flight may predate the expiry).
+    let mut gone: HashMap<ShardId, (Error, u64)> = HashMap::new();
+    let mut listings_started: u64 = 0;
 
     let schedule = |lanes: &mut HashMap<ShardId, Lane>,
                     dispatchable: &mut VecDeque<ShardId>,
@@ -187,6 +193,10 @@ where
                 begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, true, &mut tasks);
             }
             () = sleep_until(deadline), if draining => {
+                if in_flight.is_empty() {
+                    // Only markers were left to deliver: nothing was cut short.
+                    break;
+                }
                 let shards = lanes
                     .iter()
                     .filter(|(_, lane)| lane.in_flight)
@@ -293,7 +303,7 @@ where
                 }
                 Event::ShardGone { shard, error } => {
                     tracing::warn!(%stream, %shard, %error, "shard not found; checking whether it expired");
-                    gone.insert(shard, error);
+                    gone.insert(shard, (error, listings_started));
                     listing_wanted = true;
                 }
                 Event::Listing(Ok(listing)) => {
@@ -305,13 +315,26 @@ where
                             continue;
                         }
                     }
-                    for (shard, error) in gone.drain() {
+                    let decided: Vec<ShardId> = gone
+                        .iter()
+                        .filter(|(_, (_, at))| *at < listings_started)
+                        .map(|(shard, _)| shard.clone())
+                        .collect();
+                    for shard in decided {
+                        let Some((error, _)) = gone.remove(&shard) else { continue };
                         if listing.iter().any(|s| s.shard_id == shard) {
                             failure.get_or_insert(error);
                             begin_drain(&mut phase, &mut lanes, &mut dispatchable, settings.drain_timeout, false, &mut tasks);
+                        } else if let Some(lane) = lanes.get_mut(&shard) {
+                            // Expired: what was fetched is still handled, then the shard ends
+                            // like a closed one (children start after its last batch).
+                            tracing::warn!(%stream, %shard, "shard expired (no longer listed); ending it after its queued batches");
+                            lane.queue.push_back((
+                                Batch::empty(shard.clone(), Some(BatchEnd::ShardEnd)),
+                                BufferPermit::default(),
+                            ));
+                            schedule(&mut lanes, &mut dispatchable, &shard);
                         } else {
-                            tracing::warn!(%stream, %shard, "shard expired (no longer listed); treating it as finished");
-                            lanes.remove(&shard);
                             lineage.finish(&shard, true);
                         }
                     }
@@ -352,6 +375,7 @@ where
         if listing_wanted && !listing_in_flight && phase == Phase::Running {
             listing_wanted = false;
             listing_in_flight = true;
+            listings_started += 1;
             let shared = shared.clone();
             let tx = events_tx.clone();
             tasks.spawn(async move {
@@ -373,7 +397,9 @@ where
         }
     }
     drop(in_flight);
-    match tokio::time::timeout(settings.drain_timeout, shared.checkpointer.flush()).await {
+    // drain_timeout(0) means "do not wait for handlers", not "do not flush".
+    let flush_timeout = settings.drain_timeout.max(MIN_FLUSH_TIMEOUT);
+    match tokio::time::timeout(flush_timeout, shared.checkpointer.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(source)) => {
             failure.get_or_insert(Error::Store {
@@ -385,7 +411,7 @@ where
         Err(_) => {
             failure.get_or_insert(Error::FlushTimeout {
                 stream: stream.clone(),
-                timeout: settings.drain_timeout,
+                timeout: flush_timeout,
             });
         }
     }
@@ -466,14 +492,15 @@ async fn list_shards(
         let mut shards = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = shared
-                .api
-                .list_shards(
+            let page = crate::kinesis::timed(
+                "ListShards",
+                shared.api.list_shards(
                     &settings.stream,
                     token.as_deref(),
                     settings.list_shards_page_size,
-                )
-                .await;
+                ),
+            )
+            .await;
             match page {
                 Ok(page) => {
                     shards.extend(page.shards);

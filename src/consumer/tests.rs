@@ -1428,3 +1428,419 @@ async fn heartbeats_when_enabled_reach_idle_shards_at_most_once_per_interval() {
         assert!((8..=11).contains(&n), "shard {i}: {n} heartbeats in 10 s");
     }
 }
+
+/// A `KinesisApi` whose shards can expire while the consumer runs: once `expire`d, a shard
+/// answers ResourceNotFound to GetShardIterator and GetRecords, and ListShards no longer lists
+/// it. ListShards answers `list_delay` after it took its snapshot (latency, many pages).
+#[derive(Clone)]
+struct Expiring {
+    inner: MemoryKinesis,
+    gone: Arc<Mutex<std::collections::HashSet<ShardId>>>,
+    list_delay: Duration,
+    served: Arc<Mutex<HashMap<ShardId, u64>>>,
+}
+
+impl Expiring {
+    fn new(inner: &MemoryKinesis) -> Self {
+        Self {
+            inner: inner.clone(),
+            gone: Arc::default(),
+            list_delay: Duration::ZERO,
+            served: Arc::default(),
+        }
+    }
+
+    fn expire(&self, shard: &str) {
+        self.gone.lock().unwrap().insert(shard.into());
+    }
+
+    fn is_gone(&self, shard: &ShardId) -> bool {
+        self.gone.lock().unwrap().contains(shard)
+    }
+
+    /// Records GetRecords returned for `shard`.
+    fn served(&self, shard: &str) -> u64 {
+        self.served.lock().unwrap().get(shard).copied().unwrap_or(0)
+    }
+}
+
+fn not_found(operation: &'static str, shard: &ShardId) -> crate::kinesis::KinesisError {
+    crate::kinesis::KinesisError::new(
+        KinesisErrorKind::ResourceNotFound,
+        operation,
+        format!("Shard {shard} in stream test-stream does not exist"),
+    )
+}
+
+impl crate::kinesis::KinesisApi for Expiring {
+    fn list_shards<'a>(
+        &'a self,
+        stream: &'a crate::kinesis::StreamRef,
+        next_token: Option<&'a str>,
+        max_results: Option<i32>,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<crate::kinesis::ShardPage, crate::kinesis::KinesisError>,
+    > {
+        Box::pin(async move {
+            let mut page = self
+                .inner
+                .list_shards(stream, next_token, max_results)
+                .await?;
+            page.shards.retain(|s| !self.is_gone(&s.shard_id));
+            tokio::time::sleep(self.list_delay).await;
+            Ok(page)
+        })
+    }
+
+    fn get_shard_iterator<'a>(
+        &'a self,
+        stream: &'a crate::kinesis::StreamRef,
+        shard_id: &'a ShardId,
+        position: IteratorPosition,
+    ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>> {
+        if self.is_gone(shard_id) {
+            return Box::pin(async move { Err(not_found("GetShardIterator", shard_id)) });
+        }
+        self.inner.get_shard_iterator(stream, shard_id, position)
+    }
+
+    fn get_records<'a>(
+        &'a self,
+        stream: &'a crate::kinesis::StreamRef,
+        shard_id: &'a ShardId,
+        iterator: &'a str,
+        limit: i32,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<crate::kinesis::RecordsPage, crate::kinesis::KinesisError>,
+    > {
+        Box::pin(async move {
+            if self.is_gone(shard_id) {
+                return Err(not_found("GetRecords", shard_id));
+            }
+            let page = self
+                .inner
+                .get_records(stream, shard_id, iterator, limit)
+                .await?;
+            *self
+                .served
+                .lock()
+                .unwrap()
+                .entry(shard_id.clone())
+                .or_default() += page.records.len() as u64;
+            Ok(page)
+        })
+    }
+}
+
+/// A closed shard expires (retention) while its first batch is in flight and its reader has
+/// fetched more batches ahead. The fetched records still reach the handler, and the child
+/// does not start before the parent's batches are done.
+#[tokio::test(start_paused = true)]
+async fn expired_shard_delivers_what_was_fetched_before_its_children_start() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    for i in 0..1_000 {
+        kinesis.put("p", &format!("p{i}"), "p");
+    }
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "child");
+    let api = Expiring::new(&kinesis);
+    let consumer = Consumer::builder()
+        .kinesis_api(Arc::new(api.clone()))
+        .stream_name("test-stream")
+        .start_position(StartPosition::TrimHorizon)
+        .max_records_per_call(10)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (seen, gate) = (seen.clone(), gate.clone());
+        service_fn(move |batch: Batch| {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            async move {
+                if &*batch.shard_id == "p" && !batch.is_empty() {
+                    gate.acquire().await.unwrap().forget();
+                }
+                seen.take(&batch);
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    let run = Running::start(&consumer, handler);
+    // p's first batch is held in the handler; its reader fetches ahead; then p expires.
+    wait_for(Duration::from_secs(10), || api.served("p") >= 50).await;
+    api.expire("p");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    gate.add_permits(10_000);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let outcome = run.stop().await;
+    let fetched = api.served("p") as usize;
+    let order = seen.order.lock().unwrap().clone();
+    let last_p = order.iter().rposition(|(s, _)| &**s == "p");
+    let first_c = order.iter().position(|(s, _)| &**s == "c");
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(
+        matches!((last_p, first_c), (Some(p), Some(c)) if p < c) && seen.of("p").len() == fetched,
+        "child c handled at position {first_c:?}, parent p's last record at {last_p:?}; \
+         {fetched} records of p were fetched before it expired, {} reached the handler",
+        seen.of("p").len()
+    );
+}
+
+/// A closed shard expires while a ListShards is in flight whose answer was taken before: that
+/// stale answer still lists the shard, and does not turn an expiry into a fatal ShardNotFound.
+#[tokio::test(start_paused = true)]
+async fn shard_expiring_while_a_listing_is_in_flight_is_not_fatal() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("old", &[]);
+    for i in 0..2_000 {
+        kinesis.put("old", &format!("o{i}"), "o");
+    }
+    kinesis.close_shard("old");
+    kinesis.add_shard("new", &["old"]);
+    kinesis.add_shard("other", &[]);
+    kinesis.put("new", "k", "n");
+    kinesis.put("other", "k", "x");
+    let mut api = Expiring::new(&kinesis);
+    // Each listing answers 3 s after its snapshot; one is always in flight: 0-3 s, 3-6 s, ...
+    api.list_delay = Duration::from_secs(3);
+    let consumer = Consumer::builder()
+        .kinesis_api(Arc::new(api.clone()))
+        .stream_name("test-stream")
+        .start_position(StartPosition::TrimHorizon)
+        .max_records_per_call(10)
+        .shard_refresh_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(&consumer, seen.handler());
+    // At 4 s "old" (still being read, 10 records per 200 ms) expires; the listing taken at 3 s
+    // that still shows it answers at 6 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    api.expire("old");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    if run.task.is_finished() {
+        let outcome = run.task.await.unwrap();
+        panic!("an expired shard ended the run: {outcome:?}");
+    }
+    run.stop().await.unwrap();
+    assert_eq!(seen.of("new").len(), 1, "the expired shard's child is read");
+}
+
+/// Same as `skip_checkpoint_on_a_closed_shards_last_record_ends_the_shard_once_committed`, but
+/// the shard closes after its records were read, so its last batch is empty: the skipped record
+/// stays uncheckpointed all the same.
+#[tokio::test(start_paused = true)]
+async fn skip_checkpoint_on_the_last_record_holds_when_the_shard_end_batch_is_empty() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "checkpoint");
+    let skipped = kinesis.put("p", "k", "skip");
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
+    let seen = Seen::default();
+    let make = |seen: Seen| {
+        let per_record = service_fn(move |r: Record| {
+            seen.take(&Batch::new(r.shard_id.clone(), vec![r.clone()]));
+            async move {
+                Ok::<_, BoxError>(if &r.data[..] == b"skip" {
+                    Processed::SkipCheckpoint
+                } else {
+                    Processed::Checkpoint
+                })
+            }
+        });
+        ServiceBuilder::new()
+            .layer(CheckpointLayer::new(consumer.checkpointer()))
+            .layer(PerRecordLayer::new())
+            .service(per_record)
+    };
+    let run = Running::start(&consumer, make(seen.clone()));
+    // Both records are read while p is open; p closes afterwards: its last batch is empty.
+    wait_for(Duration::from_secs(10), || seen.of("p").len() == 2).await;
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "child");
+    wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
+    run.stop().await.unwrap();
+    let first = kinesis.records("p")[0].checkpoint();
+    assert_eq!(
+        store.snapshot(consumer.namespace()).get("p"),
+        Some(&first),
+        "record {skipped} answered SkipCheckpoint and was never committed"
+    );
+}
+
+/// A store whose writes land 100 ms after they are issued (a network round trip).
+struct SlowSet(MemoryStore);
+
+#[async_trait::async_trait]
+impl CheckpointStore for SlowSet {
+    async fn get(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+    ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
+        self.0.get(namespace, shard_id).await
+    }
+    async fn set(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.0.set(namespace, shard_id, checkpoint).await
+    }
+    async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
+        Ok(())
+    }
+}
+
+/// A stream user commits a closed shard's last record while the consumer records the shard's
+/// end: the shard ends up at SHARD_END either way.
+#[tokio::test(start_paused = true)]
+async fn commit_racing_with_shard_ended_still_ends_the_shard() {
+    let checkpointer = kinesis_tower_layers::Checkpointer::new(SlowSet(MemoryStore::new()), "ns");
+    let last = Checkpoint::at("42".parse().unwrap());
+    let commit = {
+        let checkpointer = checkpointer.clone();
+        tokio::spawn(async move { checkpointer.set("p", last).await.unwrap() })
+    };
+    // The commit has looked for an end and is writing.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    checkpointer.shard_ended("p", Some(last)).await.unwrap();
+    commit.await.unwrap();
+    assert_eq!(
+        checkpointer.get("p").await.unwrap(),
+        Some(Checkpoint::ShardEnd)
+    );
+}
+
+/// drain_timeout(0) ("do not wait for in-flight work"): a shutdown with nothing in flight is
+/// still clean.
+#[tokio::test(start_paused = true)]
+async fn zero_drain_timeout_with_nothing_in_flight_is_a_clean_shutdown() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    let consumer = builder(&kinesis)
+        .drain_timeout(Duration::ZERO)
+        .build()
+        .unwrap();
+    let outcome = consumer
+        .run_until(
+            Seen::default().handler(),
+            tokio::time::sleep(Duration::from_secs(1)),
+        )
+        .await;
+    assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+/// A store whose flush takes one round trip (1 ms), like any buffered network or file store.
+struct RoundTripFlush(MemoryStore);
+
+#[async_trait::async_trait]
+impl CheckpointStore for RoundTripFlush {
+    async fn get(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+    ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
+        self.0.get(namespace, shard_id).await
+    }
+    async fn set(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
+        self.0.set(namespace, shard_id, checkpoint).await
+    }
+    async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(())
+    }
+}
+
+/// drain_timeout(0) means "do not wait for in-flight batches"; it does not also mean "never
+/// flush the store".
+#[tokio::test(start_paused = true)]
+async fn zero_drain_timeout_still_flushes_the_store() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    let consumer = builder(&kinesis)
+        .store(RoundTripFlush(MemoryStore::new()))
+        .drain_timeout(Duration::ZERO)
+        .build()
+        .unwrap();
+    let outcome = consumer
+        .run_until(
+            Seen::default().handler(),
+            tokio::time::sleep(Duration::from_secs(1)),
+        )
+        .await;
+    assert!(outcome.is_ok(), "{outcome:?}");
+}
+
+/// A Kinesis call that never answers (a hung connection) counts as a transient failure after
+/// a timeout: the shard is read again, the run goes on.
+#[tokio::test(start_paused = true)]
+async fn a_hung_get_records_call_times_out_and_the_shard_goes_on() {
+    struct Hangs {
+        inner: MemoryKinesis,
+        hung: Arc<AtomicU64>,
+    }
+    impl crate::kinesis::KinesisApi for Hangs {
+        fn list_shards<'a>(
+            &'a self,
+            stream: &'a crate::kinesis::StreamRef,
+            next_token: Option<&'a str>,
+            max_results: Option<i32>,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<crate::kinesis::ShardPage, crate::kinesis::KinesisError>,
+        > {
+            self.inner.list_shards(stream, next_token, max_results)
+        }
+        fn get_shard_iterator<'a>(
+            &'a self,
+            stream: &'a crate::kinesis::StreamRef,
+            shard_id: &'a ShardId,
+            position: IteratorPosition,
+        ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>> {
+            self.inner.get_shard_iterator(stream, shard_id, position)
+        }
+        fn get_records<'a>(
+            &'a self,
+            stream: &'a crate::kinesis::StreamRef,
+            shard_id: &'a ShardId,
+            iterator: &'a str,
+            limit: i32,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<crate::kinesis::RecordsPage, crate::kinesis::KinesisError>,
+        > {
+            if self.hung.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Box::pin(std::future::pending());
+            }
+            self.inner.get_records(stream, shard_id, iterator, limit)
+        }
+    }
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.fill(5, 10);
+    let consumer = Consumer::builder()
+        .kinesis_api(Arc::new(Hangs {
+            inner: kinesis.clone(),
+            hung: Arc::default(),
+        }))
+        .stream_name("test-stream")
+        .start_position(StartPosition::TrimHorizon)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(&consumer, seen.handler());
+    wait_for(Duration::from_secs(120), || seen.count() == 5).await;
+    run.stop().await.unwrap();
+}

@@ -238,6 +238,26 @@ impl std::error::Error for KinesisError {
     }
 }
 
+/// The longest the consumer waits for one Kinesis call before it counts as a transient failure
+/// (a hung connection must not stall a shard, or the shard listing, forever).
+pub(crate) const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Bounds a Kinesis call by [`CALL_TIMEOUT`].
+pub(crate) async fn timed<T>(
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T, KinesisError>>,
+) -> Result<T, KinesisError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(KinesisError::new(
+                KinesisErrorKind::Transient,
+                operation,
+                format!("no answer within {CALL_TIMEOUT:?}"),
+            ))
+        })
+}
+
 /// The Kinesis calls the consumer makes. Implemented for `aws_sdk_kinesis::Client`; implement it
 /// to read from something else (a proxy, a recording, a fault-injecting wrapper).
 pub trait KinesisApi: Send + Sync + 'static {

@@ -126,7 +126,14 @@ where
     }
 
     fn call(&mut self, batch: Batch) -> Self::Future {
-        let target = batch.checkpoint();
+        // An empty last batch says nothing about the records before it (a record may have
+        // answered SkipCheckpoint): the consumer turns the checkpoint into ShardEnd once it
+        // covers the last record delivered (`Checkpointer::shard_ended`).
+        let target = if batch.is_empty() {
+            None
+        } else {
+            batch.checkpoint()
+        };
         let shard_id = batch.shard_id.clone();
         CheckpointFuture {
             state: State::Inner {
@@ -329,12 +336,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.get("ns", "shard-0").await.unwrap(), None);
+        // An empty last batch alone writes nothing (the consumer's `shard_ended` does, once
+        // the checkpoint covers the last record delivered); one with records writes ShardEnd.
         svc.ready()
             .await
             .unwrap()
-            .call(Batch::empty(shard, Some(crate::BatchEnd::ShardEnd)))
+            .call(Batch::empty(shard.clone(), Some(crate::BatchEnd::ShardEnd)))
             .await
             .unwrap();
+        assert_eq!(store.get("ns", "shard-0").await.unwrap(), None);
+        let mut last = batch(&[1, 2]);
+        last.end = Some(crate::BatchEnd::ShardEnd);
+        svc.ready().await.unwrap().call(last).await.unwrap();
         assert_eq!(
             store.get("ns", "shard-0").await.unwrap(),
             Some(Checkpoint::ShardEnd)

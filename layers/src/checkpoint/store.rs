@@ -200,19 +200,29 @@ impl Checkpointer {
         shard_id: &str,
         checkpoint: Checkpoint,
     ) -> Result<SetOutcome, StoreError> {
-        let reaches_end = self
-            .lock_ended()
-            .get(shard_id)
-            .is_some_and(|last| checkpoint >= *last);
-        if reaches_end {
+        if !self.reaches_end(shard_id, &checkpoint) {
             let outcome = self
                 .store
-                .set(&self.namespace, shard_id, Checkpoint::ShardEnd)
+                .set(&self.namespace, shard_id, checkpoint)
                 .await?;
-            self.lock_ended().remove(shard_id);
-            return Ok(outcome);
+            // `shard_ended` may have registered the end while this write was on its way (after
+            // its own read of the store): look again now that the write has landed.
+            if !self.reaches_end(shard_id, &checkpoint) {
+                return Ok(outcome);
+            }
         }
-        self.store.set(&self.namespace, shard_id, checkpoint).await
+        let outcome = self
+            .store
+            .set(&self.namespace, shard_id, Checkpoint::ShardEnd)
+            .await?;
+        self.lock_ended().remove(shard_id);
+        Ok(outcome)
+    }
+
+    fn reaches_end(&self, shard_id: &str, checkpoint: &Checkpoint) -> bool {
+        self.lock_ended()
+            .get(shard_id)
+            .is_some_and(|last| checkpoint >= last)
     }
 
     /// Records that a closed shard has been read to its end, `last` being the last record this
