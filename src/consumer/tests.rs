@@ -1844,3 +1844,19 @@ async fn a_hung_get_records_call_times_out_and_the_shard_goes_on() {
     wait_for(Duration::from_secs(120), || seen.count() == 5).await;
     run.stop().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn access_denied_ends_run_saying_which_permissions_to_grant() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.inject(
+        None,
+        Operation::ListShards,
+        KinesisErrorKind::AccessDenied,
+        1,
+    );
+    let consumer = builder(&kinesis).build().unwrap();
+    let err = consumer.run(Seen::default().handler()).await.unwrap_err();
+    assert!(matches!(&err, Error::AccessDenied { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("kinesis:GetRecords"), "{err}");
+}
