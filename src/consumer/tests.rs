@@ -916,26 +916,60 @@ async fn pacing_no_wait_while_behind_poll_interval_when_caught_up_never_over_5_c
 
 // Sources that fail in ways the in-memory Kinesis does not express.
 
-/// A `KinesisApi` wrapper for faults the in-memory Kinesis cannot express.
+/// A `KinesisApi` over the in-memory Kinesis with faults it cannot express by itself. Cheap to
+/// clone (shared state).
+#[derive(Clone, Default)]
 struct Faulty {
     inner: MemoryKinesis,
-    /// GetShardIterator on this shard answers ResourceNotFound (shard trimmed by retention).
-    gone: Option<ShardId>,
+    /// Expired shards: not listed any more; GetShardIterator and GetRecords answer
+    /// ResourceNotFound.
+    gone: Arc<Mutex<std::collections::HashSet<ShardId>>>,
     /// GetShardIterator on this shard panics.
     panics: Option<ShardId>,
     /// Kinesis's clock is this far behind ours (AT_TIMESTAMP is compared with its clock).
     server_clock_behind: Duration,
+    /// ListShards answers this long after it took its snapshot (latency, many pages).
+    list_delay: Duration,
+    /// This many GetRecords calls, from the first, never answer.
+    hanging_get_records: Arc<AtomicU64>,
+    /// Records GetRecords returned, per shard.
+    served: Arc<Mutex<HashMap<ShardId, u64>>>,
 }
 
 impl Faulty {
     fn new(inner: &MemoryKinesis) -> Self {
         Self {
             inner: inner.clone(),
-            gone: None,
-            panics: None,
-            server_clock_behind: Duration::ZERO,
+            ..Self::default()
         }
     }
+
+    fn expire(&self, shard: &str) {
+        self.gone.lock().unwrap().insert(shard.into());
+    }
+
+    fn is_gone(&self, shard: &ShardId) -> bool {
+        self.gone.lock().unwrap().contains(shard)
+    }
+
+    fn served(&self, shard: &str) -> u64 {
+        self.served.lock().unwrap().get(shard).copied().unwrap_or(0)
+    }
+
+    fn consumer(&self) -> ConsumerBuilder {
+        Consumer::builder()
+            .kinesis_api(Arc::new(self.clone()))
+            .stream_name("test-stream")
+            .start_position(StartPosition::TrimHorizon)
+    }
+}
+
+fn not_found(operation: &'static str, shard: &ShardId) -> crate::kinesis::KinesisError {
+    crate::kinesis::KinesisError::new(
+        KinesisErrorKind::ResourceNotFound,
+        operation,
+        format!("Shard {shard} in stream test-stream does not exist"),
+    )
 }
 
 impl crate::kinesis::KinesisApi for Faulty {
@@ -948,14 +982,13 @@ impl crate::kinesis::KinesisApi for Faulty {
         'a,
         Result<crate::kinesis::ShardPage, crate::kinesis::KinesisError>,
     > {
-        // An expired shard is no longer listed either.
         Box::pin(async move {
             let mut page = self
                 .inner
                 .list_shards(stream, next_token, max_results)
                 .await?;
-            page.shards
-                .retain(|s| Some(&s.shard_id) != self.gone.as_ref());
+            page.shards.retain(|s| !self.is_gone(&s.shard_id));
+            tokio::time::sleep(self.list_delay).await;
             Ok(page)
         })
     }
@@ -966,14 +999,8 @@ impl crate::kinesis::KinesisApi for Faulty {
         shard_id: &'a ShardId,
         position: IteratorPosition,
     ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>> {
-        if self.gone.as_ref() == Some(shard_id) {
-            return Box::pin(async move {
-                Err(crate::kinesis::KinesisError::new(
-                    KinesisErrorKind::ResourceNotFound,
-                    "GetShardIterator",
-                    format!("Shard {shard_id} in stream test-stream does not exist"),
-                ))
-            });
+        if self.is_gone(shard_id) {
+            return Box::pin(async move { Err(not_found("GetShardIterator", shard_id)) });
         }
         if self.panics.as_ref() == Some(shard_id) {
             panic!("bug in a KinesisApi implementation");
@@ -998,7 +1025,68 @@ impl crate::kinesis::KinesisApi for Faulty {
         'a,
         Result<crate::kinesis::RecordsPage, crate::kinesis::KinesisError>,
     > {
-        self.inner.get_records(stream, shard_id, iterator, limit)
+        let hang = self
+            .hanging_get_records
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        Box::pin(async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            if self.is_gone(shard_id) {
+                return Err(not_found("GetRecords", shard_id));
+            }
+            let page = self
+                .inner
+                .get_records(stream, shard_id, iterator, limit)
+                .await?;
+            *self
+                .served
+                .lock()
+                .unwrap()
+                .entry(shard_id.clone())
+                .or_default() += page.records.len() as u64;
+            Ok(page)
+        })
+    }
+}
+
+/// A store over `MemoryStore` whose writes and flushes take time, or never end.
+#[derive(Default)]
+struct SlowStore {
+    inner: MemoryStore,
+    /// Each write lands this long after it was issued (a network round trip).
+    set_delay: Duration,
+    /// How long a flush takes; `None`: it never returns (a hung back-end).
+    flush_delay: Option<Duration>,
+}
+
+#[async_trait::async_trait]
+impl CheckpointStore for SlowStore {
+    async fn get(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+    ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
+        self.inner.get(namespace, shard_id).await
+    }
+
+    async fn set(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
+        tokio::time::sleep(self.set_delay).await;
+        self.inner.set(namespace, shard_id, checkpoint).await
+    }
+
+    async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
+        match self.flush_delay {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => std::future::pending().await,
+        }
+        Ok(())
     }
 }
 
@@ -1110,14 +1198,9 @@ async fn a_trimmed_shard_does_not_stop_the_consumer() {
         kinesis.put("new", &format!("n{i}"), "n");
         kinesis.put("other", &format!("o{i}"), "o");
     }
-    let mut api = Faulty::new(&kinesis);
-    api.gone = Some("old".into());
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(api))
-        .stream_name("test-stream")
-        .start_position(StartPosition::TrimHorizon)
-        .build()
-        .unwrap();
+    let api = Faulty::new(&kinesis);
+    api.expire("old");
+    let consumer = api.consumer().build().unwrap();
     let seen = Seen::default();
     let outcome = tokio::time::timeout(Duration::from_secs(30), consumer.run(seen.handler())).await;
     assert!(
@@ -1136,12 +1219,7 @@ async fn a_panicking_reader_ends_run_instead_of_silently_stalling_its_shard() {
     kinesis.fill(5, 10);
     let mut api = Faulty::new(&kinesis);
     api.panics = Some(shard_name(1).into());
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(api))
-        .stream_name("test-stream")
-        .start_position(StartPosition::TrimHorizon)
-        .build()
-        .unwrap();
+    let consumer = api.consumer().build().unwrap();
     let seen = Seen::default();
     let outcome =
         tokio::time::timeout(Duration::from_secs(600), consumer.run(seen.handler())).await;
@@ -1153,37 +1231,12 @@ async fn a_panicking_reader_ends_run_instead_of_silently_stalling_its_shard() {
     );
 }
 
-/// A store whose flush never returns (a hung network back-end).
-struct HangingFlush(MemoryStore);
-
-#[async_trait::async_trait]
-impl CheckpointStore for HangingFlush {
-    async fn get(
-        &self,
-        namespace: &str,
-        shard_id: &str,
-    ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
-        self.0.get(namespace, shard_id).await
-    }
-    async fn set(
-        &self,
-        namespace: &str,
-        shard_id: &str,
-        checkpoint: Checkpoint,
-    ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
-        self.0.set(namespace, shard_id, checkpoint).await
-    }
-    async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
-        std::future::pending().await
-    }
-}
-
 /// The final store flush has a deadline: with a store that hangs, run_until still returns.
 #[tokio::test(start_paused = true)]
 async fn shutdown_returns_within_the_drain_timeout_even_if_the_store_hangs() {
     let kinesis = MemoryKinesis::with_shards(1);
     let consumer = builder(&kinesis)
-        .store(HangingFlush(MemoryStore::new()))
+        .store(SlowStore::default())
         .drain_timeout(Duration::from_secs(1))
         .build()
         .unwrap();
@@ -1196,6 +1249,29 @@ async fn shutdown_returns_within_the_drain_timeout_even_if_the_store_hangs() {
         outcome.is_ok(),
         "run_until still running 300 s after shutdown"
     );
+}
+
+/// CheckpointLayer over PerRecordLayer over a per-record handler that answers SkipCheckpoint
+/// for records whose data is `skip`.
+fn skipping_handler(
+    consumer: &Consumer,
+    seen: &Seen,
+) -> impl tower::Service<Batch, Error = BoxError, Future = impl Send> + Send + 'static {
+    let seen = seen.clone();
+    let per_record = service_fn(move |r: Record| {
+        seen.take(&Batch::new(r.shard_id.clone(), vec![r.clone()]));
+        async move {
+            Ok::<_, BoxError>(if &r.data[..] == b"skip" {
+                Processed::SkipCheckpoint
+            } else {
+                Processed::Checkpoint
+            })
+        }
+    });
+    ServiceBuilder::new()
+        .layer(CheckpointLayer::new(consumer.checkpointer()))
+        .layer(PerRecordLayer::new())
+        .service(per_record)
 }
 
 /// A per-record handler that answers SkipCheckpoint for the last record of a closed shard:
@@ -1214,23 +1290,7 @@ async fn skip_checkpoint_on_a_closed_shards_last_record_ends_the_shard_once_comm
     let store = Arc::new(MemoryStore::new());
     let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
     let seen = Seen::default();
-    let make = |seen: Seen| {
-        let per_record = service_fn(move |r: Record| {
-            seen.take(&Batch::new(r.shard_id.clone(), vec![r.clone()]));
-            async move {
-                Ok::<_, BoxError>(if &r.data[..] == b"skip" {
-                    Processed::SkipCheckpoint
-                } else {
-                    Processed::Checkpoint
-                })
-            }
-        });
-        ServiceBuilder::new()
-            .layer(CheckpointLayer::new(consumer.checkpointer()))
-            .layer(PerRecordLayer::new())
-            .service(per_record)
-    };
-    let run = Running::start(&consumer, make(seen.clone()));
+    let run = Running::start(&consumer, skipping_handler(&consumer, &seen));
     wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
     run.stop().await.unwrap();
     let order = seen.order.lock().unwrap().clone();
@@ -1259,9 +1319,8 @@ async fn expired_latest_iterator_with_clock_skew_loses_nothing() {
     let kinesis = MemoryKinesis::with_shards(1);
     let mut api = Faulty::new(&kinesis);
     api.server_clock_behind = Duration::from_secs(2);
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(api))
-        .stream_name("test-stream")
+    let consumer = api
+        .consumer()
         .start_position(StartPosition::Latest)
         .build()
         .unwrap();
@@ -1429,111 +1488,6 @@ async fn heartbeats_when_enabled_reach_idle_shards_at_most_once_per_interval() {
     }
 }
 
-/// A `KinesisApi` whose shards can expire while the consumer runs: once `expire`d, a shard
-/// answers ResourceNotFound to GetShardIterator and GetRecords, and ListShards no longer lists
-/// it. ListShards answers `list_delay` after it took its snapshot (latency, many pages).
-#[derive(Clone)]
-struct Expiring {
-    inner: MemoryKinesis,
-    gone: Arc<Mutex<std::collections::HashSet<ShardId>>>,
-    list_delay: Duration,
-    served: Arc<Mutex<HashMap<ShardId, u64>>>,
-}
-
-impl Expiring {
-    fn new(inner: &MemoryKinesis) -> Self {
-        Self {
-            inner: inner.clone(),
-            gone: Arc::default(),
-            list_delay: Duration::ZERO,
-            served: Arc::default(),
-        }
-    }
-
-    fn expire(&self, shard: &str) {
-        self.gone.lock().unwrap().insert(shard.into());
-    }
-
-    fn is_gone(&self, shard: &ShardId) -> bool {
-        self.gone.lock().unwrap().contains(shard)
-    }
-
-    /// Records GetRecords returned for `shard`.
-    fn served(&self, shard: &str) -> u64 {
-        self.served.lock().unwrap().get(shard).copied().unwrap_or(0)
-    }
-}
-
-fn not_found(operation: &'static str, shard: &ShardId) -> crate::kinesis::KinesisError {
-    crate::kinesis::KinesisError::new(
-        KinesisErrorKind::ResourceNotFound,
-        operation,
-        format!("Shard {shard} in stream test-stream does not exist"),
-    )
-}
-
-impl crate::kinesis::KinesisApi for Expiring {
-    fn list_shards<'a>(
-        &'a self,
-        stream: &'a crate::kinesis::StreamRef,
-        next_token: Option<&'a str>,
-        max_results: Option<i32>,
-    ) -> futures::future::BoxFuture<
-        'a,
-        Result<crate::kinesis::ShardPage, crate::kinesis::KinesisError>,
-    > {
-        Box::pin(async move {
-            let mut page = self
-                .inner
-                .list_shards(stream, next_token, max_results)
-                .await?;
-            page.shards.retain(|s| !self.is_gone(&s.shard_id));
-            tokio::time::sleep(self.list_delay).await;
-            Ok(page)
-        })
-    }
-
-    fn get_shard_iterator<'a>(
-        &'a self,
-        stream: &'a crate::kinesis::StreamRef,
-        shard_id: &'a ShardId,
-        position: IteratorPosition,
-    ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>> {
-        if self.is_gone(shard_id) {
-            return Box::pin(async move { Err(not_found("GetShardIterator", shard_id)) });
-        }
-        self.inner.get_shard_iterator(stream, shard_id, position)
-    }
-
-    fn get_records<'a>(
-        &'a self,
-        stream: &'a crate::kinesis::StreamRef,
-        shard_id: &'a ShardId,
-        iterator: &'a str,
-        limit: i32,
-    ) -> futures::future::BoxFuture<
-        'a,
-        Result<crate::kinesis::RecordsPage, crate::kinesis::KinesisError>,
-    > {
-        Box::pin(async move {
-            if self.is_gone(shard_id) {
-                return Err(not_found("GetRecords", shard_id));
-            }
-            let page = self
-                .inner
-                .get_records(stream, shard_id, iterator, limit)
-                .await?;
-            *self
-                .served
-                .lock()
-                .unwrap()
-                .entry(shard_id.clone())
-                .or_default() += page.records.len() as u64;
-            Ok(page)
-        })
-    }
-}
-
 /// A closed shard expires (retention) while its first batch is in flight and its reader has
 /// fetched more batches ahead. The fetched records still reach the handler, and the child
 /// does not start before the parent's batches are done.
@@ -1547,14 +1501,8 @@ async fn expired_shard_delivers_what_was_fetched_before_its_children_start() {
     kinesis.close_shard("p");
     kinesis.add_shard("c", &["p"]);
     kinesis.put("c", "k", "child");
-    let api = Expiring::new(&kinesis);
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(api.clone()))
-        .stream_name("test-stream")
-        .start_position(StartPosition::TrimHorizon)
-        .max_records_per_call(10)
-        .build()
-        .unwrap();
+    let api = Faulty::new(&kinesis);
+    let consumer = api.consumer().max_records_per_call(10).build().unwrap();
     let seen = Seen::default();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let handler = {
@@ -1605,13 +1553,11 @@ async fn shard_expiring_while_a_listing_is_in_flight_is_not_fatal() {
     kinesis.add_shard("other", &[]);
     kinesis.put("new", "k", "n");
     kinesis.put("other", "k", "x");
-    let mut api = Expiring::new(&kinesis);
+    let mut api = Faulty::new(&kinesis);
     // Each listing answers 3 s after its snapshot; one is always in flight: 0-3 s, 3-6 s, ...
     api.list_delay = Duration::from_secs(3);
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(api.clone()))
-        .stream_name("test-stream")
-        .start_position(StartPosition::TrimHorizon)
+    let consumer = api
+        .consumer()
         .max_records_per_call(10)
         .shard_refresh_interval(Duration::from_millis(100))
         .build()
@@ -1643,23 +1589,7 @@ async fn skip_checkpoint_on_the_last_record_holds_when_the_shard_end_batch_is_em
     let store = Arc::new(MemoryStore::new());
     let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
     let seen = Seen::default();
-    let make = |seen: Seen| {
-        let per_record = service_fn(move |r: Record| {
-            seen.take(&Batch::new(r.shard_id.clone(), vec![r.clone()]));
-            async move {
-                Ok::<_, BoxError>(if &r.data[..] == b"skip" {
-                    Processed::SkipCheckpoint
-                } else {
-                    Processed::Checkpoint
-                })
-            }
-        });
-        ServiceBuilder::new()
-            .layer(CheckpointLayer::new(consumer.checkpointer()))
-            .layer(PerRecordLayer::new())
-            .service(per_record)
-    };
-    let run = Running::start(&consumer, make(seen.clone()));
+    let run = Running::start(&consumer, skipping_handler(&consumer, &seen));
     // Both records are read while p is open; p closes afterwards: its last batch is empty.
     wait_for(Duration::from_secs(10), || seen.of("p").len() == 2).await;
     kinesis.close_shard("p");
@@ -1675,37 +1605,18 @@ async fn skip_checkpoint_on_the_last_record_holds_when_the_shard_end_batch_is_em
     );
 }
 
-/// A store whose writes land 100 ms after they are issued (a network round trip).
-struct SlowSet(MemoryStore);
-
-#[async_trait::async_trait]
-impl CheckpointStore for SlowSet {
-    async fn get(
-        &self,
-        namespace: &str,
-        shard_id: &str,
-    ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
-        self.0.get(namespace, shard_id).await
-    }
-    async fn set(
-        &self,
-        namespace: &str,
-        shard_id: &str,
-        checkpoint: Checkpoint,
-    ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.0.set(namespace, shard_id, checkpoint).await
-    }
-    async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
-        Ok(())
-    }
-}
-
 /// A stream user commits a closed shard's last record while the consumer records the shard's
 /// end: the shard ends up at SHARD_END either way.
 #[tokio::test(start_paused = true)]
 async fn commit_racing_with_shard_ended_still_ends_the_shard() {
-    let checkpointer = kinesis_tower_layers::Checkpointer::new(SlowSet(MemoryStore::new()), "ns");
+    let checkpointer = kinesis_tower_layers::Checkpointer::new(
+        SlowStore {
+            set_delay: Duration::from_millis(100),
+            flush_delay: Some(Duration::ZERO),
+            ..SlowStore::default()
+        },
+        "ns",
+    );
     let last = Checkpoint::at("42".parse().unwrap());
     let commit = {
         let checkpointer = checkpointer.clone();
@@ -1739,39 +1650,17 @@ async fn zero_drain_timeout_with_nothing_in_flight_is_a_clean_shutdown() {
     assert!(outcome.is_ok(), "{outcome:?}");
 }
 
-/// A store whose flush takes one round trip (1 ms), like any buffered network or file store.
-struct RoundTripFlush(MemoryStore);
-
-#[async_trait::async_trait]
-impl CheckpointStore for RoundTripFlush {
-    async fn get(
-        &self,
-        namespace: &str,
-        shard_id: &str,
-    ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
-        self.0.get(namespace, shard_id).await
-    }
-    async fn set(
-        &self,
-        namespace: &str,
-        shard_id: &str,
-        checkpoint: Checkpoint,
-    ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
-        self.0.set(namespace, shard_id, checkpoint).await
-    }
-    async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        Ok(())
-    }
-}
-
 /// drain_timeout(0) means "do not wait for in-flight batches"; it does not also mean "never
 /// flush the store".
 #[tokio::test(start_paused = true)]
 async fn zero_drain_timeout_still_flushes_the_store() {
     let kinesis = MemoryKinesis::with_shards(1);
     let consumer = builder(&kinesis)
-        .store(RoundTripFlush(MemoryStore::new()))
+        .store(SlowStore {
+            // One round trip, like any buffered network or file store.
+            flush_delay: Some(Duration::from_millis(1)),
+            ..SlowStore::default()
+        })
         .drain_timeout(Duration::ZERO)
         .build()
         .unwrap();
@@ -1788,57 +1677,11 @@ async fn zero_drain_timeout_still_flushes_the_store() {
 /// a timeout: the shard is read again, the run goes on.
 #[tokio::test(start_paused = true)]
 async fn a_hung_get_records_call_times_out_and_the_shard_goes_on() {
-    struct Hangs {
-        inner: MemoryKinesis,
-        hung: Arc<AtomicU64>,
-    }
-    impl crate::kinesis::KinesisApi for Hangs {
-        fn list_shards<'a>(
-            &'a self,
-            stream: &'a crate::kinesis::StreamRef,
-            next_token: Option<&'a str>,
-            max_results: Option<i32>,
-        ) -> futures::future::BoxFuture<
-            'a,
-            Result<crate::kinesis::ShardPage, crate::kinesis::KinesisError>,
-        > {
-            self.inner.list_shards(stream, next_token, max_results)
-        }
-        fn get_shard_iterator<'a>(
-            &'a self,
-            stream: &'a crate::kinesis::StreamRef,
-            shard_id: &'a ShardId,
-            position: IteratorPosition,
-        ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>> {
-            self.inner.get_shard_iterator(stream, shard_id, position)
-        }
-        fn get_records<'a>(
-            &'a self,
-            stream: &'a crate::kinesis::StreamRef,
-            shard_id: &'a ShardId,
-            iterator: &'a str,
-            limit: i32,
-        ) -> futures::future::BoxFuture<
-            'a,
-            Result<crate::kinesis::RecordsPage, crate::kinesis::KinesisError>,
-        > {
-            if self.hung.fetch_add(1, Ordering::SeqCst) == 0 {
-                return Box::pin(std::future::pending());
-            }
-            self.inner.get_records(stream, shard_id, iterator, limit)
-        }
-    }
     let kinesis = MemoryKinesis::with_shards(1);
     kinesis.fill(5, 10);
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(Hangs {
-            inner: kinesis.clone(),
-            hung: Arc::default(),
-        }))
-        .stream_name("test-stream")
-        .start_position(StartPosition::TrimHorizon)
-        .build()
-        .unwrap();
+    let api = Faulty::new(&kinesis);
+    api.hanging_get_records.store(1, Ordering::SeqCst);
+    let consumer = api.consumer().build().unwrap();
     let seen = Seen::default();
     let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(120), || seen.count() == 5).await;
