@@ -2,9 +2,11 @@
 
 mod buffer;
 mod lineage;
+mod listing;
 mod reader;
 mod records;
 mod runner;
+mod service;
 mod settings;
 
 use std::future::Future;
@@ -106,7 +108,7 @@ impl Consumer {
     {
         runner::run(
             self.shared.clone(),
-            Box::new(runner::Erased(service)),
+            Box::new(service::Erased(service)),
             shutdown,
         )
     }
@@ -119,7 +121,11 @@ impl Consumer {
         let token = CancellationToken::new();
         let shared = self.shared.clone();
         let stop = token.clone().cancelled_owned();
-        let task = tokio::spawn(runner::run(shared, Box::new(runner::Erased(service)), stop));
+        let task = tokio::spawn(runner::run(
+            shared,
+            Box::new(service::Erased(service)),
+            stop,
+        ));
         RecordStream::new(
             rx,
             task,

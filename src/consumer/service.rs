@@ -1,0 +1,85 @@
+//! The handler side of `run`: the service with its types erased, and the calls in flight.
+
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use kinesis_tower_layers::{
+    Batch, BatchEnd, BoxError, Checkpoint, Checkpointer, ShardId, StoreError,
+};
+use tower::Service;
+
+use super::buffer::BufferPermit;
+
+/// Why a call did not succeed.
+pub(crate) enum Failure {
+    /// The service failed.
+    Handler(BoxError),
+    /// The service succeeded on a shard's last batch, but recording the shard's end failed.
+    Store(StoreError),
+}
+
+pub(crate) struct Completed {
+    pub(crate) shard: ShardId,
+    pub(crate) end: Option<BatchEnd>,
+    pub(crate) first: Option<String>,
+    pub(crate) last: Option<String>,
+    pub(crate) result: Result<(), Failure>,
+}
+
+/// The handler service with its future and error types erased.
+///
+/// `run` works on this rather than on a generic `S: Service<Batch>`: when a generic `async fn`
+/// holds `S::Future`s across awaits, the compiler cannot prove the future `Send` for services
+/// whose impls require `E: Into<BoxError>` (tower's `Timeout`, among others), and users could
+/// not spawn a run inside an `async` block. Erased, `run` needs no such proof.
+pub(crate) trait Dispatch: Send {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
+    fn call(&mut self, batch: Batch) -> BoxFuture<'static, Result<(), BoxError>>;
+}
+
+/// Erases a `Service<Batch>` into a [`Dispatch`].
+pub(crate) struct Erased<S>(pub(crate) S);
+
+impl<S> Dispatch for Erased<S>
+where
+    S: Service<Batch> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, batch: Batch) -> BoxFuture<'static, Result<(), BoxError>> {
+        let future = self.0.call(batch);
+        Box::pin(async move { future.await.map(drop).map_err(Into::into) })
+    }
+}
+
+/// A call in flight: the service's future and the batch's buffer room, held until it completes.
+/// For a closed shard's last batch, once the call succeeded, the shard's end is recorded
+/// (`Checkpointer::shard_ended`) before its children may start.
+pub(crate) async fn tracked(
+    future: BoxFuture<'static, Result<(), BoxError>>,
+    permit: BufferPermit,
+    shard: ShardId,
+    end: Option<BatchEnd>,
+    (first, last): (Option<String>, Option<String>),
+    shard_end: Option<(Checkpointer, Option<Checkpoint>)>,
+) -> Completed {
+    let mut result = future.await.map_err(Failure::Handler);
+    drop(permit);
+    if let (Ok(()), Some((checkpointer, last_delivered))) = (&result, shard_end) {
+        result = checkpointer
+            .shard_ended(&shard, last_delivered)
+            .await
+            .map_err(Failure::Store);
+    }
+    Completed {
+        shard,
+        end,
+        first,
+        last,
+        result,
+    }
+}
