@@ -134,26 +134,21 @@ fn emulator(c: &mut Criterion) {
     let (tx, rx) = std::sync::mpsc::channel::<Instant>();
     let stop = CancellationToken::new();
     let latency_stream = common::unique_stream_name("latency");
-    let run = rt.block_on(async {
-        common::create_stream(&client, &latency_stream, 1).await;
-        let consumer = Consumer::builder()
-            .client(client.clone())
-            .stream_name(&latency_stream)
-            .build()
-            .expect("valid configuration");
-        let handler = service_fn(move |batch: Batch| {
-            if !batch.is_empty() {
-                let _ = tx.send(Instant::now());
-            }
-            std::future::ready(Ok::<_, BoxError>(()))
-        });
-        let stop = stop.clone();
-        let run =
-            tokio::spawn(async move { consumer.run_until(handler, stop.cancelled_owned()).await });
-        // Let the reader open its LATEST iterator before the first put.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        run
+    rt.block_on(common::create_stream(&client, &latency_stream, 1));
+    let consumer = Consumer::builder()
+        .client(client.clone())
+        .stream_name(&latency_stream)
+        .build()
+        .expect("valid configuration");
+    let handler = service_fn(move |batch: Batch| {
+        if !batch.is_empty() {
+            let _ = tx.send(Instant::now());
+        }
+        std::future::ready(Ok::<_, BoxError>(()))
     });
+    let run = rt.spawn(consumer.run_until(handler, stop.clone().cancelled_owned()));
+    // Let the reader open its LATEST iterator before the first put.
+    std::thread::sleep(Duration::from_secs(1));
     let mut group = c.benchmark_group("emulator_latency");
     group.sample_size(10);
     group.sampling_mode(criterion::SamplingMode::Flat);
