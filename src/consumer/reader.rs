@@ -64,17 +64,14 @@ pub(crate) async fn read_shard(
     buffer: ShardBuffer,
     events: UnboundedSender<Event>,
 ) {
+    let backoff = Backoff::new(shared.settings.backoff_base, shared.settings.backoff_max);
     let mut reader = Reader {
         shared,
         shard: shard.clone(),
         buffer,
         events: events.clone(),
-        backoff: Backoff::new(Duration::ZERO, Duration::ZERO),
+        backoff,
     };
-    reader.backoff = Backoff::new(
-        reader.shared.settings.backoff_base,
-        reader.shared.settings.backoff_max,
-    );
     match reader.run(fallback).await {
         Ok(()) => {}
         Err(Stop::Gone(error)) => {
