@@ -9,17 +9,16 @@
 //!
 //! `cargo bench --bench pipeline --features test-util`
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
 use kinesis_tower::kinesis::{IteratorPosition, KinesisApi, StreamRef};
-use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer, MemoryStore};
+use kinesis_tower::layers::MemoryStore;
 use kinesis_tower::{Consumer, ShardId, StartPosition};
-use tokio_util::sync::CancellationToken;
-use tower::{service_fn, Layer};
 
 const TOTAL_RECORDS: usize = 1_000_000;
 const RECORD_BYTES: usize = 100;
@@ -57,28 +56,9 @@ async fn through_run(kinesis: &MemoryKinesis, total: u64, tuning: Tuning) -> Dur
         .poll_interval(Duration::from_millis(1))
         .build()
         .expect("valid configuration");
-    let handled = Arc::new(AtomicU64::new(0));
-    let done = CancellationToken::new();
-    let handler = {
-        let (handled, done) = (handled.clone(), done.clone());
-        service_fn(move |batch: Batch| {
-            if handled.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64
-                >= total
-            {
-                done.cancel();
-            }
-            std::future::ready(Ok::<_, BoxError>(()))
-        })
-    };
-    let service = CheckpointLayer::new(consumer.checkpointer()).layer(handler);
     let start = Instant::now();
-    consumer
-        .run_until(service, done.cancelled_owned())
-        .await
-        .expect("run succeeds");
-    let elapsed = start.elapsed();
-    assert_eq!(handled.load(Ordering::Relaxed), total);
-    elapsed
+    support::run_until_handled(&consumer, total).await;
+    start.elapsed()
 }
 
 /// The baseline: GetRecords on the same source in a loop, records dropped.

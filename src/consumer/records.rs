@@ -1,5 +1,6 @@
 //! `records()`: every shard merged into one `Stream` of records.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -166,5 +167,3 @@ impl Stream for RecordStream {
         }
     }
 }
-
-use std::future::Future as _;
