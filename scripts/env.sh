@@ -215,3 +215,107 @@ ensure_redis() {
         --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log || return 1
     kt_wait_for "Redis on 127.0.0.1:6379" 30 kt_redis_ready
 }
+
+# kt_npm_pkg <name> <version>: installs an npm package into .emulators/<name> (once; a prefix of
+# its own, since `npm install --no-save` prunes whatever else is in a prefix), prints its directory.
+kt_npm_pkg() {
+    local name=$1 version=$2
+    local prefix="$KT_EMULATOR_DIR/$name"
+    local pkg_dir="$prefix/node_modules/$name"
+    ensure_node || return 1
+    local installed=""
+    if [ -f "$pkg_dir/package.json" ]; then
+        installed=$(node -p "require(process.argv[1]).version" "$pkg_dir/package.json" 2>/dev/null || true)
+    fi
+    if [ "$installed" != "$version" ]; then
+        kt_log "installing $name@$version into $prefix"
+        mkdir -p "$prefix" || return 1
+        npm install --no-save --no-package-lock --no-audit --no-fund \
+            --prefix "$prefix" "$name@$version" >&2 || return 1
+    fi
+    echo "$pkg_dir"
+}
+
+# kt_start_node <name> <port> <log> <node args...>: starts a node server detached, waits for HTTP.
+kt_start_node() {
+    local name=$1 port=$2 log=$3
+    shift 3
+    mkdir -p "$KT_EMULATOR_LOG_DIR" || return 1
+    local pid_file="$KT_EMULATOR_LOG_DIR/$name.pid"
+    rm -f "$pid_file"
+    kt_log "starting $name on 127.0.0.1:$port (log: $log)"
+    local detach=()
+    if command -v setsid >/dev/null 2>&1; then detach=(setsid); fi
+    (
+        cd "$KT_EMULATOR_DIR" || exit 1
+        "${detach[@]}" nohup sh -c 'echo $$ >"$1"; shift; exec "$@"' sh \
+            "$pid_file" node "$@" >"$log" 2>&1 </dev/null &
+    ) || return 1
+    local start=$SECONDS pid=""
+    until kt_http_answers "$port"; do
+        if [ -z "$pid" ] && [ -s "$pid_file" ]; then pid=$(cat "$pid_file"); fi
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+            kt_log "$name (pid $pid) exited during startup; log follows"
+            cat "$log" >&2
+            return 1
+        fi
+        if [ $((SECONDS - start)) -ge 60 ]; then
+            kt_log "$name not answering on port $port after 60s; log follows"
+            cat "$log" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+    kt_log "$name ready ($((SECONDS - start))s)"
+}
+
+# dynalite (DynamoDB emulator), 127.0.0.1:4568.
+DYNALITE_VERSION=4.0.0
+DYNALITE_PORT=4568
+export DYNALITE_ENDPOINT="http://127.0.0.1:${DYNALITE_PORT}"
+export AWS_ENDPOINT_URL_DYNAMODB="${AWS_ENDPOINT_URL_DYNAMODB:-$DYNALITE_ENDPOINT}"
+ensure_dynalite() {
+    kt_http_answers "$DYNALITE_PORT" && return 0
+    local dir
+    dir=$(kt_npm_pkg dynalite "$DYNALITE_VERSION") || return 1
+    kt_start_node dynalite "$DYNALITE_PORT" "$KT_EMULATOR_LOG_DIR/dynalite.log" \
+        "$dir/cli.js" --host 127.0.0.1 --port "$DYNALITE_PORT" \
+        --createTableMs 0 --deleteTableMs 0 --updateTableMs 0
+}
+
+# kinesalite (Kinesis emulator used for volume and crash tests), 127.0.0.1:4567.
+KINESALITE_VERSION=3.3.3
+KINESALITE_PORT=4567
+export KINESALITE_ENDPOINT="http://127.0.0.1:${KINESALITE_PORT}"
+ensure_kinesalite() {
+    kt_http_answers "$KINESALITE_PORT" && return 0
+    local dir
+    dir=$(kt_npm_pkg kinesalite "$KINESALITE_VERSION") || return 1
+    # Its command line binds every interface; bind loopback from node instead.
+    kt_start_node kinesalite "$KINESALITE_PORT" "$KT_EMULATOR_LOG_DIR/kinesalite.log" \
+        -e "require(process.argv[1])({createStreamMs:0,deleteStreamMs:0,updateStreamMs:0,shardLimit:1000}).listen(${KINESALITE_PORT},'127.0.0.1')" \
+        "$dir"
+}
+
+# A Python venv with the reference KPL aggregation library (aws-kinesis-agg), for interop tests.
+KPL_PYTHON_PACKAGES="aws-kinesis-agg==1.2.3 protobuf==4.25.3"
+ensure_kpl_python() {
+    local venv="$KT_REPO/.venv"
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import aws_kinesis_agg' 2>/dev/null; then
+        local py
+        py=$(command -v python3 || true)
+        if [ -z "$py" ]; then
+            kt_log "installing python3 with apt"
+            kt_apt_install python3 python3-venv || return 1
+            py=$(command -v python3)
+        fi
+        if ! "$py" -m venv "$venv" >/dev/null 2>&1; then
+            kt_apt_install python3-venv || return 1
+            "$py" -m venv "$venv" || return 1
+        fi
+        kt_log "installing $KPL_PYTHON_PACKAGES into $venv"
+        # shellcheck disable=SC2086
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $KPL_PYTHON_PACKAGES >&2 || return 1
+    fi
+    export KT_PYTHON="$venv/bin/python"
+}
