@@ -9,10 +9,14 @@
 //!   it is kept.
 //! - [`CheckpointLayer`]: checkpoint each batch after the inner service succeeded.
 //! - [`PerRecordLayer`]: run a `Service<Record>` over each batch, in order.
+//! - [`MetricsLayer`]: count and time the handler's calls per stream and shard through the
+//!   `metrics` facade; [`metric_names`] lists every metric the library emits.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod metric_names;
+mod metrics;
 mod per_record;
 mod record;
 mod sequence;
@@ -21,6 +25,7 @@ pub use checkpoint::{
     Checkpoint, CheckpointLayer, CheckpointService, CheckpointStore, Checkpointer, MemoryStore,
     Processed, SetOutcome, StoreError,
 };
+pub use metrics::{MetricsFuture, MetricsLayer, MetricsService};
 pub use per_record::{PerRecord, PerRecordLayer};
 pub use record::{Batch, BatchEnd, Record, ShardId};
 pub use sequence::{InvalidSequenceNumber, SequenceNumber, MAX_DIGITS};

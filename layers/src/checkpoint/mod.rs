@@ -3,6 +3,7 @@
 
 mod layer;
 mod memory;
+mod metrics;
 mod store;
 
 pub use layer::{CheckpointFuture, CheckpointLayer, CheckpointService, Processed};

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 
+use super::metrics::CheckpointMetrics;
 use super::Checkpoint;
 use crate::record::Record;
 use crate::BoxError;
@@ -132,6 +133,12 @@ impl<T: CheckpointStore + ?Sized> CheckpointStore for Arc<T> {
 /// A checkpoint store bound to one namespace (app name and stream): what handlers, layers and
 /// stream users commit progress through. Cheap to clone.
 ///
+/// Every write to the store is counted and timed per shard through the `metrics` facade
+/// (`kinesis_checkpoints_written_total`, `kinesis_checkpoint_duration_seconds`,
+/// `kinesis_checkpoint_errors_total`; see [`metric_names`](crate::metric_names)), labelled
+/// with the stream set by [`with_stream_label`](Checkpointer::with_stream_label) (the
+/// consumer sets its stream's name; otherwise the namespace) and the shard.
+///
 /// ```
 /// # tokio_test_block(async {
 /// use kinesis_tower_layers::{Checkpointer, MemoryStore, Checkpoint};
@@ -152,12 +159,14 @@ pub struct Checkpointer {
     /// Closed shards whose last delivered record is not checkpointed yet: once a checkpoint
     /// reaches it, [`Checkpoint::ShardEnd`] is written instead.
     ended: Arc<Mutex<HashMap<String, Checkpoint>>>,
+    metrics: Arc<CheckpointMetrics>,
 }
 
 impl std::fmt::Debug for Checkpointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpointer")
             .field("namespace", &self.namespace)
+            .field("stream_label", self.metrics.stream())
             .finish_non_exhaustive()
     }
 }
@@ -170,11 +179,20 @@ impl Checkpointer {
 
     /// Binds a shared store to `namespace`.
     pub fn from_arc(store: Arc<dyn CheckpointStore>, namespace: impl Into<Arc<str>>) -> Self {
+        let namespace: Arc<str> = namespace.into();
         Self {
             store,
-            namespace: namespace.into(),
+            metrics: Arc::new(CheckpointMetrics::new(namespace.clone())),
+            namespace,
             ended: Arc::default(),
         }
+    }
+
+    /// The value of the `stream` label of this checkpointer's metrics (default: the
+    /// namespace). Shards' metric handles are registered again under the new label.
+    pub fn with_stream_label(mut self, stream: impl Into<Arc<str>>) -> Self {
+        self.metrics = Arc::new(CheckpointMetrics::new(stream.into()));
+        self
     }
 
     /// The namespace.
@@ -201,22 +219,28 @@ impl Checkpointer {
         checkpoint: Checkpoint,
     ) -> Result<SetOutcome, StoreError> {
         if !self.reaches_end(shard_id, &checkpoint) {
-            let outcome = self
-                .store
-                .set(&self.namespace, shard_id, checkpoint)
-                .await?;
+            let outcome = self.write(shard_id, checkpoint).await?;
             // `shard_ended` may have registered the end while this write was on its way (after
             // its own read of the store): look again now that the write has landed.
             if !self.reaches_end(shard_id, &checkpoint) {
                 return Ok(outcome);
             }
         }
-        let outcome = self
-            .store
-            .set(&self.namespace, shard_id, Checkpoint::ShardEnd)
-            .await?;
+        let outcome = self.write(shard_id, Checkpoint::ShardEnd).await?;
         self.lock_ended().remove(shard_id);
         Ok(outcome)
+    }
+
+    /// One write to the store, counted and timed.
+    async fn write(
+        &self,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<SetOutcome, StoreError> {
+        let timer = self.metrics.start(shard_id);
+        let result = self.store.set(&self.namespace, shard_id, checkpoint).await;
+        timer.finish(&result);
+        result
     }
 
     fn reaches_end(&self, shard_id: &str, checkpoint: &Checkpoint) -> bool {
@@ -240,9 +264,7 @@ impl Checkpointer {
         last: Option<Checkpoint>,
     ) -> Result<(), StoreError> {
         let Some(last) = last else {
-            self.store
-                .set(&self.namespace, shard_id, Checkpoint::ShardEnd)
-                .await?;
+            self.write(shard_id, Checkpoint::ShardEnd).await?;
             return Ok(());
         };
         // Registered before reading the store, so a commit racing with this call either sees
