@@ -8,7 +8,9 @@
 //!
 //! Processing is composed from `tower` layers: [`layers::CheckpointLayer`] records progress in
 //! a [`layers::CheckpointStore`] after the handler succeeded, [`layers::PerRecordLayer`] runs a
-//! per-record handler, and tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer`
+//! per-record handler, [`layers::MetricsLayer`] counts and times the handler's calls (the
+//! readers and checkpoints report their own metrics; [`metric_names`] lists them all), and
+//! tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer`
 //! stack with them.
 //!
 //! ```no_run
@@ -48,6 +50,7 @@ pub mod store;
 pub use consumer::{Consumer, ConsumerBuilder, RecordStream, StartPosition};
 pub use error::Error;
 pub use kinesis_tower_layers as layers;
+pub use kinesis_tower_layers::metric_names;
 pub use kinesis_tower_layers::{
     Batch, BatchEnd, Checkpoint, Checkpointer, Record, SequenceNumber, ShardId,
 };

@@ -33,12 +33,22 @@
 //! [`describe`] registers a description and unit for each name with the installed recorder
 //! (exporters show them as help text); call it once after installing the recorder.
 
-use metrics::Unit;
+use metrics::{Label, SharedString, Unit};
 
 /// Label: the stream name.
 pub const STREAM: &str = "stream";
 /// Label: the shard id.
 pub const SHARD: &str = "shard";
+
+/// The labels of one shard's metrics: [`STREAM`] and [`SHARD`]. Build them once per shard and
+/// register handles with them (`metrics::counter!(NAME, labels.clone())`); the shard id is
+/// copied here, the stream name only when it is not already shared (`Arc<str>`).
+pub fn labels(stream: impl Into<SharedString>, shard: &str) -> Vec<Label> {
+    vec![
+        Label::new(STREAM, stream.into()),
+        Label::new(SHARD, SharedString::from(shard.to_owned())),
+    ]
+}
 
 /// Counter: records returned by GetRecords.
 pub const RECORDS_READ_TOTAL: &str = "kinesis_records_read_total";

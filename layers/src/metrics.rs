@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use metrics::{Counter, Histogram, Label, SharedString};
+use metrics::{Counter, Histogram};
 use tower::{Layer, Service};
 
 use crate::metric_names as names;
@@ -73,7 +73,7 @@ struct ShardHandles {
 
 impl ShardHandles {
     fn register(stream: &Arc<str>, shard: &ShardId) -> Self {
-        let labels = labels(stream, shard);
+        let labels = names::labels(stream.clone(), shard);
         Self {
             calls: metrics::counter!(names::HANDLER_CALLS_TOTAL, labels.clone()),
             records: metrics::counter!(names::HANDLER_RECORDS_TOTAL, labels.clone()),
@@ -82,14 +82,6 @@ impl ShardHandles {
             errors: metrics::counter!(names::HANDLER_ERRORS_TOTAL, labels),
         }
     }
-}
-
-/// The labels of a shard's metrics. The shard id is copied once per shard.
-pub(crate) fn labels(stream: &Arc<str>, shard: &str) -> Vec<Label> {
-    vec![
-        Label::new(names::STREAM, SharedString::from(stream.clone())),
-        Label::new(names::SHARD, SharedString::from(shard.to_owned())),
-    ]
 }
 
 /// The registry shared by a service and its clones: every shard registered once.

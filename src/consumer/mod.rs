@@ -4,6 +4,7 @@ mod buffer;
 mod lineage;
 mod listing;
 mod reader;
+mod reader_metrics;
 mod records;
 mod runner;
 mod service;
@@ -396,7 +397,8 @@ impl ConsumerBuilder {
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn CheckpointStore>);
-        let checkpointer = Checkpointer::from_arc(store, settings.namespace());
+        let checkpointer = Checkpointer::from_arc(store, settings.namespace())
+            .with_stream_label(settings.stream.stream_name());
         Ok(Consumer {
             shared: Arc::new(Shared {
                 settings,

@@ -9,6 +9,7 @@ use tokio::time::{sleep_until, Instant};
 
 use super::buffer::{BufferPermit, ShardBuffer};
 use super::lineage::Fallback;
+use super::reader_metrics::ReaderMetrics;
 use super::Shared;
 use crate::backoff::Backoff;
 use crate::kinesis::{
@@ -65,7 +66,9 @@ pub(crate) async fn read_shard(
     events: UnboundedSender<Event>,
 ) {
     let backoff = Backoff::new(shared.settings.backoff_base, shared.settings.backoff_max);
+    let metrics = ReaderMetrics::new(shared.settings.stream.stream_name(), &shard);
     let mut reader = Reader {
+        metrics,
         shared,
         shard: shard.clone(),
         buffer,
@@ -90,6 +93,7 @@ struct Reader {
     buffer: ShardBuffer,
     events: UnboundedSender<Event>,
     backoff: Backoff,
+    metrics: ReaderMetrics,
 }
 
 impl Reader {
@@ -176,12 +180,16 @@ impl Reader {
                     .get_records(&settings.stream, &self.shard, &iterator, limit as i32),
             )
             .await;
+            self.metrics.get_records_call(called_at.elapsed());
             let page = match answer {
                 Ok(page) => page,
                 Err(e) => {
                     drop(permit);
                     match e.kind() {
                         KinesisErrorKind::Throttled | KinesisErrorKind::Transient => {
+                            if e.kind() == KinesisErrorKind::Throttled {
+                                self.metrics.throttled();
+                            }
                             let delay = self.backoff.next_delay();
                             tracing::warn!(error = %e, ?delay, "GetRecords failed; backing off");
                             next_call = (Instant::now() + delay)
@@ -190,6 +198,7 @@ impl Reader {
                         KinesisErrorKind::ExpiredIterator => {
                             tracing::info!(?position, "shard iterator expired; renewing it");
                             iterator = self.iterator(position).await?.0;
+                            self.metrics.iterator_refreshed();
                             // The failed call counted: keep to the per-shard call rate.
                             next_call = called_at + settings.min_get_records_interval;
                         }
@@ -201,6 +210,7 @@ impl Reader {
             self.backoff.reset();
             let count = page.records.len();
             let bytes: usize = page.records.iter().map(Record::size).sum();
+            self.metrics.read(count, bytes, page.millis_behind_latest);
             if let Some(last) = page.records.last() {
                 position = IteratorPosition::AfterSequenceNumber(last.sequence_number);
             }
@@ -233,6 +243,7 @@ impl Reader {
                 }
                 None => {
                     tracing::info!("shard closed and fully read");
+                    self.metrics.shard_read();
                     if !page.child_shards.is_empty() {
                         let _ = self.events.send(Event::Children(page.child_shards));
                     }
@@ -272,6 +283,9 @@ impl Reader {
                     return Ok((iterator, opened_at));
                 }
                 Err(e) if e.is_retryable() => {
+                    if e.kind() == KinesisErrorKind::Throttled {
+                        self.metrics.throttled();
+                    }
                     let delay = self.backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "GetShardIterator failed; backing off");
                     tokio::time::sleep(delay).await;

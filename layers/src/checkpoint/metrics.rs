@@ -41,7 +41,7 @@ impl CheckpointMetrics {
         if let Some(handles) = shards.get(shard_id) {
             return handles.clone();
         }
-        let labels = crate::metrics::labels(&self.stream, shard_id);
+        let labels = names::labels(self.stream.clone(), shard_id);
         let handles = Arc::new(ShardHandles {
             written: metrics::counter!(names::CHECKPOINTS_WRITTEN_TOTAL, labels.clone()),
             duration: metrics::histogram!(names::CHECKPOINT_DURATION_SECONDS, labels.clone()),
