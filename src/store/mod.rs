@@ -6,6 +6,11 @@ pub use kinesis_tower_layers::{CheckpointStore, MemoryStore, SetOutcome, StoreEr
 #[cfg(any(feature = "redis", feature = "dynamodb"))]
 mod retry;
 
+#[cfg(feature = "dynamodb")]
+mod dynamodb;
+#[cfg(feature = "dynamodb")]
+pub use dynamodb::DynamoDbStore;
+
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]

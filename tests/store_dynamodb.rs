@@ -1,0 +1,340 @@
+//! `DynamoDbStore` against dynalite on 127.0.0.1 (`AWS_ENDPOINT_URL_DYNAMODB`, default
+//! `http://127.0.0.1:4568`; `scripts/env.sh` `ensure_dynalite` starts it).
+//!
+//! Every test creates its own table (unique name) and deletes it.
+#![cfg(feature = "dynamodb")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, KeyType};
+use aws_sdk_dynamodb::Client;
+use kinesis_tower::layers::{CheckpointStore, SetOutcome, StoreError};
+use kinesis_tower::store::DynamoDbStore;
+use kinesis_tower::Checkpoint;
+
+fn endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL_DYNAMODB")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "http://127.0.0.1:4568".to_owned())
+}
+
+async fn client_for(endpoint: &str, retries: bool) -> Client {
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    let mut builder = aws_sdk_dynamodb::config::Builder::from(&config);
+    if !retries {
+        builder = builder.retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled());
+    }
+    Client::from_conf(builder.build())
+}
+
+async fn client() -> Client {
+    client_for(&endpoint(), true).await
+}
+
+fn unique_table(test: &str) -> String {
+    common::unique_stream_name(&format!("kt-{test}"))
+}
+
+/// A fresh table, created through the store.
+async fn table(test: &str) -> DynamoDbStore {
+    let store = DynamoDbStore::new(client().await, &unique_table(test)).unwrap();
+    store
+        .create_table()
+        .await
+        .unwrap_or_else(|e| panic!("create table on {}: {e}", endpoint()));
+    store
+}
+
+async fn drop_table(store: &DynamoDbStore) {
+    store
+        .client()
+        .delete_table()
+        .table_name(store.table())
+        .send()
+        .await
+        .unwrap();
+}
+
+fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
+    Checkpoint::Sequence {
+        sequence_number: seq.parse().unwrap(),
+        sub_sequence_number: sub,
+    }
+}
+
+#[tokio::test]
+async fn monotonic_in_dynamodb_across_two_clients() {
+    let a = table("two-clients").await;
+    let b = DynamoDbStore::new(client().await, a.table()).unwrap();
+    assert_eq!(a.get("ns", "shard-1").await.unwrap(), None);
+    assert_eq!(
+        a.set("ns", "shard-1", at("100", None)).await.unwrap(),
+        SetOutcome::Advanced
+    );
+    // b never saw 100: only the condition expression can refuse this.
+    assert_eq!(
+        b.set("ns", "shard-1", at("99", None)).await.unwrap(),
+        SetOutcome::NotAdvanced
+    );
+    assert_eq!(
+        b.set("ns", "shard-1", at("100", None)).await.unwrap(),
+        SetOutcome::NotAdvanced
+    );
+    assert_eq!(b.get("ns", "shard-1").await.unwrap(), Some(at("100", None)));
+    assert_eq!(
+        b.set("ns", "shard-1", at("101", Some(0))).await.unwrap(),
+        SetOutcome::Advanced
+    );
+    assert_eq!(
+        a.get("ns", "shard-1").await.unwrap(),
+        Some(at("101", Some(0)))
+    );
+    drop_table(&a).await;
+}
+
+#[tokio::test]
+async fn the_condition_compares_128_digit_numbers_and_sub_sequences_numerically() {
+    let s = table("condition").await;
+    let big = format!("1{}", "0".repeat(127));
+    let below = "9".repeat(127);
+    let top = "9".repeat(128);
+    let steps = [
+        (at(&below, None), SetOutcome::Advanced),
+        (at(&big, Some(5)), SetOutcome::Advanced),
+        (at(&big, Some(4)), SetOutcome::NotAdvanced),
+        (at(&big, Some(5)), SetOutcome::NotAdvanced),
+        (at(&big, Some(10)), SetOutcome::Advanced),
+        (at(&big, None), SetOutcome::Advanced),
+        (at(&big, Some(u64::MAX)), SetOutcome::NotAdvanced),
+        (at(&below, None), SetOutcome::NotAdvanced),
+        (at(&top, None), SetOutcome::Advanced),
+        (Checkpoint::ShardEnd, SetOutcome::Advanced),
+        (at(&top, Some(1)), SetOutcome::NotAdvanced),
+        (Checkpoint::ShardEnd, SetOutcome::NotAdvanced),
+    ];
+    let mut expected = None;
+    for (i, (checkpoint, outcome)) in steps.into_iter().enumerate() {
+        assert_eq!(
+            s.set("ns", "shard", checkpoint).await.unwrap(),
+            outcome,
+            "step {i}: {checkpoint}"
+        );
+        if outcome == SetOutcome::Advanced {
+            expected = Some(checkpoint);
+        }
+        assert_eq!(s.get("ns", "shard").await.unwrap(), expected, "step {i}");
+    }
+    drop_table(&s).await;
+}
+
+#[tokio::test]
+async fn items_carry_the_documented_attributes() {
+    let s = table("attributes").await;
+    let big = "7".repeat(128);
+    s.set("app/stream", "shardId-1", at(&big, Some(3)))
+        .await
+        .unwrap();
+    s.set("app/stream", "shardId-2", Checkpoint::ShardEnd)
+        .await
+        .unwrap();
+    let item = |shard: &'static str| {
+        let s = s.clone();
+        async move {
+            s.client()
+                .get_item()
+                .table_name(s.table())
+                .consistent_read(true)
+                .key("namespace", AttributeValue::S("app/stream".into()))
+                .key("shard_id", AttributeValue::S(shard.into()))
+                .send()
+                .await
+                .unwrap()
+                .item()
+                .cloned()
+                .unwrap()
+        }
+    };
+    let one: HashMap<String, AttributeValue> = item("shardId-1").await;
+    assert_eq!(one["sequence_number"], AttributeValue::S(big.clone()));
+    assert_eq!(one["sub_sequence_number"], AttributeValue::N("3".into()));
+    assert_eq!(one["shard_end"], AttributeValue::Bool(false));
+    assert_eq!(
+        one["sort_key"],
+        AttributeValue::S(at(&big, Some(3)).sort_key())
+    );
+    let updated = one["updated_at"].as_s().unwrap();
+    assert!(
+        updated.len() >= 20 && updated.ends_with('Z'),
+        "RFC 3339: {updated}"
+    );
+    let two = item("shardId-2").await;
+    assert_eq!(two["shard_end"], AttributeValue::Bool(true));
+    assert!(!two.contains_key("sequence_number"));
+    assert_eq!(two["sort_key"], AttributeValue::S("z".into()));
+    drop_table(&s).await;
+}
+
+#[tokio::test]
+async fn list_follows_query_pages_and_keeps_namespaces_apart() {
+    let s = table("list").await.list_page_size(2);
+    for i in (0..7).rev() {
+        s.set(
+            "a",
+            &format!("shardId-{i:03}"),
+            at(&(i + 10).to_string(), None),
+        )
+        .await
+        .unwrap();
+    }
+    s.set("b", "shardId-000", Checkpoint::ShardEnd)
+        .await
+        .unwrap();
+    let listed = s.list("a").await.unwrap();
+    let expected: Vec<(String, Checkpoint)> = (0..7)
+        .map(|i| (format!("shardId-{i:03}"), at(&(i + 10).to_string(), None)))
+        .collect();
+    assert_eq!(listed, expected);
+    assert_eq!(
+        s.list("b").await.unwrap(),
+        vec![("shardId-000".to_owned(), Checkpoint::ShardEnd)]
+    );
+    assert_eq!(s.list("c").await.unwrap(), vec![]);
+    drop_table(&s).await;
+}
+
+#[tokio::test]
+async fn create_table_is_idempotent_and_makes_the_documented_schema() {
+    let s = table("schema").await;
+    s.create_table().await.unwrap();
+    let description = s
+        .client()
+        .describe_table()
+        .table_name(s.table())
+        .send()
+        .await
+        .unwrap();
+    let t = description.table().unwrap();
+    let keys: Vec<(String, KeyType)> = t
+        .key_schema()
+        .iter()
+        .map(|k| (k.attribute_name().to_owned(), k.key_type().clone()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("namespace".to_owned(), KeyType::Hash),
+            ("shard_id".to_owned(), KeyType::Range)
+        ]
+    );
+    assert_eq!(
+        t.billing_mode_summary().and_then(|b| b.billing_mode()),
+        Some(&BillingMode::PayPerRequest)
+    );
+    drop_table(&s).await;
+}
+
+#[tokio::test]
+async fn invalid_table_names_are_rejected() {
+    let c = client().await;
+    for bad in ["", "ab", "a b", "a/b", "tä", &"x".repeat(256)] {
+        let err = DynamoDbStore::new(c.clone(), bad).unwrap_err();
+        assert!(
+            matches!(err, StoreError::InvalidName { .. }),
+            "{bad:?}: {err}"
+        );
+    }
+    DynamoDbStore::new(c, "my.checkpoints-2_x").unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_table_is_a_clear_error_that_is_not_retried() {
+    let table = unique_table("missing");
+    let s = DynamoDbStore::new(client().await, &table).unwrap();
+    let errors = [
+        s.get("ns", "shardId-1").await.unwrap_err(),
+        s.set("ns", "shardId-1", at("1", None)).await.unwrap_err(),
+        s.list("ns").await.unwrap_err(),
+    ];
+    for err in errors {
+        assert!(!err.is_retryable(), "{err}");
+        let text = common::error_chain(&err);
+        assert!(
+            text.contains(&table) && text.contains("create_table"),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reads_of_an_unreachable_endpoint_are_errors_never_missing_checkpoints() {
+    // Nothing listens there (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let s = DynamoDbStore::new(
+        client_for(&format!("http://127.0.0.1:{port}"), false).await,
+        "kinesis_checkpoints",
+    )
+    .unwrap();
+    let err = s.get("ns", "shardId-3").await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("dynamodb") && text.contains("get") && text.contains("shardId-3"),
+        "{text}"
+    );
+    assert!(s.list("ns").await.unwrap_err().is_retryable());
+}
+
+#[tokio::test]
+async fn an_item_not_written_by_the_store_is_corrupt_not_missing() {
+    let s = table("corrupt").await;
+    s.client()
+        .put_item()
+        .table_name(s.table())
+        .item("namespace", AttributeValue::S("ns".into()))
+        .item("shard_id", AttributeValue::S("shard".into()))
+        .item("sequence_number", AttributeValue::S("123".into()))
+        .send()
+        .await
+        .unwrap();
+    let err = s.get("ns", "shard").await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    let err = s.list("ns").await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    drop_table(&s).await;
+}
+
+#[tokio::test]
+async fn concurrent_writers_end_at_the_greatest_checkpoint() {
+    let s = table("concurrent").await;
+    let mut tasks = Vec::new();
+    for writer in 0..6u64 {
+        let s = DynamoDbStore::new(client().await, s.table()).unwrap();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20u64 {
+                let seq = (i * 6 + writer).to_string();
+                s.set("ns", "shard", at(&seq, None)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(s.get("ns", "shard").await.unwrap(), Some(at("119", None)));
+    drop_table(&s).await;
+}
