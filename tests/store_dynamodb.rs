@@ -5,8 +5,10 @@
 #![cfg(feature = "dynamodb")]
 
 mod common;
+mod conformance;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
@@ -71,6 +73,41 @@ fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
         sub_sequence_number: sub,
     }
 }
+
+/// A handle on the table named `scope`, creating it on first use.
+async fn scoped(scope: &str) -> DynamoDbStore {
+    let store = DynamoDbStore::new(client().await, scope).unwrap();
+    store
+        .create_table()
+        .await
+        .unwrap_or_else(|e| panic!("create table on {}: {e}", endpoint()));
+    store
+}
+
+async fn drop_scoped(scope: &str) {
+    drop_table(&DynamoDbStore::new(client().await, scope).unwrap()).await;
+}
+
+conformance::suite!(
+    dynamodb_store,
+    make =
+        |scope: String| async move { Arc::new(scoped(&scope).await) as Arc<dyn CheckpointStore> },
+    cleanup = |scope: String| async move { drop_scoped(&scope).await },
+);
+
+conformance::suite!(
+    buffered_dynamodb_store,
+    make = |scope: String| async move {
+        // A long interval: only explicit flushes write, which is what the suite checks.
+        Arc::new(
+            scoped(&scope)
+                .await
+                .buffered()
+                .flush_interval(Duration::from_secs(3600)),
+        ) as Arc<dyn CheckpointStore>
+    },
+    cleanup = |scope: String| async move { drop_scoped(&scope).await },
+);
 
 #[tokio::test]
 async fn monotonic_in_dynamodb_across_two_clients() {

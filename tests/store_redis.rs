@@ -6,6 +6,7 @@
 #![cfg(feature = "redis")]
 
 mod common;
+mod conformance;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -59,6 +60,12 @@ async fn cleanup(prefix: &str) {
             .unwrap();
     }
 }
+
+conformance::suite!(
+    redis_store,
+    make = |scope: String| async move { Arc::new(store(&scope).await) as Arc<dyn CheckpointStore> },
+    cleanup = |scope: String| async move { cleanup(&scope).await },
+);
 
 #[tokio::test]
 async fn monotonic_on_the_server_across_two_handles() {

@@ -17,6 +17,7 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 use kinesis_tower_layers::{BoxError, Checkpoint, CheckpointStore, SetOutcome, StoreError};
 
 use super::retry::with_retries;
+use super::BufferedStore;
 
 const BACKEND: &str = "dynamodb";
 /// How long [`DynamoDbStore::create_table`] waits for the table to become ACTIVE.
@@ -101,6 +102,13 @@ impl DynamoDbStore {
         &self.client
     }
 
+    /// Buffers checkpoints in memory and writes them on an interval (1 s unless
+    /// [`BufferedStore::flush_interval`] says otherwise) and on `flush`: the way to use this
+    /// store under a consumer.
+    pub fn buffered(self) -> BufferedStore<Self> {
+        BufferedStore::new(self)
+    }
+
     /// Creates the table (on-demand billing) unless it exists, and waits until it is ACTIVE.
     pub async fn create_table(&self) -> Result<(), StoreError> {
         let created = with_retries(BACKEND, "create table", || async {
@@ -158,53 +166,6 @@ impl DynamoDbStore {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
-    }
-
-    /// Every shard's checkpoint in `namespace`, sorted by shard id (a `Query`, following its
-    /// pages).
-    pub async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-        let mut out = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let page = with_retries(BACKEND, "list", || async {
-                self.client
-                    .query()
-                    .table_name(&self.table)
-                    .consistent_read(true)
-                    .key_condition_expression("#ns = :ns")
-                    .projection_expression("#sid, #sk")
-                    .expression_attribute_names("#ns", "namespace")
-                    .expression_attribute_names("#sid", "shard_id")
-                    .expression_attribute_names("#sk", "sort_key")
-                    .expression_attribute_values(":ns", AttributeValue::S(namespace.to_owned()))
-                    .set_exclusive_start_key(start.clone())
-                    .set_limit(self.list_page_size)
-                    .send()
-                    .await
-                    .map_err(|e| self.error("list", Some(namespace), None, e))
-            })
-            .await?;
-            for item in page.items() {
-                let shard = match item.get("shard_id") {
-                    Some(AttributeValue::S(s)) => s.clone(),
-                    _ => {
-                        return Err(StoreError::Corrupt {
-                            namespace: namespace.to_owned(),
-                            shard_id: String::new(),
-                            reason: "an item without a string shard_id".to_owned(),
-                        })
-                    }
-                };
-                let checkpoint = parse(namespace, &shard, item)?;
-                out.push((shard, checkpoint));
-            }
-            match page.last_evaluated_key() {
-                Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => break,
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
     }
 
     fn error<E>(
@@ -313,6 +274,53 @@ impl CheckpointStore for DynamoDbStore {
             }
         })
         .await
+    }
+
+    /// Every shard's checkpoint in `namespace`, sorted by shard id (a `Query`, following its
+    /// pages).
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let mut out = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let page = with_retries(BACKEND, "list", || async {
+                self.client
+                    .query()
+                    .table_name(&self.table)
+                    .consistent_read(true)
+                    .key_condition_expression("#ns = :ns")
+                    .projection_expression("#sid, #sk")
+                    .expression_attribute_names("#ns", "namespace")
+                    .expression_attribute_names("#sid", "shard_id")
+                    .expression_attribute_names("#sk", "sort_key")
+                    .expression_attribute_values(":ns", AttributeValue::S(namespace.to_owned()))
+                    .set_exclusive_start_key(start.clone())
+                    .set_limit(self.list_page_size)
+                    .send()
+                    .await
+                    .map_err(|e| self.error("list", Some(namespace), None, e))
+            })
+            .await?;
+            for item in page.items() {
+                let shard = match item.get("shard_id") {
+                    Some(AttributeValue::S(s)) => s.clone(),
+                    _ => {
+                        return Err(StoreError::Corrupt {
+                            namespace: namespace.to_owned(),
+                            shard_id: String::new(),
+                            reason: "an item without a string shard_id".to_owned(),
+                        })
+                    }
+                };
+                let checkpoint = parse(namespace, &shard, item)?;
+                out.push((shard, checkpoint));
+            }
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

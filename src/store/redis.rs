@@ -144,30 +144,6 @@ impl RedisStore {
         format!("{}:{namespace}", self.prefix)
     }
 
-    /// Every shard's checkpoint in `namespace`, sorted by shard id (one `HGETALL`).
-    pub async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-        let key = self.key(namespace);
-        let fields: Vec<(String, String)> = with_retries(BACKEND, "list", || {
-            let mut conn = self.conn.clone();
-            let key = key.clone();
-            async move {
-                conn.hgetall(&key)
-                    .await
-                    .map_err(|e| backend("list", Some(namespace), None, e))
-            }
-        })
-        .await?;
-        let mut out = fields
-            .into_iter()
-            .map(|(shard, value)| {
-                let checkpoint = parse(namespace, &shard, &value)?;
-                Ok((shard, checkpoint))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
-    }
-
     /// Deletes every checkpoint of `namespace` (the consumer then starts each shard at its
     /// configured position).
     pub async fn delete_namespace(&self, namespace: &str) -> Result<(), StoreError> {
@@ -230,6 +206,30 @@ impl CheckpointStore for RedisStore {
         } else {
             SetOutcome::NotAdvanced
         })
+    }
+
+    /// Every shard's checkpoint in `namespace`, sorted by shard id (one `HGETALL`).
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let key = self.key(namespace);
+        let fields: Vec<(String, String)> = with_retries(BACKEND, "list", || {
+            let mut conn = self.conn.clone();
+            let key = key.clone();
+            async move {
+                conn.hgetall(&key)
+                    .await
+                    .map_err(|e| backend("list", Some(namespace), None, e))
+            }
+        })
+        .await?;
+        let mut out = fields
+            .into_iter()
+            .map(|(shard, value)| {
+                let checkpoint = parse(namespace, &shard, &value)?;
+                Ok((shard, checkpoint))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
