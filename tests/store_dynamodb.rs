@@ -375,3 +375,95 @@ async fn concurrent_writers_end_at_the_greatest_checkpoint() {
     assert_eq!(s.get("ns", "shard").await.unwrap(), Some(at("119", None)));
     drop_table(&s).await;
 }
+
+/// A consumer on the buffered store: the run's end flushes, so every shard's checkpoint is its
+/// last record, and a second run delivers nothing again.
+#[tokio::test]
+async fn a_consumer_on_the_buffered_store_checkpoints_everything_by_the_end_of_its_run() {
+    use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer};
+    use kinesis_tower::{Consumer, StartPosition};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_util::sync::CancellationToken;
+    use tower::{service_fn, Layer};
+
+    const TOTAL: usize = 600;
+    let s = table("consumer").await;
+    let kinesis = common::start_ferrokinesis().await;
+    let stream = common::unique_stream_name("ddb-consumer");
+    common::create_stream(&kinesis.client, &stream, 2).await;
+    let records: Vec<(String, Vec<u8>)> = (0..TOTAL)
+        .map(|i| (format!("pk-{i}"), format!("id-{i}").into_bytes()))
+        .collect();
+    let written = common::put_records(&kinesis.client, &stream, &records).await;
+    let mut last: HashMap<String, kinesis_tower::SequenceNumber> = HashMap::new();
+    for (shard, seq) in written {
+        let seq = seq.parse().unwrap();
+        let entry = last.entry(shard).or_insert(seq);
+        if seq > *entry {
+            *entry = seq;
+        }
+    }
+
+    let run = |stop_after: Option<usize>| {
+        let store = DynamoDbStore::new(s.client().clone(), s.table())
+            .unwrap()
+            .buffered()
+            .flush_interval(Duration::from_millis(200));
+        let consumer = Consumer::builder()
+            .client(kinesis.client.clone())
+            .stream_name(&stream)
+            .app_name("ddb-consumer")
+            .start_position(StartPosition::TrimHorizon)
+            .store(store)
+            .max_records_per_call(50)
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        let handled = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let handler = service_fn({
+            let handled = handled.clone();
+            let stop = stop.clone();
+            move |batch: Batch| {
+                let n = handled.fetch_add(batch.len(), Ordering::SeqCst) + batch.len();
+                if stop_after.is_some_and(|target| n >= target) {
+                    stop.cancel();
+                }
+                async { Ok::<(), BoxError>(()) }
+            }
+        });
+        let service = CheckpointLayer::new(consumer.checkpointer()).layer(handler);
+        async move {
+            let deadline = match stop_after {
+                Some(_) => Duration::from_secs(60),
+                // Nothing is left to read: a second of polling shows whether anything comes.
+                None => Duration::from_secs(1),
+            };
+            let stopping = stop.clone();
+            let timer = tokio::spawn(async move {
+                tokio::time::sleep(deadline).await;
+                stopping.cancel();
+            });
+            let result = consumer.run_until(service, stop.cancelled_owned()).await;
+            timer.abort();
+            result.unwrap();
+            (
+                consumer.namespace().to_owned(),
+                handled.load(Ordering::SeqCst),
+            )
+        }
+    };
+
+    let (namespace, handled) = run(Some(TOTAL)).await;
+    assert!(handled >= TOTAL, "first run handled {handled} of {TOTAL}");
+    let stored: HashMap<String, Checkpoint> =
+        s.list(&namespace).await.unwrap().into_iter().collect();
+    assert_eq!(stored.len(), last.len(), "{stored:?}");
+    for (shard, seq) in &last {
+        assert_eq!(stored[shard], Checkpoint::at(*seq), "shard {shard}");
+    }
+    let (_, again) = run(None).await;
+    assert_eq!(again, 0, "the second run re-delivered records");
+    common::delete_stream(&kinesis.client, &stream).await;
+    drop_table(&s).await;
+}
