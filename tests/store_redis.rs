@@ -2,6 +2,11 @@
 //! (`REDIS_URL` overrides it) for the store's behaviour, and a `redis-server` child process on
 //! a free port for the tests that stop the server.
 //!
+//! The conformance suite covers what every store promises (server-side monotonic across two
+//! handles, 128-digit sequence numbers, sub-sequence order, shard end, concurrent writers); the
+//! tests below cover what is Redis's own: the key layout, corrupt and wrong-type values, key
+//! prefixes, an unreachable or restarted server, and a server killed under a running consumer.
+//!
 //! Every test writes under its own key prefix and deletes what it wrote.
 #![cfg(feature = "redis")]
 
@@ -15,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore, SetOutcome, StoreError};
+use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore, StoreError};
 use kinesis_tower::store::RedisStore;
 use kinesis_tower::{Batch, Checkpoint, Consumer, StartPosition};
 use tokio_util::sync::CancellationToken;
@@ -66,76 +71,6 @@ conformance::suite!(
     make = |scope: String| async move { Arc::new(store(&scope).await) as Arc<dyn CheckpointStore> },
     cleanup = |scope: String| async move { cleanup(&scope).await },
 );
-
-#[tokio::test]
-async fn monotonic_on_the_server_across_two_handles() {
-    let prefix = unique_prefix("two-handles");
-    let a = store(&prefix).await;
-    let b = store(&prefix).await;
-    assert_eq!(a.get("ns", "shard-1").await.unwrap(), None);
-    assert_eq!(
-        a.set("ns", "shard-1", at("100", None)).await.unwrap(),
-        SetOutcome::Advanced
-    );
-    // b never saw 100: only the server can refuse this.
-    assert_eq!(
-        b.set("ns", "shard-1", at("99", None)).await.unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(
-        b.set("ns", "shard-1", at("100", None)).await.unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(a.get("ns", "shard-1").await.unwrap(), Some(at("100", None)));
-    assert_eq!(
-        b.set("ns", "shard-1", at("101", Some(0))).await.unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        a.get("ns", "shard-1").await.unwrap(),
-        Some(at("101", Some(0)))
-    );
-    cleanup(&prefix).await;
-}
-
-#[tokio::test]
-async fn the_script_compares_128_digit_numbers_and_sub_sequences_numerically() {
-    let prefix = unique_prefix("script");
-    let s = store(&prefix).await;
-    let big = format!("1{}", "0".repeat(127));
-    let below = "9".repeat(127);
-    let top = "9".repeat(128);
-    let steps = [
-        (at(&below, None), SetOutcome::Advanced),
-        // 128 digits > 127 nines, though "1000..." < "999..." as text.
-        (at(&big, Some(5)), SetOutcome::Advanced),
-        (at(&big, Some(4)), SetOutcome::NotAdvanced),
-        (at(&big, Some(5)), SetOutcome::NotAdvanced),
-        (at(&big, Some(10)), SetOutcome::Advanced),
-        // The whole record is past all its sub-sequences (a longer key is not automatically
-        // greater: "…b" vs "…a<20 digits>").
-        (at(&big, None), SetOutcome::Advanced),
-        (at(&big, Some(u64::MAX)), SetOutcome::NotAdvanced),
-        (at(&below, None), SetOutcome::NotAdvanced),
-        (at(&top, None), SetOutcome::Advanced),
-        (Checkpoint::ShardEnd, SetOutcome::Advanced),
-        (at(&top, Some(1)), SetOutcome::NotAdvanced),
-        (Checkpoint::ShardEnd, SetOutcome::NotAdvanced),
-    ];
-    let mut expected = None;
-    for (i, (checkpoint, outcome)) in steps.into_iter().enumerate() {
-        assert_eq!(
-            s.set("ns", "shard", checkpoint).await.unwrap(),
-            outcome,
-            "step {i}: {checkpoint}"
-        );
-        if outcome == SetOutcome::Advanced {
-            expected = Some(checkpoint);
-        }
-        assert_eq!(s.get("ns", "shard").await.unwrap(), expected, "step {i}");
-    }
-    cleanup(&prefix).await;
-}
 
 #[tokio::test]
 async fn layout_is_one_hash_per_namespace_and_list_reads_it() {
@@ -238,29 +173,6 @@ async fn invalid_key_prefixes_are_rejected_before_connecting() {
     let err = RedisStore::new(manager.clone(), "bad prefix").unwrap_err();
     assert!(matches!(err, StoreError::InvalidName { .. }), "{err}");
     RedisStore::new(manager, "good-prefix:v1.2_x").unwrap();
-}
-
-#[tokio::test]
-async fn concurrent_writers_end_at_the_greatest_checkpoint() {
-    let prefix = unique_prefix("concurrent");
-    let mut tasks = Vec::new();
-    for writer in 0..8u64 {
-        let s = store(&prefix).await;
-        tasks.push(tokio::spawn(async move {
-            for i in 0..50u64 {
-                let seq = (i * 8 + writer).to_string();
-                s.set("ns", "shard", at(&seq, None)).await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        store(&prefix).await.get("ns", "shard").await.unwrap(),
-        Some(at("399", None))
-    );
-    cleanup(&prefix).await;
 }
 
 /// A `redis-server` child process on a free loopback port, with an append-only file fsynced on
