@@ -213,6 +213,9 @@ impl OwnRedis {
                 "yes",
                 "--appendfsync",
                 "always",
+                // Answer BUSY after 100 ms of a running script (the default is 5 s).
+                "--lua-time-limit",
+                "100",
             ])
             .arg("--dir")
             .arg(self.dir.path())
@@ -304,6 +307,48 @@ async fn reads_of_an_unreachable_server_are_errors_never_missing_checkpoints() {
         }
     };
     assert_eq!(value, Some(at("42", None)));
+}
+
+#[tokio::test]
+async fn a_server_busy_in_a_script_is_a_retryable_error_and_the_store_recovers() {
+    let server = OwnRedis::start().await;
+    let s = RedisStore::connect(&server.url()).await.unwrap();
+    s.set("ns", "shardId-1", at("5", None)).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut blocker = client.get_multiplexed_async_connection().await.unwrap();
+    let mut killer = client.get_multiplexed_async_connection().await.unwrap();
+    let busy = tokio::spawn(async move {
+        // Never ends on its own; its reply (an error once killed, or a client-side timeout)
+        // does not matter.
+        let _ = redis::cmd("EVAL")
+            .arg("while true do end")
+            .arg(0)
+            .query_async::<()>(&mut blocker)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let err = s.get("ns", "shardId-1").await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("BUSY") && text.contains("shardId-1"),
+        "{text}"
+    );
+    let err = s.set("ns", "shardId-1", at("6", None)).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+
+    redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query_async::<()>(&mut killer)
+        .await
+        .unwrap();
+    busy.await.unwrap();
+    assert_eq!(s.get("ns", "shardId-1").await.unwrap(), Some(at("5", None)));
+    assert_eq!(
+        s.set("ns", "shardId-1", at("6", None)).await.unwrap(),
+        kinesis_tower::layers::SetOutcome::Advanced
+    );
 }
 
 /// The fault test: Redis is killed (SIGKILL) in the middle of a consumer run and
