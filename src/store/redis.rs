@@ -48,7 +48,9 @@ static SET: LazyLock<Script> = LazyLock::new(|| Script::new(SET_SCRIPT));
 /// Layout: one hash per namespace, `<prefix>:<namespace>`, with one field per shard id whose
 /// value is the checkpoint's [`Checkpoint::sort_key`] (`s` + the sequence number zero-padded to
 /// 128 digits + `b` for a whole record or `a` + a 20-digit sub-sequence number; `z` at shard
-/// end). [`list`](RedisStore::list) is one `HGETALL`; no `KEYS`/`SCAN` over the key space.
+/// end). `list` is one `HGETALL`; no `KEYS`/`SCAN` over the key space.
+/// Give applications that share a server prefixes that are not `:`-extensions of each other
+/// (`app` and `app:v2` could meet at `app:v2:<namespace>`).
 ///
 /// Monotonic on the server: `set` runs a Lua script that compares the stored value with the new
 /// one byte by byte (the sort key's byte order is the checkpoint order, so sequence numbers
