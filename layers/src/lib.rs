@@ -12,11 +12,16 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod checkpoint;
 mod per_record;
 mod record;
 mod sequence;
 
+pub use batch::{
+    BatchFuture, BatchLayer, BatchResponse, BatchService, PolledAfterCompletion, DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_RECORDS, DEFAULT_MAX_WAIT,
+};
 pub use checkpoint::{
     Checkpoint, CheckpointLayer, CheckpointService, CheckpointStore, Checkpointer, MemoryStore,
     Processed, SetOutcome, StoreError,
