@@ -16,6 +16,7 @@ mod batch;
 pub mod checkpoint;
 mod per_record;
 mod record;
+mod retry;
 mod sequence;
 
 pub use batch::{
@@ -28,6 +29,11 @@ pub use checkpoint::{
 };
 pub use per_record::{PerRecord, PerRecordLayer};
 pub use record::{Batch, BatchEnd, Record, ShardId};
+pub use retry::{
+    is_transient, BoxErrors, Classify, RetryFuture, RetryLayer, RetryPolicy, RetryService,
+    Transient, TransientErrors, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF,
+    DEFAULT_MAX_ELAPSED,
+};
 pub use sequence::{InvalidSequenceNumber, SequenceNumber, MAX_DIGITS};
 
 /// The boxed error type used between services, as in `tower`.
