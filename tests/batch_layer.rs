@@ -8,7 +8,7 @@ use std::time::Duration;
 use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
 use kinesis_tower::layers::{
     Batch, BatchEnd, BatchLayer, BoxError, Checkpoint, CheckpointLayer, CheckpointStore,
-    MemoryStore, SequenceNumber,
+    MemoryStore, RetryLayer, SequenceNumber, Transient,
 };
 use kinesis_tower::{Consumer, ConsumerBuilder, Error, StartPosition};
 use tokio_util::sync::CancellationToken;
@@ -267,4 +267,69 @@ async fn a_failing_batch_ends_run_and_is_not_checkpointed() {
         Some(records[99].checkpoint())
     );
     assert_eq!(store.snapshot(consumer.namespace()).len(), 1);
+}
+
+/// The recommended stack under `run`: Batch → Checkpoint → Retry → handler. A handler that
+/// fails transiently now and then loses nothing, handles each batch in order (a failed batch
+/// is retried before the next one), and the checkpoint ends at the last record.
+#[tokio::test(start_paused = true)]
+async fn batch_checkpoint_retry_stack_retries_transient_failures_and_checkpoints_once_done() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let kinesis = MemoryKinesis::with_shards(3);
+    kinesis.fill(120, 10);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis, &store)
+        .max_records_per_call(50)
+        .heartbeat_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let calls = Calls::default();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let failed_once = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    let handler = {
+        let (calls, attempts) = (calls.clone(), attempts.clone());
+        service_fn(move |batch: Batch| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            // The first attempt of every batch with records fails, transiently; only
+            // successes are recorded.
+            let fail = batch
+                .records
+                .first()
+                .is_some_and(|r| failed_once.lock().unwrap().insert(r.checkpoint()));
+            if !fail {
+                calls.0.lock().unwrap().push(batch);
+            }
+            async move {
+                if fail {
+                    return Err::<(), BoxError>(Transient::new("sink busy").into());
+                }
+                Ok(())
+            }
+        })
+    };
+    let service = ServiceBuilder::new()
+        .layer(
+            BatchLayer::new()
+                .max_records(40)
+                .max_wait(Duration::from_millis(500)),
+        )
+        .layer(CheckpointLayer::new(consumer.checkpointer()))
+        .layer(RetryLayer::new().max_attempts(3))
+        .service(handler);
+    let run = Running::start(&consumer, service);
+    wait_for(Duration::from_secs(60), || calls.count() == 360).await;
+    run.stop().await.unwrap();
+    // Each batch with records: one failed attempt, one that succeeded.
+    let with_records = calls.all().iter().filter(|b| !b.is_empty()).count() as u32;
+    let markers = calls.all().len() as u32 - with_records;
+    assert_eq!(attempts.load(Ordering::SeqCst), 2 * with_records + markers);
+    for i in 0..3 {
+        let shard = shard_name(i);
+        assert_eq!(calls.records(&shard), sequences(&kinesis, &shard));
+        assert!(calls.all().iter().all(|b| b.len() <= 40));
+        assert_eq!(
+            store.get(consumer.namespace(), &shard).await.unwrap(),
+            Some(kinesis.records(&shard).last().unwrap().checkpoint())
+        );
+    }
 }
