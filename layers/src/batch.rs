@@ -106,6 +106,25 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 /// // consumer.run(service), with `.heartbeat_interval(Duration::from_secs(1))` on the builder.
 /// # drop(service);
 /// ```
+///
+/// The other order does not compile: a checkpoint layer outside would checkpoint records that
+/// are only buffered.
+///
+/// ```compile_fail
+/// use kinesis_tower_layers::{
+///     Batch, BatchLayer, BoxError, CheckpointLayer, Checkpointer, MemoryStore,
+/// };
+/// use tower::{service_fn, ServiceBuilder};
+///
+/// fn run<S: tower::Service<Batch>>(_service: S) {}
+///
+/// let checkpointer = Checkpointer::new(MemoryStore::new(), "my-app/orders");
+/// let handler = service_fn(|_batch: Batch| async { Ok::<_, BoxError>(()) });
+/// run(ServiceBuilder::new()
+///     .layer(CheckpointLayer::new(checkpointer))
+///     .layer(BatchLayer::new())
+///     .service(handler));
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct BatchLayer {
     max_records: usize,

@@ -9,6 +9,11 @@
 //!   it is kept.
 //! - [`CheckpointLayer`]: checkpoint each batch after the inner service succeeded.
 //! - [`PerRecordLayer`]: run a `Service<Record>` over each batch, in order.
+//! - [`BatchLayer`]: group each shard's records up to max records / max bytes / max wait.
+//! - [`RetryLayer`]: retry failed calls with exponential backoff and full jitter.
+//!
+//! The recommended order, outermost first: metrics, [`BatchLayer`], [`CheckpointLayer`],
+//! [`RetryLayer`], deaggregation, then the handler.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
