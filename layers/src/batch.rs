@@ -304,29 +304,25 @@ impl<S> BatchService<S> {
             self.pending.remove(&shard_id);
         }
 
-        let mut pieces = Vec::with_capacity(starts.len() + 1);
+        // Cut from the back, so each record moves once; the last batch carries `end`.
+        let make = |records: Vec<Record>| {
+            let mut batch = Batch::new(shard_id.clone(), records);
+            batch.millis_behind_latest = millis_behind_latest;
+            batch
+        };
+        let mut pieces = VecDeque::with_capacity(starts.len() + 1);
         for &start in starts.iter().rev() {
             if start < records.len() {
-                pieces.push(records.split_off(start));
+                pieces.push_front(make(records.split_off(start)));
             }
         }
         if !records.is_empty() || end.is_some() {
-            pieces.push(records);
+            pieces.push_front(make(records));
         }
-        let count = pieces.len();
+        if let Some(last) = pieces.back_mut() {
+            last.end = end;
+        }
         pieces
-            .into_iter()
-            .rev()
-            .enumerate()
-            .map(|(i, records)| {
-                let mut batch = Batch::new(shard_id.clone(), records);
-                batch.millis_behind_latest = millis_behind_latest;
-                if i + 1 == count {
-                    batch.end = end;
-                }
-                batch
-            })
-            .collect()
     }
 }
 
