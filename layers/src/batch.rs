@@ -857,4 +857,107 @@ mod tests {
         assert_eq!(inner.unready_calls.load(Ordering::SeqCst), 0);
         assert!(inner.seen().iter().flatten().copied().eq(1..=50));
     }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Records of these data sizes for shard `a` (false) or `b` (true).
+        Records(bool, Vec<usize>),
+        Heartbeat(bool),
+        AdvanceMillis(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (any::<bool>(), proptest::collection::vec(0usize..40, 0..30))
+                .prop_map(|(b, sizes)| Op::Records(b, sizes)),
+            2 => any::<bool>().prop_map(Op::Heartbeat),
+            2 => (0u64..1_500).prop_map(Op::AdvanceMillis),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the calls: every record reaches the inner service once, in shard order;
+        /// batches keep both limits (a record alone may exceed max bytes); after any call,
+        /// less than the limits stay buffered and nothing older than max wait; `end` comes
+        /// last, once.
+        #[test]
+        fn any_sequence_of_calls_keeps_order_limits_and_max_wait(
+            ops in proptest::collection::vec(op(), 0..60),
+            max_records in 1usize..12,
+            max_bytes in 1usize..120,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let max_wait = Duration::from_secs(1);
+                let inner = Inner::new();
+                let mut svc = BatchLayer::new()
+                    .max_records(max_records)
+                    .max_bytes(max_bytes)
+                    .max_wait(max_wait)
+                    .layer(inner.clone());
+                // Per shard: every record sent, with its size and when it was sent.
+                let mut sent: HashMap<&str, Vec<(u64, usize, Instant)>> = HashMap::new();
+                let mut seq = 0;
+                let delivered = |shard: &str| -> usize {
+                    inner.batches().iter().filter(|b| &*b.shard_id == shard).map(Batch::len).sum()
+                };
+                for op in ops {
+                    let shard = match &op {
+                        Op::Records(b, _) | Op::Heartbeat(b) => if *b { "b" } else { "a" },
+                        Op::AdvanceMillis(ms) => {
+                            tokio::time::advance(Duration::from_millis(*ms)).await;
+                            continue;
+                        }
+                    };
+                    let batch = match op {
+                        Op::Records(_, data_lens) => {
+                            let records = data_lens.into_iter().map(|len| {
+                                seq += 1;
+                                let r = record(shard, seq, len);
+                                sent.entry(shard).or_default().push((seq, r.size(), Instant::now()));
+                                r
+                            }).collect();
+                            Batch::new(shard.into(), records)
+                        }
+                        _ => Batch::empty(shard.into(), None),
+                    };
+                    send(&mut svc, batch).await.unwrap();
+                    let all = sent.get(shard).map_or(&[][..], Vec::as_slice);
+                    let buffered = &all[delivered(shard)..];
+                    assert_eq!(svc.buffered(shard), buffered.len());
+                    assert!(buffered.len() < max_records);
+                    let bytes = svc.pending.get(shard).map_or(0, |p| p.bytes);
+                    assert_eq!(bytes, buffered.iter().map(|(_, size, _)| size).sum::<usize>());
+                    assert!(bytes < max_bytes || buffered.is_empty());
+                    if let Some((_, _, oldest)) = buffered.first() {
+                        assert!(oldest.elapsed() < max_wait);
+                    }
+                }
+                for shard in ["a", "b"] {
+                    send(&mut svc, Batch::empty(shard.into(), Some(BatchEnd::Shutdown))).await.unwrap();
+                }
+                for shard in ["a", "b"] {
+                    let batches: Vec<Batch> =
+                        inner.batches().into_iter().filter(|b| &*b.shard_id == shard).collect();
+                    let got: Vec<u64> = batches.iter().flat_map(seqs).collect();
+                    let want: Vec<u64> =
+                        sent.get(shard).into_iter().flatten().map(|(s, _, _)| *s).collect();
+                    assert_eq!(got, want);
+                    for b in &batches {
+                        assert!(b.len() <= max_records);
+                        assert!(b.size() <= max_bytes || b.len() == 1, "{} bytes", b.size());
+                    }
+                    let ends: Vec<_> = batches.iter().map(|b| b.end).collect();
+                    assert_eq!(ends.last(), Some(&Some(BatchEnd::Shutdown)));
+                    assert_eq!(ends.iter().filter(|e| e.is_some()).count(), 1);
+                }
+                assert_eq!(inner.unready_calls.load(Ordering::SeqCst), 0);
+            });
+        }
+    }
 }
