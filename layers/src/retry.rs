@@ -711,6 +711,10 @@ mod tests {
             self.inner.set(ns, shard, checkpoint).await
         }
 
+        async fn list(&self, ns: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+            self.inner.list(ns).await
+        }
+
         async fn flush(&self) -> Result<(), StoreError> {
             self.inner.flush().await
         }
