@@ -50,6 +50,10 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 ///   `ShardEnd` and the consumer learns that the shard is done only after the buffer was
 ///   handled.
 ///
+/// When the inner service fails, the rest of that call's records are not handed over and the
+/// error is returned (the consumer's `run` then ends). Records still buffered when `run` ends
+/// with an error were never checkpointed: they are read again from the last checkpoint.
+///
 /// Heartbeats (empty batches without `end`) that find nothing due are answered here and never
 /// reach the inner service, so they do not count against a `RateLimit` placed inside.
 ///
