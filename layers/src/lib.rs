@@ -9,18 +9,29 @@
 //!   it is kept.
 //! - [`CheckpointLayer`]: checkpoint each batch after the inner service succeeded.
 //! - [`PerRecordLayer`]: run a `Service<Record>` over each batch, in order.
+//! - [`BatchLayer`]: group each shard's records up to max records / max bytes / max wait.
+//! - [`RetryLayer`]: retry failed calls with exponential backoff and full jitter.
 //! - [`MetricsLayer`]: count and time the handler's calls per stream and shard through the
 //!   `metrics` facade; [`metric_names`] lists every metric the library emits.
+//!
+//! The recommended order, outermost first: [`MetricsLayer`], [`BatchLayer`], [`CheckpointLayer`],
+//! [`RetryLayer`], deaggregation, then the handler.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod checkpoint;
 pub mod metric_names;
 mod metrics;
 mod per_record;
 mod record;
+mod retry;
 mod sequence;
 
+pub use batch::{
+    BatchFuture, BatchLayer, BatchResponse, BatchService, PolledAfterCompletion, DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_RECORDS, DEFAULT_MAX_WAIT,
+};
 pub use checkpoint::{
     Checkpoint, CheckpointLayer, CheckpointService, CheckpointStore, Checkpointer, MemoryStore,
     Processed, SetOutcome, StoreError,
@@ -28,6 +39,11 @@ pub use checkpoint::{
 pub use metrics::{MetricsFuture, MetricsLayer, MetricsService};
 pub use per_record::{PerRecord, PerRecordLayer};
 pub use record::{Batch, BatchEnd, Record, ShardId};
+pub use retry::{
+    is_transient, BoxErrors, Classify, RetryFuture, RetryLayer, RetryPolicy, RetryService,
+    Transient, TransientErrors, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF,
+    DEFAULT_MAX_ELAPSED,
+};
 pub use sequence::{InvalidSequenceNumber, SequenceNumber, MAX_DIGITS};
 
 /// The boxed error type used between services, as in `tower`.

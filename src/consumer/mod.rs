@@ -275,6 +275,11 @@ impl ConsumerBuilder {
     /// nothing, at most once per `interval` per shard, so layers that hold records (batching
     /// by time) can flush without a background task. Off by default: heartbeats are service
     /// calls, and count against tower's `RateLimit` and `ConcurrencyLimit` like any other.
+    ///
+    /// With a `BatchLayer`, set it to at most the layer's `max_wait` (half of it is a good
+    /// choice): a quiet shard's buffered records then wait at most `max_wait` plus one
+    /// interval. Heartbeats that find nothing due stop at the `BatchLayer`, so layers inside it
+    /// (a `RateLimit` around the handler) never see them.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.heartbeat_interval = Some(interval);
         self
