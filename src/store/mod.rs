@@ -7,3 +7,15 @@ pub use kinesis_tower_layers::{CheckpointStore, MemoryStore, SetOutcome, StoreEr
 mod sqlite;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod retry;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod sql;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use sql::DEFAULT_TABLE;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;

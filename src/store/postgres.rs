@@ -1,0 +1,359 @@
+//! `PostgresStore`: checkpoints in a PostgreSQL table (feature `postgres`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kinesis_tower_layers::{Checkpoint, CheckpointStore, SetOutcome, StoreError};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Executor, Postgres, Row};
+
+use super::retry::with_retries;
+use super::sql::{parse_sort_key, quote_table, Columns, ErrorKind, DEFAULT_TABLE};
+
+const BACKEND: &str = "postgres";
+
+const ERRORS: ErrorKind = ErrorKind {
+    backend: BACKEND,
+    database: is_retryable_code,
+};
+
+/// Server errors worth another try: connection exceptions (class 08), serialization failure,
+/// deadlock, the connection terminated by an administrator (`pg_terminate_backend`) or a
+/// server restart, too many connections, a lock not available.
+fn is_retryable_code(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.code().is_some_and(|code| retryable_code(&code))
+}
+
+fn retryable_code(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300" | "55P03"
+        )
+}
+
+/// Checkpoints in a PostgreSQL table, written through: each [`set`](CheckpointStore::set) is
+/// one upsert. Wrap it in a buffered store ([`buffered`](PostgresStore::buffered)) to write at
+/// most once a second per shard, as the consumer's store usually should.
+///
+/// Monotonic on the server: the upsert only replaces a row whose `sort_key`
+/// ([`Checkpoint::sort_key`], compared bytewise with `COLLATE "C"`) is smaller, so two
+/// processes, or a buffered write landing late, can never move a checkpoint backwards, and
+/// sequence numbers compare numerically (up to 128 digits). Round trips that fail with a
+/// transient error (connection lost or terminated, pool timeout, serialization failure,
+/// deadlock) are tried again a few times with backoff before the error is returned.
+///
+/// For exactly-once output into the same database, write the checkpoint inside your own
+/// transaction with [`set_in`](PostgresStore::set_in).
+///
+/// The table ([`create_table`](PostgresStore::create_table); `kinesis_checkpoints` unless
+/// another name is given):
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS "kinesis_checkpoints" (
+///     namespace           TEXT           NOT NULL,  -- '<app name>/<stream name>'
+///     shard_id            TEXT           NOT NULL,
+///     sort_key            TEXT COLLATE "C" NOT NULL,  -- Checkpoint::sort_key(); compared on update
+///     sequence_number     NUMERIC(128, 0),           -- NULL at shard end
+///     sub_sequence_number NUMERIC(20, 0),            -- KPL user record index, or NULL
+///     shard_end           BOOLEAN        NOT NULL DEFAULT FALSE,
+///     updated_at          TIMESTAMPTZ    NOT NULL DEFAULT now(),
+///     PRIMARY KEY (namespace, shard_id)
+/// )
+/// ```
+///
+/// and the write:
+///
+/// ```sql
+/// INSERT INTO "kinesis_checkpoints" AS c
+///     (namespace, shard_id, sort_key, sequence_number, sub_sequence_number, shard_end, updated_at)
+/// VALUES ($1, $2, $3, $4::numeric, $5::numeric, $6, now())
+/// ON CONFLICT (namespace, shard_id) DO UPDATE SET
+///     sort_key = EXCLUDED.sort_key, sequence_number = EXCLUDED.sequence_number,
+///     sub_sequence_number = EXCLUDED.sub_sequence_number, shard_end = EXCLUDED.shard_end,
+///     updated_at = EXCLUDED.updated_at
+/// WHERE c.sort_key < EXCLUDED.sort_key
+/// ```
+///
+/// One row written means [`SetOutcome::Advanced`], none [`SetOutcome::NotAdvanced`].
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+    table: Arc<str>,
+    sql: Arc<Queries>,
+}
+
+#[derive(Debug)]
+struct Queries {
+    create: String,
+    get: String,
+    set: String,
+    list: String,
+}
+
+impl Queries {
+    fn new(t: &str) -> Self {
+        Self {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    namespace           TEXT           NOT NULL,
+                    shard_id            TEXT           NOT NULL,
+                    sort_key            TEXT COLLATE \"C\" NOT NULL,
+                    sequence_number     NUMERIC(128, 0),
+                    sub_sequence_number NUMERIC(20, 0),
+                    shard_end           BOOLEAN        NOT NULL DEFAULT FALSE,
+                    updated_at          TIMESTAMPTZ    NOT NULL DEFAULT now(),
+                    PRIMARY KEY (namespace, shard_id)
+                )"
+            ),
+            get: format!("SELECT sort_key FROM {t} WHERE namespace = $1 AND shard_id = $2"),
+            set: format!(
+                "INSERT INTO {t} AS c
+                    (namespace, shard_id, sort_key, sequence_number, sub_sequence_number, shard_end, updated_at)
+                 VALUES ($1, $2, $3, $4::numeric, $5::numeric, $6, now())
+                 ON CONFLICT (namespace, shard_id) DO UPDATE SET
+                    sort_key = EXCLUDED.sort_key, sequence_number = EXCLUDED.sequence_number,
+                    sub_sequence_number = EXCLUDED.sub_sequence_number, shard_end = EXCLUDED.shard_end,
+                    updated_at = EXCLUDED.updated_at
+                 WHERE c.sort_key < EXCLUDED.sort_key"
+            ),
+            list: format!(
+                "SELECT shard_id, sort_key FROM {t} WHERE namespace = $1 ORDER BY shard_id COLLATE \"C\""
+            ),
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host:port/database`) and creates the
+    /// `kinesis_checkpoints` table if it does not exist.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with_table(url, DEFAULT_TABLE).await
+    }
+
+    /// Connects to `url` with checkpoints in `table` (`table` or `schema.table`, each part
+    /// letters, digits and `_`; used exactly as given, case included), created if missing.
+    pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
+        let quoted = quote_table(table, '"')?;
+        let pool = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| ERRORS.error("connect", e))?;
+        let store = Self::with_quoted(pool, table, &quoted);
+        store.create_table().await?;
+        Ok(store)
+    }
+
+    /// Uses the application's pool and `table` (validated as in
+    /// [`connect_with_table`](PostgresStore::connect_with_table)); call
+    /// [`create_table`](PostgresStore::create_table) if it may not exist yet.
+    pub fn from_pool(pool: PgPool, table: &str) -> Result<Self, StoreError> {
+        let quoted = quote_table(table, '"')?;
+        Ok(Self::with_quoted(pool, table, &quoted))
+    }
+
+    fn with_quoted(pool: PgPool, table: &str, quoted: &str) -> Self {
+        Self {
+            pool,
+            table: table.into(),
+            sql: Arc::new(Queries::new(quoted)),
+        }
+    }
+
+    /// Creates the table if it does not exist (the DDL is in the type's docs); safe to call
+    /// from several processes at once.
+    pub async fn create_table(&self) -> Result<(), StoreError> {
+        with_retries(BACKEND, "create table", || async {
+            match self.pool.execute(self.sql.create.as_str()).await {
+                Ok(_) => Ok(()),
+                // Two concurrent `CREATE TABLE IF NOT EXISTS` race on the catalog: the loser
+                // reports a duplicate although the table now exists.
+                Err(sqlx::Error::Database(db))
+                    if matches!(db.code().as_deref(), Some("23505" | "42P07")) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(ERRORS.error("create table", e)),
+            }
+        })
+        .await
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The table name as given.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Moves the shard's checkpoint forward inside the caller's transaction, with the same
+    /// server-side guard as [`set`](CheckpointStore::set): the checkpoint commits or rolls back
+    /// with the handler's own writes, which is what makes output exactly-once.
+    ///
+    /// Not retried (an error aborts a Postgres transaction; retry the whole transaction). The
+    /// handler then answers `Processed::SkipCheckpoint` so that `CheckpointLayer` does not
+    /// write the checkpoint a second time.
+    ///
+    /// ```no_run
+    /// # use kinesis_tower::store::PostgresStore;
+    /// # use kinesis_tower::layers::{Batch, Checkpoint, Processed};
+    /// # async fn handle(store: &PostgresStore, namespace: &str, batch: Batch)
+    /// #     -> Result<Processed, Box<dyn std::error::Error + Send + Sync>> {
+    /// let mut tx = store.pool().begin().await?;
+    /// for record in &batch.records {
+    ///     sqlx::query("INSERT INTO events (shard_id, sequence_number, data) VALUES ($1, $2, $3)")
+    ///         .bind(&*record.shard_id)
+    ///         .bind(record.sequence_number.to_string())
+    ///         .bind(&record.data[..])
+    ///         .execute(&mut *tx)
+    ///         .await?;
+    /// }
+    /// if let Some(checkpoint) = batch.checkpoint() {
+    ///     store.set_in(&mut tx, namespace, &batch.shard_id, checkpoint).await?;
+    /// }
+    /// tx.commit().await?;
+    /// Ok(Processed::SkipCheckpoint)
+    /// # }
+    /// ```
+    pub async fn set_in(
+        &self,
+        conn: &mut PgConnection,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<SetOutcome, StoreError> {
+        let columns = Columns::of(&checkpoint);
+        self.upsert(conn, namespace, shard_id, &columns).await
+    }
+
+    /// The shard's checkpoint as the caller's transaction sees it.
+    pub async fn get_in(
+        &self,
+        conn: &mut PgConnection,
+        namespace: &str,
+        shard_id: &str,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        self.select(conn, namespace, shard_id).await
+    }
+
+    async fn upsert<'e, E: Executor<'e, Database = Postgres>>(
+        &self,
+        executor: E,
+        namespace: &str,
+        shard_id: &str,
+        columns: &Columns,
+    ) -> Result<SetOutcome, StoreError> {
+        let result = sqlx::query(&self.sql.set)
+            .bind(namespace)
+            .bind(shard_id)
+            .bind(&columns.sort_key)
+            .bind(&columns.sequence_number)
+            .bind(columns.sub_sequence_number.map(|s| s.to_string()))
+            .bind(columns.shard_end)
+            .execute(executor)
+            .await
+            .map_err(|e| ERRORS.error_for("set", namespace, Some(shard_id), e))?;
+        Ok(if result.rows_affected() > 0 {
+            SetOutcome::Advanced
+        } else {
+            SetOutcome::NotAdvanced
+        })
+    }
+
+    async fn select<'e, E: Executor<'e, Database = Postgres>>(
+        &self,
+        executor: E,
+        namespace: &str,
+        shard_id: &str,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        let row = sqlx::query(&self.sql.get)
+            .bind(namespace)
+            .bind(shard_id)
+            .fetch_optional(executor)
+            .await
+            .map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
+        let Some(row) = row else { return Ok(None) };
+        let key: String = row
+            .try_get(0)
+            .map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
+        parse_sort_key(namespace, shard_id, &key).map(Some)
+    }
+
+    /// Every shard's checkpoint in `namespace`, sorted by shard id.
+    pub async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let rows = with_retries(BACKEND, "list", || async {
+            sqlx::query(&self.sql.list)
+                .bind(namespace)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| ERRORS.error_for("list", namespace, None, e))
+        })
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let shard: String = row
+                    .try_get(0)
+                    .map_err(|e| ERRORS.error_for("list", namespace, None, e))?;
+                let key: String = row
+                    .try_get(1)
+                    .map_err(|e| ERRORS.error_for("list", namespace, Some(&shard), e))?;
+                let checkpoint = parse_sort_key(namespace, &shard, &key)?;
+                Ok((shard, checkpoint))
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for PostgresStore {
+    async fn get(&self, namespace: &str, shard_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+        with_retries(BACKEND, "get", || {
+            self.select(&self.pool, namespace, shard_id)
+        })
+        .await
+    }
+
+    async fn set(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<SetOutcome, StoreError> {
+        let columns = Columns::of(&checkpoint);
+        with_retries(BACKEND, "set", || {
+            self.upsert(&self.pool, namespace, shard_id, &columns)
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_server_errors_by_code() {
+        for (code, retryable) in [
+            ("40001", true),
+            ("40P01", true),
+            ("57P01", true),
+            ("08006", true),
+            ("08003", true),
+            ("42P01", false),
+            ("42601", false),
+            ("28P01", false),
+            ("23505", false),
+        ] {
+            assert_eq!(retryable_code(code), retryable, "{code}");
+        }
+    }
+}
