@@ -19,3 +19,8 @@ pub use sql::DEFAULT_TABLE;
 mod postgres;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
+
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlStore;
