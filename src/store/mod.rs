@@ -1,15 +1,29 @@
 //! Checkpoint store back-ends. [`MemoryStore`] is always available; the others sit behind
-//! cargo features (`sqlite`).
+//! cargo features (`sqlite`, `redis`, `postgres`, `mysql`, `dynamodb`). [`BufferedStore`]
+//! wraps any store to write on an interval instead of on every checkpoint.
 
 pub use kinesis_tower_layers::{CheckpointStore, MemoryStore, SetOutcome, StoreError};
+
+mod buffered;
+#[cfg_attr(
+    not(any(
+        feature = "sqlite",
+        feature = "redis",
+        feature = "postgres",
+        feature = "mysql",
+        feature = "dynamodb"
+    )),
+    allow(dead_code)
+)]
+mod retry;
+
+pub use buffered::{BufferedStore, DEFAULT_FLUSH_INTERVAL};
 
 #[cfg(feature = "sqlite")]
 mod sqlite;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-mod retry;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod sql;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
