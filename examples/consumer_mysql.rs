@@ -22,6 +22,6 @@ async fn main() -> Result<(), BoxError> {
         "consumer_mysql STREAM [DATABASE_URL]",
         "mysql://root@127.0.0.1:3306/test",
     )?;
-    let store = MySqlStore::connect(&url).await?;
+    let store = MySqlStore::connect(&url).await?.buffered();
     printing::print_records(&stream, "consumer-mysql", store).await
 }

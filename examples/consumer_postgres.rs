@@ -21,6 +21,6 @@ async fn main() -> Result<(), BoxError> {
         "consumer_postgres STREAM [DATABASE_URL]",
         "postgres://postgres@127.0.0.1:5432/test",
     )?;
-    let store = PostgresStore::connect(&url).await?;
+    let store = PostgresStore::connect(&url).await?.buffered();
     printing::print_records(&stream, "consumer-postgres", store).await
 }

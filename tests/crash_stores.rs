@@ -236,3 +236,52 @@ async fn sqlite_survives_kill_9() {
     let store = format!("sqlite:{}", dir.path().join("checkpoints.sqlite").display());
     crash_and_restart(&store, Duration::ZERO).await;
 }
+
+/// A database of its own for one crash test (dropped by `drop`), so the store's default table
+/// is created fresh and nothing is left behind.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+fn scratch_database(prefix: &str) -> String {
+    format!(
+        "kt_crash_{prefix}_{}_{}",
+        std::process::id(),
+        fastrand::u32(..)
+    )
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_survives_kill_9() {
+    let server = "postgres://postgres@127.0.0.1:5432";
+    let admin = sqlx::PgPool::connect(&format!("{server}/test"))
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (source scripts/env.sh; ensure_postgres)");
+    let database = scratch_database("pg");
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    crash_and_restart(&format!("{server}/{database}"), Duration::from_secs(1)).await;
+    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_survives_kill_9() {
+    let server = "mysql://root@127.0.0.1:3306";
+    let admin = sqlx::MySqlPool::connect(&format!("{server}/test"))
+        .await
+        .expect("MariaDB on 127.0.0.1:3306 (source scripts/env.sh; ensure_mariadb)");
+    let database = scratch_database("my");
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    crash_and_restart(&format!("{server}/{database}"), Duration::from_secs(1)).await;
+    sqlx::query(&format!("DROP DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}

@@ -2,7 +2,10 @@
 //! database `test`; `KT_MYSQL_URL` overrides). Each test works in its own table and drops it.
 #![cfg(feature = "mysql")]
 
+mod conformance;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kinesis_tower::layers::CheckpointStore;
@@ -46,6 +49,37 @@ async fn drop_table(store: &MySqlStore) {
         .unwrap();
 }
 
+/// A handle on the table named after the check's scope (created on first use).
+async fn scoped(scope: &str) -> MySqlStore {
+    let store = MySqlStore::from_pool(pool().await, scope).unwrap();
+    store.create_table().await.unwrap();
+    store
+}
+
+async fn drop_scope(scope: &str) {
+    drop_table(&scoped(scope).await).await;
+}
+
+conformance::suite!(
+    write_through,
+    make =
+        |scope: String| async move { Arc::new(scoped(&scope).await) as Arc<dyn CheckpointStore> },
+    cleanup = |scope: String| async move { drop_scope(&scope).await },
+);
+
+conformance::suite!(
+    buffered,
+    make = |scope: String| async move {
+        // Only explicit flushes write, which is what the suite checks.
+        let store = scoped(&scope)
+            .await
+            .buffered()
+            .flush_interval(Duration::from_secs(3600));
+        Arc::new(store) as Arc<dyn CheckpointStore>
+    },
+    cleanup = |scope: String| async move { drop_scope(&scope).await },
+);
+
 fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
     Checkpoint::Sequence {
         sequence_number: seq.parse().unwrap(),
@@ -53,115 +87,66 @@ fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
     }
 }
 
-/// Insert, update and unchanged are told apart although sqlx connects with CLIENT_FOUND_ROWS.
+/// What the conformance suite does not look at: a new row right after a refusal on the same
+/// connection is still an insert, the informational columns hold the whole value, and keys
+/// are case-sensitive and sort bytewise.
 #[tokio::test]
-async fn outcomes_numeric_order_and_128_digit_values() {
-    let store = fresh_store("order").await;
-    assert_eq!(store.get("app/s", "shard-1").await.unwrap(), None);
+async fn outcomes_columns_and_bytewise_keys() {
+    // One connection: every statement runs on the same session.
+    let single = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(&url())
+        .await
+        .unwrap();
+    let store = MySqlStore::from_pool(single, &unique_table("columns")).unwrap();
+    store.create_table().await.unwrap();
+    store.set("app/s", "shard-1", at("5", None)).await.unwrap();
     assert_eq!(
-        store.set("app/s", "shard-1", at("99", None)).await.unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store.set("app/s", "shard-1", at("99", None)).await.unwrap(),
+        store.set("app/s", "shard-1", at("5", None)).await.unwrap(),
         SetOutcome::NotAdvanced
     );
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at("100", None))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    for stale in [at("99", None), at("100", None), at("100", Some(5))] {
-        assert_eq!(
-            store.set("app/s", "shard-1", stale).await.unwrap(),
-            SetOutcome::NotAdvanced,
-            "{stale}"
-        );
-    }
-    // A new row right after a refusal on the same connection: still an insert.
     assert_eq!(
         store.set("app/s", "shard-2", at("1", None)).await.unwrap(),
         SetOutcome::Advanced
     );
     let big = "9".repeat(128);
-    let almost = format!("{}8", "9".repeat(127));
+    store
+        .set("app/s", "shard-1", at(&big, Some(u64::MAX)))
+        .await
+        .unwrap();
+    let columns = |store: &MySqlStore| {
+        let sql = format!(
+            "SELECT sequence_number, sub_sequence_number, shard_end FROM `{}` WHERE shard_id = 'shard-1'",
+            store.table()
+        );
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query_as::<_, (Option<String>, Option<u64>, bool)>(&sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
     assert_eq!(
-        store
-            .set("app/s", "shard-1", at(&almost, None))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
+        columns(&store).await,
+        (Some(big.clone()), Some(u64::MAX), false)
     );
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at(&big, Some(3)))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at(&big, Some(2)))
-            .await
-            .unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(
-        store.get("app/s", "shard-1").await.unwrap(),
-        Some(at(&big, Some(3)))
-    );
-    // Every column moved together.
-    let (seq, sub, end): (String, u64, bool) = sqlx::query_as(&format!(
-        "SELECT sequence_number, sub_sequence_number, shard_end FROM `{}` WHERE shard_id = 'shard-1'",
-        store.table()
-    ))
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
-    assert_eq!((seq.as_str(), sub, end), (big.as_str(), 3, false));
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at(&big, Some(u64::MAX)))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", Checkpoint::ShardEnd)
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", Checkpoint::ShardEnd)
-            .await
-            .unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    let (seq, end): (Option<String>, bool) = sqlx::query_as(&format!(
-        "SELECT sequence_number, shard_end FROM `{}` WHERE shard_id = 'shard-1'",
-        store.table()
-    ))
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
-    assert_eq!((seq, end), (None, true));
-    // Keys are case-sensitive; list is per namespace and sorted bytewise.
-    store.set("other/s", "b", at("2", None)).await.unwrap();
-    store.set("other/s", "B", at("3", None)).await.unwrap();
-    store.set("other/s", "a", at("1", None)).await.unwrap();
-    assert_eq!(
-        store.list("other/s").await.unwrap(),
-        vec![
-            ("B".to_owned(), at("3", None)),
-            ("a".to_owned(), at("1", None)),
-            ("b".to_owned(), at("2", None)),
-        ]
-    );
+    store
+        .set("app/s", "shard-1", Checkpoint::ShardEnd)
+        .await
+        .unwrap();
+    assert_eq!(columns(&store).await, (None, None, true));
+    for shard in ["b", "B", "a"] {
+        store.set("other/s", shard, at("1", None)).await.unwrap();
+    }
+    let shards: Vec<String> = store
+        .list("other/s")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(shard, _)| shard)
+        .collect();
+    assert_eq!(shards, ["B", "a", "b"]);
     assert_eq!(store.get("OTHER/s", "b").await.unwrap(), None);
     drop_table(&store).await;
 }
@@ -189,24 +174,6 @@ async fn racing_first_writes_keep_the_greatest() {
         assert_eq!(store.get("ns", &shard).await.unwrap(), Some(at("12", None)));
     }
     drop_table(&store).await;
-}
-
-#[tokio::test]
-async fn the_server_refuses_an_older_checkpoint_from_another_handle() {
-    let first = fresh_store("two_handles").await;
-    let second = MySqlStore::connect_with_table(&url(), first.table())
-        .await
-        .unwrap();
-    assert_eq!(
-        first.set("ns", "s", at("1000", None)).await.unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        second.set("ns", "s", at("999", None)).await.unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(second.get("ns", "s").await.unwrap(), Some(at("1000", None)));
-    drop_table(&first).await;
 }
 
 #[tokio::test]
@@ -351,5 +318,26 @@ async fn set_in_commits_and_rolls_back_with_the_transaction() {
         SetOutcome::NotAdvanced
     );
     assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("20", None)));
+    drop_table(&store).await;
+}
+
+/// A flush that fails keeps its checkpoints pending; the next one writes them.
+#[tokio::test]
+async fn a_failed_flush_keeps_the_checkpoints_pending() {
+    let store = fresh_store("flush_fails").await;
+    let buffered = store
+        .clone()
+        .buffered()
+        .flush_interval(Duration::from_secs(3600));
+    buffered.set("ns", "s", at("41", None)).await.unwrap();
+    drop_table(&store).await;
+    let err = buffered.flush().await.unwrap_err();
+    assert!(matches!(err, StoreError::Backend { .. }), "{err}");
+    assert_eq!(buffered.pending(), 1);
+    buffered.set("ns", "s", at("42", None)).await.unwrap();
+    store.create_table().await.unwrap();
+    buffered.flush().await.unwrap();
+    assert_eq!(buffered.pending(), 0);
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("42", None)));
     drop_table(&store).await;
 }

@@ -4,6 +4,7 @@
 #![cfg(feature = "postgres")]
 
 mod common;
+mod conformance;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -59,6 +60,37 @@ async fn drop_table(store: &PostgresStore) {
         .unwrap();
 }
 
+/// A handle on the table named after the check's scope (created on first use).
+async fn scoped(scope: &str) -> PostgresStore {
+    let store = PostgresStore::from_pool(pool_named(scope).await, scope).unwrap();
+    store.create_table().await.unwrap();
+    store
+}
+
+async fn drop_scope(scope: &str) {
+    drop_table(&scoped(scope).await).await;
+}
+
+conformance::suite!(
+    write_through,
+    make =
+        |scope: String| async move { Arc::new(scoped(&scope).await) as Arc<dyn CheckpointStore> },
+    cleanup = |scope: String| async move { drop_scope(&scope).await },
+);
+
+conformance::suite!(
+    buffered,
+    make = |scope: String| async move {
+        // Only explicit flushes write, which is what the suite checks.
+        let store = scoped(&scope)
+            .await
+            .buffered()
+            .flush_interval(Duration::from_secs(3600));
+        Arc::new(store) as Arc<dyn CheckpointStore>
+    },
+    cleanup = |scope: String| async move { drop_scope(&scope).await },
+);
+
 fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
     Checkpoint::Sequence {
         sequence_number: seq.parse().unwrap(),
@@ -66,120 +98,50 @@ fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
     }
 }
 
+/// What the conformance suite does not look at: the informational columns hold the whole
+/// value (128 digits, a sub-sequence number past i64), and keys sort bytewise.
 #[tokio::test]
-async fn numeric_order_across_lengths_128_digits_sub_sequences_and_shard_end() {
-    let store = fresh_store("order").await;
-    assert_eq!(store.get("app/s", "shard-1").await.unwrap(), None);
-    assert_eq!(
-        store.set("app/s", "shard-1", at("99", None)).await.unwrap(),
-        SetOutcome::Advanced
-    );
-    // "100" < "99" as text, 100 > 99 as numbers.
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at("100", None))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    for stale in [at("99", None), at("100", None), at("100", Some(5))] {
-        assert_eq!(
-            store.set("app/s", "shard-1", stale).await.unwrap(),
-            SetOutcome::NotAdvanced,
-            "{stale}"
-        );
-    }
+async fn columns_hold_full_values_and_keys_sort_bytewise() {
+    let store = fresh_store("columns").await;
     let big = "9".repeat(128);
-    let almost = format!("{}8", "9".repeat(127));
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at(&almost, None))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at(&big, Some(3)))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at(&big, Some(2)))
-            .await
-            .unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(
-        store.get("app/s", "shard-1").await.unwrap(),
-        Some(at(&big, Some(3)))
-    );
-    // The informational columns hold the value too (NUMERIC(128,0) keeps all 128 digits).
-    let (seq, sub): (String, String) = sqlx::query_as(&format!(
-        "SELECT sequence_number::text, sub_sequence_number::text FROM \"{}\"",
-        store.table()
-    ))
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
-    assert_eq!((seq.as_str(), sub.as_str()), (big.as_str(), "3"));
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", at(&big, Some(u64::MAX)))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store
-            .set("app/s", "shard-1", Checkpoint::ShardEnd)
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store.set("app/s", "shard-1", at(&big, None)).await.unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(
-        store.get("app/s", "shard-1").await.unwrap(),
-        Some(Checkpoint::ShardEnd)
-    );
-    // Namespaces are isolated; list is per namespace and sorted by shard id.
-    assert_eq!(store.get("other/s", "shard-1").await.unwrap(), None);
-    store.set("other/s", "b", at("2", None)).await.unwrap();
-    store.set("other/s", "B", at("3", None)).await.unwrap();
-    store.set("other/s", "a", at("1", None)).await.unwrap();
-    assert_eq!(
-        store.list("other/s").await.unwrap(),
-        vec![
-            ("B".to_owned(), at("3", None)),
-            ("a".to_owned(), at("1", None)),
-            ("b".to_owned(), at("2", None)),
-        ]
-    );
-    drop_table(&store).await;
-}
-
-#[tokio::test]
-async fn the_server_refuses_an_older_checkpoint_from_another_handle() {
-    let first = fresh_store("two_handles").await;
-    // A second pool and handle on the same table: nothing shared in memory.
-    let second = PostgresStore::connect_with_table(&url(), first.table())
+    store
+        .set("app/s", "shard-1", at(&big, Some(u64::MAX)))
         .await
         .unwrap();
+    let columns = |store: &PostgresStore| {
+        let sql = format!(
+            "SELECT sequence_number::text, sub_sequence_number::text, shard_end FROM \"{}\"",
+            store.table()
+        );
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query_as::<_, (Option<String>, Option<String>, bool)>(&sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
     assert_eq!(
-        first.set("ns", "s", at("1000", None)).await.unwrap(),
-        SetOutcome::Advanced
+        columns(&store).await,
+        (Some(big.clone()), Some(u64::MAX.to_string()), false)
     );
-    assert_eq!(
-        second.set("ns", "s", at("999", None)).await.unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(second.get("ns", "s").await.unwrap(), Some(at("1000", None)));
-    drop_table(&first).await;
+    store
+        .set("app/s", "shard-1", Checkpoint::ShardEnd)
+        .await
+        .unwrap();
+    assert_eq!(columns(&store).await, (None, None, true));
+    for shard in ["b", "B", "a"] {
+        store.set("other/s", shard, at("1", None)).await.unwrap();
+    }
+    let shards: Vec<String> = store
+        .list("other/s")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(shard, _)| shard)
+        .collect();
+    assert_eq!(shards, ["B", "a", "b"]);
+    drop_table(&store).await;
 }
 
 #[tokio::test]
@@ -352,7 +314,13 @@ async fn consumer_run_survives_terminated_connections() {
         .app_name("pg-terminate")
         .start_position(StartPosition::TrimHorizon)
         .max_records_per_call(50)
-        .store(store.clone())
+        // Buffered, as a consumer normally uses it: flushes go through the terminations too.
+        .store(
+            store
+                .clone()
+                .buffered()
+                .flush_interval(Duration::from_millis(100)),
+        )
         .build()
         .unwrap();
     let namespace = consumer.namespace().to_owned();
@@ -566,5 +534,51 @@ async fn handler_transactions_with_skip_checkpoint_resume_without_duplicates() {
         .await
         .unwrap();
     common::delete_stream(&kinesis.client, &stream).await;
+    drop_table(&store).await;
+}
+
+/// A flush that fails keeps its checkpoints pending; the next one writes them.
+#[tokio::test]
+async fn a_failed_flush_keeps_the_checkpoints_pending() {
+    let store = fresh_store("flush_fails").await;
+    let buffered = store
+        .clone()
+        .buffered()
+        .flush_interval(Duration::from_secs(3600));
+    buffered.set("ns", "s", at("41", None)).await.unwrap();
+    drop_table(&store).await;
+    let err = buffered.flush().await.unwrap_err();
+    assert!(matches!(err, StoreError::Backend { .. }), "{err}");
+    assert_eq!(buffered.pending(), 1);
+    buffered.set("ns", "s", at("42", None)).await.unwrap();
+    store.create_table().await.unwrap();
+    buffered.flush().await.unwrap();
+    assert_eq!(buffered.pending(), 0);
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("42", None)));
+    drop_table(&store).await;
+}
+
+/// A buffered store's late flush of an older checkpoint does not undo a newer one a handler
+/// committed in its own transaction: the server refuses it.
+#[tokio::test]
+async fn a_late_buffered_flush_does_not_undo_a_transactional_checkpoint() {
+    let store = fresh_store("late_flush").await;
+    let buffered = store
+        .clone()
+        .buffered()
+        .flush_interval(Duration::from_secs(3600));
+    buffered.set("ns", "s", at("100", None)).await.unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .set_in(&mut tx, "ns", "s", at("200", None))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    buffered.flush().await.unwrap();
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("200", None)));
+    assert_eq!(
+        buffered.get("ns", "s").await.unwrap(),
+        Some(at("200", None))
+    );
     drop_table(&store).await;
 }

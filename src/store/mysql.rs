@@ -10,6 +10,7 @@ use sqlx::{Executor, MySql, Row};
 
 use super::retry::with_retries;
 use super::sql::{parse_sort_key, quote_table, Columns, ErrorKind, DEFAULT_TABLE};
+use super::BufferedStore;
 
 const BACKEND: &str = "mysql";
 
@@ -181,6 +182,13 @@ impl MySqlStore {
         .await
     }
 
+    /// This store behind a [`BufferedStore`]: checkpoints are kept in memory and written every
+    /// second (see [`BufferedStore::flush_interval`]) and on `flush`, which is how the consumer
+    /// should usually use it.
+    pub fn buffered(self) -> BufferedStore<Self> {
+        BufferedStore::new(self)
+    }
+
     /// The pool.
     pub fn pool(&self) -> &MySqlPool {
         &self.pool
@@ -329,28 +337,6 @@ impl MySqlStore {
             text(&row, 0).map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
         parse_sort_key(namespace, shard_id, &key).map(Some)
     }
-
-    /// Every shard's checkpoint in `namespace`, sorted by shard id.
-    pub async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-        let rows = with_retries(BACKEND, "list", || async {
-            sqlx::query(&self.sql.list)
-                .bind(namespace)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| ERRORS.error_for("list", namespace, None, e))
-        })
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let shard =
-                    text(row, 0).map_err(|e| ERRORS.error_for("list", namespace, None, e))?;
-                let key = text(row, 1)
-                    .map_err(|e| ERRORS.error_for("list", namespace, Some(&shard), e))?;
-                let checkpoint = parse_sort_key(namespace, &shard, &key)?;
-                Ok((shard, checkpoint))
-            })
-            .collect()
-    }
 }
 
 /// A binary-collated column (sqlx hands those out as bytes only) as text.
@@ -391,6 +377,27 @@ impl CheckpointStore for MySqlStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let rows = with_retries(BACKEND, "list", || async {
+            sqlx::query(&self.sql.list)
+                .bind(namespace)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| ERRORS.error_for("list", namespace, None, e))
+        })
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let shard =
+                    text(row, 0).map_err(|e| ERRORS.error_for("list", namespace, None, e))?;
+                let key = text(row, 1)
+                    .map_err(|e| ERRORS.error_for("list", namespace, Some(&shard), e))?;
+                let checkpoint = parse_sort_key(namespace, &shard, &key)?;
+                Ok((shard, checkpoint))
+            })
+            .collect()
     }
 }
 

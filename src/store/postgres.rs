@@ -10,6 +10,7 @@ use sqlx::{Executor, Postgres, Row};
 
 use super::retry::with_retries;
 use super::sql::{parse_sort_key, quote_table, Columns, ErrorKind, DEFAULT_TABLE};
+use super::BufferedStore;
 
 const BACKEND: &str = "postgres";
 
@@ -181,6 +182,13 @@ impl PostgresStore {
         .await
     }
 
+    /// This store behind a [`BufferedStore`]: checkpoints are kept in memory and written every
+    /// second (see [`BufferedStore::flush_interval`]) and on `flush`, which is how the consumer
+    /// should usually use it.
+    pub fn buffered(self) -> BufferedStore<Self> {
+        BufferedStore::new(self)
+    }
+
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -283,30 +291,6 @@ impl PostgresStore {
             .map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
         parse_sort_key(namespace, shard_id, &key).map(Some)
     }
-
-    /// Every shard's checkpoint in `namespace`, sorted by shard id.
-    pub async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-        let rows = with_retries(BACKEND, "list", || async {
-            sqlx::query(&self.sql.list)
-                .bind(namespace)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| ERRORS.error_for("list", namespace, None, e))
-        })
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let shard: String = row
-                    .try_get(0)
-                    .map_err(|e| ERRORS.error_for("list", namespace, None, e))?;
-                let key: String = row
-                    .try_get(1)
-                    .map_err(|e| ERRORS.error_for("list", namespace, Some(&shard), e))?;
-                let checkpoint = parse_sort_key(namespace, &shard, &key)?;
-                Ok((shard, checkpoint))
-            })
-            .collect()
-    }
 }
 
 #[async_trait]
@@ -333,6 +317,29 @@ impl CheckpointStore for PostgresStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let rows = with_retries(BACKEND, "list", || async {
+            sqlx::query(&self.sql.list)
+                .bind(namespace)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| ERRORS.error_for("list", namespace, None, e))
+        })
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let shard: String = row
+                    .try_get(0)
+                    .map_err(|e| ERRORS.error_for("list", namespace, None, e))?;
+                let key: String = row
+                    .try_get(1)
+                    .map_err(|e| ERRORS.error_for("list", namespace, Some(&shard), e))?;
+                let checkpoint = parse_sort_key(namespace, &shard, &key)?;
+                Ok((shard, checkpoint))
+            })
+            .collect()
     }
 }
 
