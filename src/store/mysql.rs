@@ -1,16 +1,13 @@
 //! `MySqlStore`: checkpoints in a MySQL or MariaDB table (feature `mysql`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
-use kinesis_tower_layers::{Checkpoint, CheckpointStore, SetOutcome, StoreError};
-use sqlx::mysql::{MySqlConnection, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{Executor, MySql, Row};
+use kinesis_tower_layers::{Checkpoint, SetOutcome, StoreError};
+use sqlx::mysql::{MySqlConnection, MySqlDatabaseError};
+use sqlx::{Executor, MySql, Pool};
 
 use super::retry::with_retries;
-use super::sql::{parse_sort_key, quote_table, Columns, ErrorKind, DEFAULT_TABLE};
-use super::BufferedStore;
+use super::sql::{sql_store, Columns, ErrorKind};
 
 const BACKEND: &str = "mysql";
 
@@ -86,7 +83,7 @@ fn retryable_number(number: u16) -> bool {
 /// `CLIENT_FOUND_ROWS`, under which a new row and a row left unchanged both count 1.)
 #[derive(Clone, Debug)]
 pub struct MySqlStore {
-    pool: MySqlPool,
+    pool: Pool<MySql>,
     table: Arc<str>,
     sql: Arc<Queries>,
 }
@@ -115,7 +112,10 @@ impl Queries {
                     PRIMARY KEY (namespace, shard_id)
                 ) ENGINE = InnoDB"
             ),
-            get: format!("SELECT sort_key FROM {t} WHERE namespace = ? AND shard_id = ?"),
+            // Binary-collated columns come back as bytes; converted, as text.
+            get: format!(
+                "SELECT CONVERT(sort_key USING utf8mb4) FROM {t} WHERE namespace = ? AND shard_id = ?"
+            ),
             update: format!(
                 "UPDATE {t} SET sort_key = ?, sequence_number = ?, sub_sequence_number = ?,
                     shard_end = ?, updated_at = CURRENT_TIMESTAMP(6)
@@ -127,49 +127,21 @@ impl Queries {
                  VALUES (?, ?, ?, ?, ?, ?)"
             ),
             list: format!(
-                "SELECT shard_id, sort_key FROM {t} WHERE namespace = ? ORDER BY shard_id"
+                "SELECT CONVERT(shard_id USING utf8mb4), CONVERT(sort_key USING utf8mb4)
+                 FROM {t} WHERE namespace = ? ORDER BY shard_id"
             ),
         }
     }
 }
 
+sql_store!(
+    MySqlStore,
+    MySql,
+    quote = '`',
+    url = "mysql://user:password@host:port/database"
+);
+
 impl MySqlStore {
-    /// Connects to `url` (`mysql://user:password@host:port/database`) and creates the
-    /// `kinesis_checkpoints` table if it does not exist.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::connect_with_table(url, DEFAULT_TABLE).await
-    }
-
-    /// Connects to `url` with checkpoints in `table` (`table` or `database.table`, each part
-    /// letters, digits and `_`; used exactly as given), created if missing.
-    pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
-        let quoted = quote_table(table, '`')?;
-        let pool = MySqlPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await
-            .map_err(|e| ERRORS.error("connect", e))?;
-        let store = Self::with_quoted(pool, table, &quoted);
-        store.create_table().await?;
-        Ok(store)
-    }
-
-    /// Uses the application's pool and `table` (validated as in
-    /// [`connect_with_table`](MySqlStore::connect_with_table)); call
-    /// [`create_table`](MySqlStore::create_table) if it may not exist yet.
-    pub fn from_pool(pool: MySqlPool, table: &str) -> Result<Self, StoreError> {
-        let quoted = quote_table(table, '`')?;
-        Ok(Self::with_quoted(pool, table, &quoted))
-    }
-
-    fn with_quoted(pool: MySqlPool, table: &str, quoted: &str) -> Self {
-        Self {
-            pool,
-            table: table.into(),
-            sql: Arc::new(Queries::new(quoted)),
-        }
-    }
-
     /// Creates the table if it does not exist (the DDL is in the type's docs).
     pub async fn create_table(&self) -> Result<(), StoreError> {
         with_retries(BACKEND, "create table", || async {
@@ -180,23 +152,6 @@ impl MySqlStore {
                 .map_err(|e| ERRORS.error("create table", e))
         })
         .await
-    }
-
-    /// This store behind a [`BufferedStore`]: checkpoints are kept in memory and written every
-    /// second (see [`BufferedStore::flush_interval`]) and on `flush`, which is how the consumer
-    /// should usually use it.
-    pub fn buffered(self) -> BufferedStore<Self> {
-        BufferedStore::new(self)
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &MySqlPool {
-        &self.pool
-    }
-
-    /// The table name as given.
-    pub fn table(&self) -> &str {
-        &self.table
     }
 
     /// Moves the shard's checkpoint forward inside the caller's transaction, with the same
@@ -320,84 +275,19 @@ impl MySqlStore {
         Ok(result.rows_affected() > 0)
     }
 
-    async fn select<'e, E: Executor<'e, Database = MySql>>(
-        &self,
-        executor: E,
-        namespace: &str,
-        shard_id: &str,
-    ) -> Result<Option<Checkpoint>, StoreError> {
-        let row = sqlx::query(&self.sql.get)
-            .bind(namespace)
-            .bind(shard_id)
-            .fetch_optional(executor)
-            .await
-            .map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
-        let Some(row) = row else { return Ok(None) };
-        let key =
-            text(&row, 0).map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
-        parse_sort_key(namespace, shard_id, &key).map(Some)
-    }
-}
-
-/// A binary-collated column (sqlx hands those out as bytes only) as text.
-fn text(row: &MySqlRow, index: usize) -> Result<String, sqlx::Error> {
-    let bytes: Vec<u8> = row.try_get(index)?;
-    String::from_utf8(bytes).map_err(|e| sqlx::Error::ColumnDecode {
-        index: index.to_string(),
-        source: Box::new(e),
-    })
-}
-
-#[async_trait]
-impl CheckpointStore for MySqlStore {
-    async fn get(&self, namespace: &str, shard_id: &str) -> Result<Option<Checkpoint>, StoreError> {
-        with_retries(BACKEND, "get", || {
-            self.select(&self.pool, namespace, shard_id)
-        })
-        .await
-    }
-
-    async fn set(
+    /// One attempt at a write, on a connection from the pool.
+    async fn write(
         &self,
         namespace: &str,
         shard_id: &str,
-        checkpoint: Checkpoint,
+        columns: &Columns,
     ) -> Result<SetOutcome, StoreError> {
-        let columns = Columns::of(&checkpoint);
-        with_retries(BACKEND, "set", || async {
-            let mut conn = self
-                .pool
-                .acquire()
-                .await
-                .map_err(|e| ERRORS.error_for("set", namespace, Some(shard_id), e))?;
-            self.upsert(&mut conn, namespace, shard_id, &columns).await
-        })
-        .await
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-        let rows = with_retries(BACKEND, "list", || async {
-            sqlx::query(&self.sql.list)
-                .bind(namespace)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| ERRORS.error_for("list", namespace, None, e))
-        })
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let shard =
-                    text(row, 0).map_err(|e| ERRORS.error_for("list", namespace, None, e))?;
-                let key = text(row, 1)
-                    .map_err(|e| ERRORS.error_for("list", namespace, Some(&shard), e))?;
-                let checkpoint = parse_sort_key(namespace, &shard, &key)?;
-                Ok((shard, checkpoint))
-            })
-            .collect()
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| ERRORS.error_for("set", namespace, Some(shard_id), e))?;
+        self.upsert(&mut conn, namespace, shard_id, columns).await
     }
 }
 

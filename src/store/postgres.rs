@@ -1,16 +1,13 @@
 //! `PostgresStore`: checkpoints in a PostgreSQL table (feature `postgres`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
-use kinesis_tower_layers::{Checkpoint, CheckpointStore, SetOutcome, StoreError};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Executor, Postgres, Row};
+use kinesis_tower_layers::{Checkpoint, SetOutcome, StoreError};
+use sqlx::postgres::PgConnection;
+use sqlx::{Executor, Pool, Postgres};
 
 use super::retry::with_retries;
-use super::sql::{parse_sort_key, quote_table, Columns, ErrorKind, DEFAULT_TABLE};
-use super::BufferedStore;
+use super::sql::{sql_store, Columns, ErrorKind};
 
 const BACKEND: &str = "postgres";
 
@@ -80,7 +77,7 @@ fn retryable_code(code: &str) -> bool {
 /// One row written means [`SetOutcome::Advanced`], none [`SetOutcome::NotAdvanced`].
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
-    pool: PgPool,
+    pool: Pool<Postgres>,
     table: Arc<str>,
     sql: Arc<Queries>,
 }
@@ -126,43 +123,14 @@ impl Queries {
     }
 }
 
+sql_store!(
+    PostgresStore,
+    Postgres,
+    quote = '"',
+    url = "postgres://user@host:port/database"
+);
+
 impl PostgresStore {
-    /// Connects to `url` (`postgres://user@host:port/database`) and creates the
-    /// `kinesis_checkpoints` table if it does not exist.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::connect_with_table(url, DEFAULT_TABLE).await
-    }
-
-    /// Connects to `url` with checkpoints in `table` (`table` or `schema.table`, each part
-    /// letters, digits and `_`; used exactly as given, case included), created if missing.
-    pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
-        let quoted = quote_table(table, '"')?;
-        let pool = PgPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await
-            .map_err(|e| ERRORS.error("connect", e))?;
-        let store = Self::with_quoted(pool, table, &quoted);
-        store.create_table().await?;
-        Ok(store)
-    }
-
-    /// Uses the application's pool and `table` (validated as in
-    /// [`connect_with_table`](PostgresStore::connect_with_table)); call
-    /// [`create_table`](PostgresStore::create_table) if it may not exist yet.
-    pub fn from_pool(pool: PgPool, table: &str) -> Result<Self, StoreError> {
-        let quoted = quote_table(table, '"')?;
-        Ok(Self::with_quoted(pool, table, &quoted))
-    }
-
-    fn with_quoted(pool: PgPool, table: &str, quoted: &str) -> Self {
-        Self {
-            pool,
-            table: table.into(),
-            sql: Arc::new(Queries::new(quoted)),
-        }
-    }
-
     /// Creates the table if it does not exist (the DDL is in the type's docs); safe to call
     /// from several processes at once.
     pub async fn create_table(&self) -> Result<(), StoreError> {
@@ -180,23 +148,6 @@ impl PostgresStore {
             }
         })
         .await
-    }
-
-    /// This store behind a [`BufferedStore`]: checkpoints are kept in memory and written every
-    /// second (see [`BufferedStore::flush_interval`]) and on `flush`, which is how the consumer
-    /// should usually use it.
-    pub fn buffered(self) -> BufferedStore<Self> {
-        BufferedStore::new(self)
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// The table name as given.
-    pub fn table(&self) -> &str {
-        &self.table
     }
 
     /// Moves the shard's checkpoint forward inside the caller's transaction, with the same
@@ -273,73 +224,14 @@ impl PostgresStore {
         })
     }
 
-    async fn select<'e, E: Executor<'e, Database = Postgres>>(
-        &self,
-        executor: E,
-        namespace: &str,
-        shard_id: &str,
-    ) -> Result<Option<Checkpoint>, StoreError> {
-        let row = sqlx::query(&self.sql.get)
-            .bind(namespace)
-            .bind(shard_id)
-            .fetch_optional(executor)
-            .await
-            .map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
-        let Some(row) = row else { return Ok(None) };
-        let key: String = row
-            .try_get(0)
-            .map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
-        parse_sort_key(namespace, shard_id, &key).map(Some)
-    }
-}
-
-#[async_trait]
-impl CheckpointStore for PostgresStore {
-    async fn get(&self, namespace: &str, shard_id: &str) -> Result<Option<Checkpoint>, StoreError> {
-        with_retries(BACKEND, "get", || {
-            self.select(&self.pool, namespace, shard_id)
-        })
-        .await
-    }
-
-    async fn set(
+    /// One attempt at a write through the pool.
+    async fn write(
         &self,
         namespace: &str,
         shard_id: &str,
-        checkpoint: Checkpoint,
+        columns: &Columns,
     ) -> Result<SetOutcome, StoreError> {
-        let columns = Columns::of(&checkpoint);
-        with_retries(BACKEND, "set", || {
-            self.upsert(&self.pool, namespace, shard_id, &columns)
-        })
-        .await
-    }
-
-    async fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-        let rows = with_retries(BACKEND, "list", || async {
-            sqlx::query(&self.sql.list)
-                .bind(namespace)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| ERRORS.error_for("list", namespace, None, e))
-        })
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let shard: String = row
-                    .try_get(0)
-                    .map_err(|e| ERRORS.error_for("list", namespace, None, e))?;
-                let key: String = row
-                    .try_get(1)
-                    .map_err(|e| ERRORS.error_for("list", namespace, Some(&shard), e))?;
-                let checkpoint = parse_sort_key(namespace, &shard, &key)?;
-                Ok((shard, checkpoint))
-            })
-            .collect()
+        self.upsert(&self.pool, namespace, shard_id, columns).await
     }
 }
 

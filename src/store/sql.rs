@@ -136,6 +136,145 @@ impl ErrorKind {
     }
 }
 
+/// What a SQL store does the same way on every database: its constructors and accessors,
+/// reading a checkpoint, and the [`CheckpointStore`](kinesis_tower_layers::CheckpointStore)
+/// impl (each round trip under `with_retries`).
+///
+/// The store type has the fields `pool: sqlx::Pool<$db>`, `table: Arc<str>` and
+/// `sql: Arc<Queries>`; its module defines `BACKEND`, `ERRORS`, `Queries` (with `Queries::new`
+/// and the `get` and `list` statements, which select text columns), `create_table` and
+/// `write` (one attempt at a set through the pool).
+macro_rules! sql_store {
+    ($store:ident, $db:ty, quote = $quote:literal, url = $url:literal) => {
+        impl $store {
+            #[doc = concat!("Connects to `", $url, "` and creates the `kinesis_checkpoints` table if it does not exist.")]
+            pub async fn connect(url: &str) -> Result<Self, StoreError> {
+                Self::connect_with_table(url, $crate::store::sql::DEFAULT_TABLE).await
+            }
+
+            /// Connects to `url` with checkpoints in `table`, created if missing. The name is
+            /// `table` or `schema.table` (MySQL: `database.table`), each part 1 to 63 letters,
+            /// digits and `_`, starting with a letter or `_`; it is quoted, so used exactly as
+            /// given, case included.
+            pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
+                let quoted = $crate::store::sql::quote_table(table, $quote)?;
+                let pool = sqlx::pool::PoolOptions::<$db>::new()
+                    .acquire_timeout(std::time::Duration::from_secs(5))
+                    .connect(url)
+                    .await
+                    .map_err(|e| ERRORS.error("connect", e))?;
+                let store = Self::with_quoted(pool, table, &quoted);
+                store.create_table().await?;
+                Ok(store)
+            }
+
+            /// Uses the application's pool and `table` (validated as in
+            /// [`connect_with_table`](Self::connect_with_table)); call
+            /// [`create_table`](Self::create_table) if it may not exist yet.
+            pub fn from_pool(pool: sqlx::Pool<$db>, table: &str) -> Result<Self, StoreError> {
+                let quoted = $crate::store::sql::quote_table(table, $quote)?;
+                Ok(Self::with_quoted(pool, table, &quoted))
+            }
+
+            fn with_quoted(pool: sqlx::Pool<$db>, table: &str, quoted: &str) -> Self {
+                Self {
+                    pool,
+                    table: table.into(),
+                    sql: std::sync::Arc::new(Queries::new(quoted)),
+                }
+            }
+
+            /// This store behind a [`BufferedStore`](crate::store::BufferedStore): checkpoints
+            /// are kept in memory and written every second (see
+            /// [`flush_interval`](crate::store::BufferedStore::flush_interval)) and on `flush`,
+            /// which is how a consumer should usually use it.
+            pub fn buffered(self) -> $crate::store::BufferedStore<Self> {
+                $crate::store::BufferedStore::new(self)
+            }
+
+            /// The pool.
+            pub fn pool(&self) -> &sqlx::Pool<$db> {
+                &self.pool
+            }
+
+            /// The table name as given.
+            pub fn table(&self) -> &str {
+                &self.table
+            }
+
+            async fn select<'e, E: sqlx::Executor<'e, Database = $db>>(
+                &self,
+                executor: E,
+                namespace: &str,
+                shard_id: &str,
+            ) -> Result<Option<Checkpoint>, StoreError> {
+                let key: Option<(String,)> = sqlx::query_as(&self.sql.get)
+                    .bind(namespace)
+                    .bind(shard_id)
+                    .fetch_optional(executor)
+                    .await
+                    .map_err(|e| ERRORS.error_for("get", namespace, Some(shard_id), e))?;
+                key.map(|(key,)| $crate::store::sql::parse_sort_key(namespace, shard_id, &key))
+                    .transpose()
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl kinesis_tower_layers::CheckpointStore for $store {
+            async fn get(
+                &self,
+                namespace: &str,
+                shard_id: &str,
+            ) -> Result<Option<Checkpoint>, StoreError> {
+                $crate::store::retry::with_retries(BACKEND, "get", || {
+                    self.select(&self.pool, namespace, shard_id)
+                })
+                .await
+            }
+
+            async fn set(
+                &self,
+                namespace: &str,
+                shard_id: &str,
+                checkpoint: Checkpoint,
+            ) -> Result<SetOutcome, StoreError> {
+                let columns = $crate::store::sql::Columns::of(&checkpoint);
+                $crate::store::retry::with_retries(BACKEND, "set", || {
+                    self.write(namespace, shard_id, &columns)
+                })
+                .await
+            }
+
+            async fn flush(&self) -> Result<(), StoreError> {
+                Ok(())
+            }
+
+            async fn list(
+                &self,
+                namespace: &str,
+            ) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+                let rows: Vec<(String, String)> =
+                    $crate::store::retry::with_retries(BACKEND, "list", || async {
+                        sqlx::query_as(&self.sql.list)
+                            .bind(namespace)
+                            .fetch_all(&self.pool)
+                            .await
+                            .map_err(|e| ERRORS.error_for("list", namespace, None, e))
+                    })
+                    .await?;
+                rows.into_iter()
+                    .map(|(shard, key)| {
+                        let checkpoint =
+                            $crate::store::sql::parse_sort_key(namespace, &shard, &key)?;
+                        Ok((shard, checkpoint))
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+pub(crate) use sql_store;
+
 #[cfg(test)]
 mod tests {
     use super::*;
