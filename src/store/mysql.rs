@@ -31,11 +31,12 @@ fn retryable_number(number: u16) -> bool {
 }
 
 /// Checkpoints in a MySQL (5.7+) or MariaDB (10.3+) table, written through: each
-/// [`set`](CheckpointStore::set) is one upsert. Wrap it in a buffered store
+/// [`set`](kinesis_tower_layers::CheckpointStore::set) is one guarded update (plus an insert
+/// for a shard's first checkpoint). Wrap it in a buffered store
 /// ([`buffered`](MySqlStore::buffered)) to write at most once a second per shard, as the
 /// consumer's store usually should.
 ///
-/// Monotonic on the server: the upsert only replaces a row whose `sort_key`
+/// Monotonic on the server: the update only replaces a row whose `sort_key`
 /// ([`Checkpoint::sort_key`], a binary-collated string) is smaller, so two processes, or a
 /// buffered write landing late, can never move a checkpoint backwards, and sequence numbers
 /// compare numerically (up to 128 digits; `DECIMAL` would hold only 65, so the decimal
@@ -155,7 +156,7 @@ impl MySqlStore {
     }
 
     /// Moves the shard's checkpoint forward inside the caller's transaction, with the same
-    /// server-side guard as [`set`](CheckpointStore::set): the checkpoint commits or rolls back
+    /// server-side guard as [`set`](kinesis_tower_layers::CheckpointStore::set): the checkpoint commits or rolls back
     /// with the handler's own writes, which is what makes output exactly-once.
     ///
     /// Not retried (retry the whole transaction). The handler then answers

@@ -31,7 +31,7 @@ fn retryable_code(code: &str) -> bool {
         )
 }
 
-/// Checkpoints in a PostgreSQL table, written through: each [`set`](CheckpointStore::set) is
+/// Checkpoints in a PostgreSQL table, written through: each [`set`](kinesis_tower_layers::CheckpointStore::set) is
 /// one upsert. Wrap it in a buffered store ([`buffered`](PostgresStore::buffered)) to write at
 /// most once a second per shard, as the consumer's store usually should.
 ///
@@ -151,7 +151,7 @@ impl PostgresStore {
     }
 
     /// Moves the shard's checkpoint forward inside the caller's transaction, with the same
-    /// server-side guard as [`set`](CheckpointStore::set): the checkpoint commits or rolls back
+    /// server-side guard as [`set`](kinesis_tower_layers::CheckpointStore::set): the checkpoint commits or rolls back
     /// with the handler's own writes, which is what makes output exactly-once.
     ///
     /// Not retried (an error aborts a Postgres transaction; retry the whole transaction). The
