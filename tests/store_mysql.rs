@@ -3,32 +3,21 @@
 #![cfg(feature = "mysql")]
 
 mod conformance;
-
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+mod sql_common;
 
 use kinesis_tower::layers::CheckpointStore;
-use kinesis_tower::store::{MySqlStore, SetOutcome, StoreError};
+use kinesis_tower::store::{MySqlStore, SetOutcome};
 use kinesis_tower::Checkpoint;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+
+use sql_common::{at, unique_table, SqlStore};
 
 fn url() -> String {
     std::env::var("KT_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
 }
 
-/// A table name no other test (or test process) uses.
-fn unique_table(prefix: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "kt_{prefix}_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        fastrand::u32(..)
-    )
-}
-
-async fn pool() -> MySqlPool {
+/// A pool for a handle on any table.
+async fn pool_for(_table: &str) -> MySqlPool {
     MySqlPoolOptions::new()
         .max_connections(4)
         .connect(&url())
@@ -36,60 +25,24 @@ async fn pool() -> MySqlPool {
         .expect("MariaDB on 127.0.0.1:3306 (source scripts/env.sh; ensure_mariadb)")
 }
 
+sql_common::sql_checks!(
+    MySqlStore,
+    db = sqlx::MySql,
+    quote = '`',
+    unreachable = "mysql://root@127.0.0.1:1/test",
+    pool = pool_for
+);
+
 async fn fresh_store(prefix: &str) -> MySqlStore {
-    let store = MySqlStore::from_pool(pool().await, &unique_table(prefix)).unwrap();
-    store.create_table().await.unwrap();
-    store
+    MySqlStore::open(&unique_table(prefix)).await
 }
 
 async fn drop_table(store: &MySqlStore) {
-    sqlx::query(&format!("DROP TABLE IF EXISTS `{}`", store.table()))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    SqlStore::drop_table(store).await;
 }
 
-/// A handle on the table named after the check's scope (created on first use).
-async fn scoped(scope: &str) -> MySqlStore {
-    let store = MySqlStore::from_pool(pool().await, scope).unwrap();
-    store.create_table().await.unwrap();
-    store
-}
-
-async fn drop_scope(scope: &str) {
-    drop_table(&scoped(scope).await).await;
-}
-
-conformance::suite!(
-    write_through,
-    make =
-        |scope: String| async move { Arc::new(scoped(&scope).await) as Arc<dyn CheckpointStore> },
-    cleanup = |scope: String| async move { drop_scope(&scope).await },
-);
-
-conformance::suite!(
-    buffered,
-    make = |scope: String| async move {
-        // Only explicit flushes write, which is what the suite checks.
-        let store = scoped(&scope)
-            .await
-            .buffered()
-            .flush_interval(Duration::from_secs(3600));
-        Arc::new(store) as Arc<dyn CheckpointStore>
-    },
-    cleanup = |scope: String| async move { drop_scope(&scope).await },
-);
-
-fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
-    Checkpoint::Sequence {
-        sequence_number: seq.parse().unwrap(),
-        sub_sequence_number: sub,
-    }
-}
-
-/// What the conformance suite does not look at: a new row right after a refusal on the same
-/// connection is still an insert, the informational columns hold the whole value, and keys
-/// are case-sensitive and sort bytewise.
+/// What the shared checks do not look at: a new row right after a refusal on the same
+/// connection is still an insert, and the informational columns hold the whole value.
 #[tokio::test]
 async fn outcomes_columns_and_bytewise_keys() {
     // One connection: every statement runs on the same session.
@@ -136,18 +89,6 @@ async fn outcomes_columns_and_bytewise_keys() {
         .await
         .unwrap();
     assert_eq!(columns(&store).await, (None, None, true));
-    for shard in ["b", "B", "a"] {
-        store.set("other/s", shard, at("1", None)).await.unwrap();
-    }
-    let shards: Vec<String> = store
-        .list("other/s")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(shard, _)| shard)
-        .collect();
-    assert_eq!(shards, ["B", "a", "b"]);
-    assert_eq!(store.get("OTHER/s", "b").await.unwrap(), None);
     drop_table(&store).await;
 }
 
@@ -177,23 +118,7 @@ async fn racing_first_writes_keep_the_greatest() {
 }
 
 #[tokio::test]
-async fn invalid_table_names_are_rejected_and_database_qualified_names_work() {
-    let pool = pool().await;
-    for bad in [
-        "",
-        "x; DROP TABLE y",
-        "1abc",
-        "a-b",
-        "a`b",
-        "a.b.c",
-        &"a".repeat(64),
-    ] {
-        let err = MySqlStore::from_pool(pool.clone(), bad).unwrap_err();
-        assert!(
-            matches!(err, StoreError::InvalidName { .. }),
-            "{bad}: {err}"
-        );
-    }
+async fn database_qualified_names_work() {
     let table = format!("test.{}", unique_table("qualified"));
     let store = MySqlStore::connect_with_table(&url(), &table)
         .await
@@ -201,49 +126,6 @@ async fn invalid_table_names_are_rejected_and_database_qualified_names_work() {
     store.create_table().await.unwrap();
     store.set("ns", "s", at("7", None)).await.unwrap();
     assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("7", None)));
-    sqlx::query(&format!(
-        "DROP TABLE `test`.`{}`",
-        table.trim_start_matches("test.")
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
-}
-
-#[tokio::test]
-async fn failures_are_errors_never_missing_checkpoints() {
-    let store = MySqlStore::from_pool(pool().await, &unique_table("missing")).unwrap();
-    let err = store.get("ns", "s").await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Backend {
-                retryable: false,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(store.set("ns", "s", at("1", None)).await.is_err());
-
-    let unreachable = MySqlPoolOptions::new()
-        .acquire_timeout(Duration::from_millis(500))
-        .connect_lazy("mysql://root@127.0.0.1:1/test")
-        .unwrap();
-    let store = MySqlStore::from_pool(unreachable, "kinesis_checkpoints").unwrap();
-    let err = store.get("ns", "s").await.unwrap_err();
-    assert!(err.is_retryable(), "{err}");
-
-    let store = fresh_store("corrupt").await;
-    sqlx::query(&format!(
-        "INSERT INTO `{}` (namespace, shard_id, sort_key) VALUES ('n', 's', 'garbage')",
-        store.table()
-    ))
-    .execute(store.pool())
-    .await
-    .unwrap();
-    let err = store.get("n", "s").await.unwrap_err();
-    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     drop_table(&store).await;
 }
 
@@ -258,7 +140,7 @@ async fn killed_connections_are_replaced_and_writes_continue() {
         .unwrap();
     let store = MySqlStore::from_pool(single, &unique_table("kill")).unwrap();
     store.create_table().await.unwrap();
-    let admin = pool().await;
+    let admin = pool_for("").await;
     store.set("ns", "s", at("1", None)).await.unwrap();
     for n in 2..8u32 {
         let (id,): (u64,) = sqlx::query_as("SELECT CONNECTION_ID()")
@@ -278,66 +160,5 @@ async fn killed_connections_are_replaced_and_writes_continue() {
         );
     }
     assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("7", None)));
-    drop_table(&store).await;
-}
-
-#[tokio::test]
-async fn set_in_commits_and_rolls_back_with_the_transaction() {
-    let store = fresh_store("set_in").await;
-    let mut tx = store.pool().begin().await.unwrap();
-    assert_eq!(
-        store
-            .set_in(&mut tx, "ns", "s", at("10", None))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store.get_in(&mut tx, "ns", "s").await.unwrap(),
-        Some(at("10", None))
-    );
-    tx.rollback().await.unwrap();
-    assert_eq!(store.get("ns", "s").await.unwrap(), None);
-
-    let mut tx = store.pool().begin().await.unwrap();
-    store
-        .set_in(&mut tx, "ns", "s", at("20", None))
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .set_in(&mut tx, "ns", "s", at("15", None))
-            .await
-            .unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    tx.commit().await.unwrap();
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("20", None)));
-    assert_eq!(
-        store.set("ns", "s", at("19", None)).await.unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("20", None)));
-    drop_table(&store).await;
-}
-
-/// A flush that fails keeps its checkpoints pending; the next one writes them.
-#[tokio::test]
-async fn a_failed_flush_keeps_the_checkpoints_pending() {
-    let store = fresh_store("flush_fails").await;
-    let buffered = store
-        .clone()
-        .buffered()
-        .flush_interval(Duration::from_secs(3600));
-    buffered.set("ns", "s", at("41", None)).await.unwrap();
-    drop_table(&store).await;
-    let err = buffered.flush().await.unwrap_err();
-    assert!(matches!(err, StoreError::Backend { .. }), "{err}");
-    assert_eq!(buffered.pending(), 1);
-    buffered.set("ns", "s", at("42", None)).await.unwrap();
-    store.create_table().await.unwrap();
-    buffered.flush().await.unwrap();
-    assert_eq!(buffered.pending(), 0);
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("42", None)));
     drop_table(&store).await;
 }

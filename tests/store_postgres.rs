@@ -5,6 +5,7 @@
 
 mod common;
 mod conformance;
+mod sql_common;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -13,25 +14,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore, Processed};
-use kinesis_tower::store::{PostgresStore, SetOutcome, StoreError};
+use kinesis_tower::store::{PostgresStore, SetOutcome};
 use kinesis_tower::{Batch, Checkpoint, Consumer, SequenceNumber, StartPosition};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tower::{service_fn, Layer};
 
+use sql_common::{at, unique_table, SqlStore};
+
 fn url() -> String {
     std::env::var("KT_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// A table name no other test (or test process) uses.
-fn unique_table(prefix: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "kt_{prefix}_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        fastrand::u32(..)
-    )
 }
 
 async fn pool_named(application_name: &str) -> PgPool {
@@ -45,63 +37,26 @@ async fn pool_named(application_name: &str) -> PgPool {
         .expect("PostgreSQL on 127.0.0.1:5432 (source scripts/env.sh; ensure_postgres)")
 }
 
-/// A store on a fresh table (created), with its pool's connections named after the table.
+sql_common::sql_checks!(
+    PostgresStore,
+    db = sqlx::Postgres,
+    quote = '"',
+    unreachable = "postgres://postgres@127.0.0.1:1/test",
+    pool = pool_named
+);
+
 async fn fresh_store(prefix: &str) -> PostgresStore {
-    let table = unique_table(prefix);
-    let store = PostgresStore::from_pool(pool_named(&table).await, &table).unwrap();
-    store.create_table().await.unwrap();
-    store
+    PostgresStore::open(&unique_table(prefix)).await
 }
 
 async fn drop_table(store: &PostgresStore) {
-    sqlx::query(&format!("DROP TABLE IF EXISTS \"{}\"", store.table()))
-        .execute(store.pool())
-        .await
-        .unwrap();
+    SqlStore::drop_table(store).await;
 }
 
-/// A handle on the table named after the check's scope (created on first use).
-async fn scoped(scope: &str) -> PostgresStore {
-    let store = PostgresStore::from_pool(pool_named(scope).await, scope).unwrap();
-    store.create_table().await.unwrap();
-    store
-}
-
-async fn drop_scope(scope: &str) {
-    drop_table(&scoped(scope).await).await;
-}
-
-conformance::suite!(
-    write_through,
-    make =
-        |scope: String| async move { Arc::new(scoped(&scope).await) as Arc<dyn CheckpointStore> },
-    cleanup = |scope: String| async move { drop_scope(&scope).await },
-);
-
-conformance::suite!(
-    buffered,
-    make = |scope: String| async move {
-        // Only explicit flushes write, which is what the suite checks.
-        let store = scoped(&scope)
-            .await
-            .buffered()
-            .flush_interval(Duration::from_secs(3600));
-        Arc::new(store) as Arc<dyn CheckpointStore>
-    },
-    cleanup = |scope: String| async move { drop_scope(&scope).await },
-);
-
-fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
-    Checkpoint::Sequence {
-        sequence_number: seq.parse().unwrap(),
-        sub_sequence_number: sub,
-    }
-}
-
-/// What the conformance suite does not look at: the informational columns hold the whole
-/// value (128 digits, a sub-sequence number past i64), and keys sort bytewise.
+/// What the shared checks do not look at: the informational columns hold the whole value
+/// (128 digits, a sub-sequence number past i64).
 #[tokio::test]
-async fn columns_hold_full_values_and_keys_sort_bytewise() {
+async fn columns_hold_full_values() {
     let store = fresh_store("columns").await;
     let big = "9".repeat(128);
     store
@@ -130,46 +85,12 @@ async fn columns_hold_full_values_and_keys_sort_bytewise() {
         .await
         .unwrap();
     assert_eq!(columns(&store).await, (None, None, true));
-    for shard in ["b", "B", "a"] {
-        store.set("other/s", shard, at("1", None)).await.unwrap();
-    }
-    let shards: Vec<String> = store
-        .list("other/s")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(shard, _)| shard)
-        .collect();
-    assert_eq!(shards, ["B", "a", "b"]);
     drop_table(&store).await;
 }
 
 #[tokio::test]
-async fn invalid_table_names_are_rejected_and_schema_qualified_names_work() {
+async fn schema_qualified_names_work() {
     let pool = pool_named("kt_names").await;
-    for bad in [
-        "",
-        "x; DROP TABLE y",
-        "1abc",
-        "a-b",
-        "a\"b",
-        "a.b.c",
-        "a.",
-        &"a".repeat(64),
-    ] {
-        let err = PostgresStore::from_pool(pool.clone(), bad).unwrap_err();
-        assert!(
-            matches!(err, StoreError::InvalidName { .. }),
-            "{bad}: {err}"
-        );
-        let err = PostgresStore::connect_with_table(&url(), bad)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, StoreError::InvalidName { .. }),
-            "{bad}: {err}"
-        );
-    }
     let schema = unique_table("schema");
     sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
         .execute(&pool)
@@ -204,48 +125,6 @@ async fn concurrent_create_table_calls_all_succeed() {
     for call in calls {
         call.await.unwrap().unwrap();
     }
-    drop_table(&store).await;
-}
-
-#[tokio::test]
-async fn failures_are_errors_never_missing_checkpoints() {
-    // A table that does not exist: not retryable, and never "no checkpoint".
-    let pool = pool_named("kt_missing").await;
-    let store = PostgresStore::from_pool(pool, &unique_table("missing")).unwrap();
-    let err = store.get("ns", "s").await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Backend {
-                retryable: false,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(err.to_string().contains("namespace ns"), "{err}");
-    assert!(store.set("ns", "s", at("1", None)).await.is_err());
-
-    // A server that is not there: retryable, and the retries end.
-    let unreachable = PgPoolOptions::new()
-        .acquire_timeout(Duration::from_millis(500))
-        .connect_lazy("postgres://postgres@127.0.0.1:1/test")
-        .unwrap();
-    let store = PostgresStore::from_pool(unreachable, "kinesis_checkpoints").unwrap();
-    let err = store.get("ns", "s").await.unwrap_err();
-    assert!(err.is_retryable(), "{err}");
-
-    // A row this library did not write.
-    let store = fresh_store("corrupt").await;
-    sqlx::query(&format!(
-        "INSERT INTO \"{}\" (namespace, shard_id, sort_key) VALUES ('n', 's', 'garbage')",
-        store.table()
-    ))
-    .execute(store.pool())
-    .await
-    .unwrap();
-    let err = store.get("n", "s").await.unwrap_err();
-    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     drop_table(&store).await;
 }
 
@@ -390,50 +269,6 @@ async fn consumer_run_survives_terminated_connections() {
     drop_table(&store).await;
 }
 
-/// The checkpoint commits and rolls back with the handler's transaction, under the same guard.
-#[tokio::test]
-async fn set_in_commits_and_rolls_back_with_the_transaction() {
-    let store = fresh_store("set_in").await;
-    let mut tx = store.pool().begin().await.unwrap();
-    assert_eq!(
-        store
-            .set_in(&mut tx, "ns", "s", at("10", None))
-            .await
-            .unwrap(),
-        SetOutcome::Advanced
-    );
-    assert_eq!(
-        store.get_in(&mut tx, "ns", "s").await.unwrap(),
-        Some(at("10", None))
-    );
-    tx.rollback().await.unwrap();
-    assert_eq!(store.get("ns", "s").await.unwrap(), None);
-
-    let mut tx = store.pool().begin().await.unwrap();
-    store
-        .set_in(&mut tx, "ns", "s", at("20", None))
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .set_in(&mut tx, "ns", "s", at("15", None))
-            .await
-            .unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    tx.commit().await.unwrap();
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("20", None)));
-
-    // A write landing late from outside the transaction (a buffered store flushing an older
-    // checkpoint) is refused by the server.
-    assert_eq!(
-        store.set("ns", "s", at("19", None)).await.unwrap(),
-        SetOutcome::NotAdvanced
-    );
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("20", None)));
-    drop_table(&store).await;
-}
-
 /// A handler that writes its output and its checkpoint in one transaction answers
 /// `SkipCheckpoint`; the shard's end is still recorded by the consumer.
 #[tokio::test]
@@ -534,51 +369,5 @@ async fn handler_transactions_with_skip_checkpoint_resume_without_duplicates() {
         .await
         .unwrap();
     common::delete_stream(&kinesis.client, &stream).await;
-    drop_table(&store).await;
-}
-
-/// A flush that fails keeps its checkpoints pending; the next one writes them.
-#[tokio::test]
-async fn a_failed_flush_keeps_the_checkpoints_pending() {
-    let store = fresh_store("flush_fails").await;
-    let buffered = store
-        .clone()
-        .buffered()
-        .flush_interval(Duration::from_secs(3600));
-    buffered.set("ns", "s", at("41", None)).await.unwrap();
-    drop_table(&store).await;
-    let err = buffered.flush().await.unwrap_err();
-    assert!(matches!(err, StoreError::Backend { .. }), "{err}");
-    assert_eq!(buffered.pending(), 1);
-    buffered.set("ns", "s", at("42", None)).await.unwrap();
-    store.create_table().await.unwrap();
-    buffered.flush().await.unwrap();
-    assert_eq!(buffered.pending(), 0);
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("42", None)));
-    drop_table(&store).await;
-}
-
-/// A buffered store's late flush of an older checkpoint does not undo a newer one a handler
-/// committed in its own transaction: the server refuses it.
-#[tokio::test]
-async fn a_late_buffered_flush_does_not_undo_a_transactional_checkpoint() {
-    let store = fresh_store("late_flush").await;
-    let buffered = store
-        .clone()
-        .buffered()
-        .flush_interval(Duration::from_secs(3600));
-    buffered.set("ns", "s", at("100", None)).await.unwrap();
-    let mut tx = store.pool().begin().await.unwrap();
-    store
-        .set_in(&mut tx, "ns", "s", at("200", None))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    buffered.flush().await.unwrap();
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("200", None)));
-    assert_eq!(
-        buffered.get("ns", "s").await.unwrap(),
-        Some(at("200", None))
-    );
     drop_table(&store).await;
 }
