@@ -10,7 +10,7 @@ use kinesis_tower::store::{MySqlStore, SetOutcome};
 use kinesis_tower::Checkpoint;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
-use sql_common::{at, unique_table, SqlStore};
+use sql_common::{at, fresh, unique_table, SqlStore};
 
 fn url() -> String {
     std::env::var("KT_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
@@ -32,14 +32,6 @@ sql_common::sql_checks!(
     unreachable = "mysql://root@127.0.0.1:1/test",
     pool = pool_for
 );
-
-async fn fresh_store(prefix: &str) -> MySqlStore {
-    MySqlStore::open(&unique_table(prefix)).await
-}
-
-async fn drop_table(store: &MySqlStore) {
-    SqlStore::drop_table(store).await;
-}
 
 /// What the shared checks do not look at: a new row right after a refusal on the same
 /// connection is still an insert, and the informational columns hold the whole value.
@@ -89,14 +81,14 @@ async fn outcomes_columns_and_bytewise_keys() {
         .await
         .unwrap();
     assert_eq!(columns(&store).await, (None, None, true));
-    drop_table(&store).await;
+    store.drop_table().await;
 }
 
 /// Writers racing on shards without a row: the losers of the insert fall back to the guarded
 /// update, and the greatest checkpoint wins.
 #[tokio::test]
 async fn racing_first_writes_keep_the_greatest() {
-    let store = fresh_store("race").await;
+    let store: MySqlStore = fresh("race").await;
     for shard in 0..5 {
         let shard = format!("shard-{shard}");
         let writers: Vec<_> = (1..=12u32)
@@ -114,7 +106,7 @@ async fn racing_first_writes_keep_the_greatest() {
         assert!(advanced >= 1);
         assert_eq!(store.get("ns", &shard).await.unwrap(), Some(at("12", None)));
     }
-    drop_table(&store).await;
+    store.drop_table().await;
 }
 
 #[tokio::test]
@@ -126,7 +118,7 @@ async fn database_qualified_names_work() {
     store.create_table().await.unwrap();
     store.set("ns", "s", at("7", None)).await.unwrap();
     assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("7", None)));
-    drop_table(&store).await;
+    store.drop_table().await;
 }
 
 /// A connection killed by the server (`KILL`) is replaced and writes go on.
@@ -160,5 +152,5 @@ async fn killed_connections_are_replaced_and_writes_continue() {
         );
     }
     assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("7", None)));
-    drop_table(&store).await;
+    store.drop_table().await;
 }

@@ -19,7 +19,7 @@ use kinesis_tower::{Batch, Checkpoint, Consumer, SequenceNumber, StartPosition};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tower::{service_fn, Layer};
 
-use sql_common::{at, unique_table, SqlStore};
+use sql_common::{at, fresh, unique_table, SqlStore};
 
 fn url() -> String {
     std::env::var("KT_POSTGRES_URL")
@@ -45,19 +45,11 @@ sql_common::sql_checks!(
     pool = pool_named
 );
 
-async fn fresh_store(prefix: &str) -> PostgresStore {
-    PostgresStore::open(&unique_table(prefix)).await
-}
-
-async fn drop_table(store: &PostgresStore) {
-    SqlStore::drop_table(store).await;
-}
-
 /// What the shared checks do not look at: the informational columns hold the whole value
 /// (128 digits, a sub-sequence number past i64).
 #[tokio::test]
 async fn columns_hold_full_values() {
-    let store = fresh_store("columns").await;
+    let store: PostgresStore = fresh("columns").await;
     let big = "9".repeat(128);
     store
         .set("app/s", "shard-1", at(&big, Some(u64::MAX)))
@@ -85,7 +77,7 @@ async fn columns_hold_full_values() {
         .await
         .unwrap();
     assert_eq!(columns(&store).await, (None, None, true));
-    drop_table(&store).await;
+    store.drop_table().await;
 }
 
 #[tokio::test]
@@ -116,8 +108,8 @@ async fn schema_qualified_names_work() {
 
 #[tokio::test]
 async fn concurrent_create_table_calls_all_succeed() {
-    let store = fresh_store("create_race").await;
-    drop_table(&store).await;
+    let store: PostgresStore = fresh("create_race").await;
+    store.drop_table().await;
     let calls = (0..6).map(|_| {
         let store = store.clone();
         tokio::spawn(async move { store.create_table().await })
@@ -125,7 +117,7 @@ async fn concurrent_create_table_calls_all_succeed() {
     for call in calls {
         call.await.unwrap().unwrap();
     }
-    drop_table(&store).await;
+    store.drop_table().await;
 }
 
 /// Ends every connection of the store's pool from another connection, as an administrator or
@@ -143,7 +135,7 @@ async fn terminate_connections(admin: &PgPool, application_name: &str) -> u64 {
 
 #[tokio::test]
 async fn terminated_connections_are_replaced_and_writes_continue() {
-    let store = fresh_store("terminate").await;
+    let store: PostgresStore = fresh("terminate").await;
     let admin = pool_named("kt_admin").await;
     store.set("ns", "s", at("1", None)).await.unwrap();
     for n in 2..10u32 {
@@ -161,7 +153,7 @@ async fn terminated_connections_are_replaced_and_writes_continue() {
             Some(at(&n.to_string(), None))
         );
     }
-    drop_table(&store).await;
+    store.drop_table().await;
 }
 
 /// A consumer run whose store connections are terminated over and over: the run goes on,
@@ -171,7 +163,7 @@ async fn terminated_connections_are_replaced_and_writes_continue() {
 async fn consumer_run_survives_terminated_connections() {
     const SHARDS: i32 = 2;
     const RECORDS: usize = 2_000;
-    let store = fresh_store("run_terminate").await;
+    let store: PostgresStore = fresh("run_terminate").await;
     let admin = pool_named("kt_admin").await;
     let kinesis = common::start_ferrokinesis().await;
     let stream = common::unique_stream_name("pg-terminate");
@@ -266,7 +258,7 @@ async fn consumer_run_survives_terminated_connections() {
         );
     }
     common::delete_stream(&kinesis.client, &stream).await;
-    drop_table(&store).await;
+    store.drop_table().await;
 }
 
 /// A handler that writes its output and its checkpoint in one transaction answers
@@ -274,7 +266,7 @@ async fn consumer_run_survives_terminated_connections() {
 #[tokio::test]
 async fn handler_transactions_with_skip_checkpoint_resume_without_duplicates() {
     const RECORDS: usize = 300;
-    let store = fresh_store("tx_handler").await;
+    let store: PostgresStore = fresh("tx_handler").await;
     let sink = format!("{}_sink", store.table());
     sqlx::query(&format!(
         "CREATE TABLE \"{sink}\" (shard_id TEXT, sequence_number NUMERIC(128,0), PRIMARY KEY (shard_id, sequence_number))"
@@ -369,5 +361,5 @@ async fn handler_transactions_with_skip_checkpoint_resume_without_duplicates() {
         .await
         .unwrap();
     common::delete_stream(&kinesis.client, &stream).await;
-    drop_table(&store).await;
+    store.drop_table().await;
 }

@@ -47,6 +47,35 @@ fn retryable_number(number: u16) -> bool {
 /// For exactly-once output into the same database, write the checkpoint inside your own
 /// transaction with [`set_in`](MySqlStore::set_in).
 ///
+/// In a transaction, a duplicate key on a shard's first checkpoint (another writer inserted it
+/// first) is handled inside `set_in`: InnoDB rolls back only that statement, not the
+/// transaction.
+///
+/// A handler doing so, which answers `Processed::SkipCheckpoint` so that `CheckpointLayer`
+/// does not write the checkpoint a second time:
+///
+/// ```no_run
+/// # use kinesis_tower::store::MySqlStore;
+/// # use kinesis_tower::layers::{Batch, Processed};
+/// # async fn handle(store: &MySqlStore, namespace: &str, batch: Batch)
+/// #     -> Result<Processed, Box<dyn std::error::Error + Send + Sync>> {
+/// let mut tx = store.pool().begin().await?;
+/// for record in &batch.records {
+///     sqlx::query("INSERT INTO events (shard_id, sequence_number, data) VALUES (?, ?, ?)")
+///         .bind(&*record.shard_id)
+///         .bind(record.sequence_number.to_string())
+///         .bind(&record.data[..])
+///         .execute(&mut *tx)
+///         .await?;
+/// }
+/// if let Some(checkpoint) = batch.checkpoint() {
+///     store.set_in(&mut tx, namespace, &batch.shard_id, checkpoint).await?;
+/// }
+/// tx.commit().await?;
+/// Ok(Processed::SkipCheckpoint)
+/// # }
+/// ```
+///
 /// The table ([`create_table`](MySqlStore::create_table); `kinesis_checkpoints` unless another
 /// name is given):
 ///
@@ -138,6 +167,7 @@ impl Queries {
 sql_store!(
     MySqlStore,
     MySql,
+    conn = MySqlConnection,
     quote = '`',
     url = "mysql://user:password@host:port/database"
 );
@@ -153,57 +183,6 @@ impl MySqlStore {
                 .map_err(|e| ERRORS.error("create table", e))
         })
         .await
-    }
-
-    /// Moves the shard's checkpoint forward inside the caller's transaction, with the same
-    /// server-side guard as [`set`](kinesis_tower_layers::CheckpointStore::set): the checkpoint commits or rolls back
-    /// with the handler's own writes, which is what makes output exactly-once.
-    ///
-    /// Not retried (retry the whole transaction). The handler then answers
-    /// `Processed::SkipCheckpoint` so that `CheckpointLayer` does not write the checkpoint a
-    /// second time. A duplicate-key error on the shard's first checkpoint is handled inside
-    /// (InnoDB rolls back only that statement, not the transaction).
-    ///
-    /// ```no_run
-    /// # use kinesis_tower::store::MySqlStore;
-    /// # use kinesis_tower::layers::{Batch, Processed};
-    /// # async fn handle(store: &MySqlStore, namespace: &str, batch: Batch)
-    /// #     -> Result<Processed, Box<dyn std::error::Error + Send + Sync>> {
-    /// let mut tx = store.pool().begin().await?;
-    /// for record in &batch.records {
-    ///     sqlx::query("INSERT INTO events (shard_id, sequence_number, data) VALUES (?, ?, ?)")
-    ///         .bind(&*record.shard_id)
-    ///         .bind(record.sequence_number.to_string())
-    ///         .bind(&record.data[..])
-    ///         .execute(&mut *tx)
-    ///         .await?;
-    /// }
-    /// if let Some(checkpoint) = batch.checkpoint() {
-    ///     store.set_in(&mut tx, namespace, &batch.shard_id, checkpoint).await?;
-    /// }
-    /// tx.commit().await?;
-    /// Ok(Processed::SkipCheckpoint)
-    /// # }
-    /// ```
-    pub async fn set_in(
-        &self,
-        conn: &mut MySqlConnection,
-        namespace: &str,
-        shard_id: &str,
-        checkpoint: Checkpoint,
-    ) -> Result<SetOutcome, StoreError> {
-        let columns = Columns::of(&checkpoint);
-        self.upsert(conn, namespace, shard_id, &columns).await
-    }
-
-    /// The shard's checkpoint as the caller's transaction sees it.
-    pub async fn get_in(
-        &self,
-        conn: &mut MySqlConnection,
-        namespace: &str,
-        shard_id: &str,
-    ) -> Result<Option<Checkpoint>, StoreError> {
-        self.select(conn, namespace, shard_id).await
     }
 
     /// The guarded update, else an insert; see the type's docs.

@@ -45,6 +45,31 @@ fn retryable_code(code: &str) -> bool {
 /// For exactly-once output into the same database, write the checkpoint inside your own
 /// transaction with [`set_in`](PostgresStore::set_in).
 ///
+/// A handler doing so, which answers `Processed::SkipCheckpoint` so that `CheckpointLayer`
+/// does not write the checkpoint a second time:
+///
+/// ```no_run
+/// # use kinesis_tower::store::PostgresStore;
+/// # use kinesis_tower::layers::{Batch, Checkpoint, Processed};
+/// # async fn handle(store: &PostgresStore, namespace: &str, batch: Batch)
+/// #     -> Result<Processed, Box<dyn std::error::Error + Send + Sync>> {
+/// let mut tx = store.pool().begin().await?;
+/// for record in &batch.records {
+///     sqlx::query("INSERT INTO events (shard_id, sequence_number, data) VALUES ($1, $2, $3)")
+///         .bind(&*record.shard_id)
+///         .bind(record.sequence_number.to_string())
+///         .bind(&record.data[..])
+///         .execute(&mut *tx)
+///         .await?;
+/// }
+/// if let Some(checkpoint) = batch.checkpoint() {
+///     store.set_in(&mut tx, namespace, &batch.shard_id, checkpoint).await?;
+/// }
+/// tx.commit().await?;
+/// Ok(Processed::SkipCheckpoint)
+/// # }
+/// ```
+///
 /// The table ([`create_table`](PostgresStore::create_table); `kinesis_checkpoints` unless
 /// another name is given):
 ///
@@ -126,6 +151,7 @@ impl Queries {
 sql_store!(
     PostgresStore,
     Postgres,
+    conn = PgConnection,
     quote = '"',
     url = "postgres://user@host:port/database"
 );
@@ -148,56 +174,6 @@ impl PostgresStore {
             }
         })
         .await
-    }
-
-    /// Moves the shard's checkpoint forward inside the caller's transaction, with the same
-    /// server-side guard as [`set`](kinesis_tower_layers::CheckpointStore::set): the checkpoint commits or rolls back
-    /// with the handler's own writes, which is what makes output exactly-once.
-    ///
-    /// Not retried (an error aborts a Postgres transaction; retry the whole transaction). The
-    /// handler then answers `Processed::SkipCheckpoint` so that `CheckpointLayer` does not
-    /// write the checkpoint a second time.
-    ///
-    /// ```no_run
-    /// # use kinesis_tower::store::PostgresStore;
-    /// # use kinesis_tower::layers::{Batch, Checkpoint, Processed};
-    /// # async fn handle(store: &PostgresStore, namespace: &str, batch: Batch)
-    /// #     -> Result<Processed, Box<dyn std::error::Error + Send + Sync>> {
-    /// let mut tx = store.pool().begin().await?;
-    /// for record in &batch.records {
-    ///     sqlx::query("INSERT INTO events (shard_id, sequence_number, data) VALUES ($1, $2, $3)")
-    ///         .bind(&*record.shard_id)
-    ///         .bind(record.sequence_number.to_string())
-    ///         .bind(&record.data[..])
-    ///         .execute(&mut *tx)
-    ///         .await?;
-    /// }
-    /// if let Some(checkpoint) = batch.checkpoint() {
-    ///     store.set_in(&mut tx, namespace, &batch.shard_id, checkpoint).await?;
-    /// }
-    /// tx.commit().await?;
-    /// Ok(Processed::SkipCheckpoint)
-    /// # }
-    /// ```
-    pub async fn set_in(
-        &self,
-        conn: &mut PgConnection,
-        namespace: &str,
-        shard_id: &str,
-        checkpoint: Checkpoint,
-    ) -> Result<SetOutcome, StoreError> {
-        let columns = Columns::of(&checkpoint);
-        self.upsert(conn, namespace, shard_id, &columns).await
-    }
-
-    /// The shard's checkpoint as the caller's transaction sees it.
-    pub async fn get_in(
-        &self,
-        conn: &mut PgConnection,
-        namespace: &str,
-        shard_id: &str,
-    ) -> Result<Option<Checkpoint>, StoreError> {
-        self.select(conn, namespace, shard_id).await
     }
 
     async fn upsert<'e, E: Executor<'e, Database = Postgres>>(

@@ -143,9 +143,9 @@ impl ErrorKind {
 /// The store type has the fields `pool: sqlx::Pool<$db>`, `table: Arc<str>` and
 /// `sql: Arc<Queries>`; its module defines `BACKEND`, `ERRORS`, `Queries` (with `Queries::new`
 /// and the `get` and `list` statements, which select text columns), `create_table` and
-/// `write` (one attempt at a set through the pool).
+/// `write` (one attempt at a set through the pool) and `upsert` (one on a given connection).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, quote = $quote:literal, url = $url:literal) => {
+    ($store:ident, $db:ty, conn = $conn:ty, quote = $quote:literal, url = $url:literal) => {
         impl $store {
             #[doc = concat!("Connects to `", $url, "` and creates the `kinesis_checkpoints` table if it does not exist.")]
             pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -200,6 +200,34 @@ macro_rules! sql_store {
             /// The table name as given.
             pub fn table(&self) -> &str {
                 &self.table
+            }
+
+            /// Moves the shard's checkpoint forward inside the caller's transaction (pass
+            /// `&mut tx`), with the same server-side guard as
+            /// [`set`](kinesis_tower_layers::CheckpointStore::set): the checkpoint commits or
+            /// rolls back with the handler's own writes, which is what makes output
+            /// exactly-once (see the example on the type).
+            ///
+            /// Not retried: retry the whole transaction.
+            pub async fn set_in(
+                &self,
+                conn: &mut $conn,
+                namespace: &str,
+                shard_id: &str,
+                checkpoint: Checkpoint,
+            ) -> Result<SetOutcome, StoreError> {
+                let columns = $crate::store::sql::Columns::of(&checkpoint);
+                self.upsert(conn, namespace, shard_id, &columns).await
+            }
+
+            /// The shard's checkpoint as the caller's transaction sees it.
+            pub async fn get_in(
+                &self,
+                conn: &mut $conn,
+                namespace: &str,
+                shard_id: &str,
+            ) -> Result<Option<Checkpoint>, StoreError> {
+                self.select(conn, namespace, shard_id).await
             }
 
             async fn select<'e, E: sqlx::Executor<'e, Database = $db>>(

@@ -21,6 +21,11 @@ pub fn unique_table(prefix: &str) -> String {
     )
 }
 
+/// A handle on a new table of its own (drop it with [`SqlStore::drop_table`]).
+pub async fn fresh<S: SqlStore>(prefix: &str) -> S {
+    S::open(&unique_table(prefix)).await
+}
+
 pub fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
     Checkpoint::Sequence {
         sequence_number: seq.parse().unwrap(),
@@ -195,9 +200,9 @@ macro_rules! sql_checks {
             #[tokio::test]
             async fn a_late_buffered_flush_does_not_undo_a_transactional_checkpoint() {
                 sql_common::a_late_buffered_flush_does_not_undo_a_transactional_checkpoint::<
-                                                    $store,
-                                                >()
-                                                .await;
+                                                                    $store,
+                                                                >()
+                                                                .await;
             }
         }
     };
