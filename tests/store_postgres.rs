@@ -42,43 +42,9 @@ sql_common::sql_checks!(
     db = sqlx::Postgres,
     quote = '"',
     unreachable = "postgres://postgres@127.0.0.1:1/test",
-    pool = pool_named
+    pool = pool_named,
+    columns = "SELECT sequence_number::text, sub_sequence_number::text, shard_end FROM {t} WHERE shard_id = $1"
 );
-
-/// What the shared checks do not look at: the informational columns hold the whole value
-/// (128 digits, a sub-sequence number past i64).
-#[tokio::test]
-async fn columns_hold_full_values() {
-    let store: PostgresStore = fresh("columns").await;
-    let big = "9".repeat(128);
-    store
-        .set("app/s", "shard-1", at(&big, Some(u64::MAX)))
-        .await
-        .unwrap();
-    let columns = |store: &PostgresStore| {
-        let sql = format!(
-            "SELECT sequence_number::text, sub_sequence_number::text, shard_end FROM \"{}\"",
-            store.table()
-        );
-        let pool = store.pool().clone();
-        async move {
-            sqlx::query_as::<_, (Option<String>, Option<String>, bool)>(&sql)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(
-        columns(&store).await,
-        (Some(big.clone()), Some(u64::MAX.to_string()), false)
-    );
-    store
-        .set("app/s", "shard-1", Checkpoint::ShardEnd)
-        .await
-        .unwrap();
-    assert_eq!(columns(&store).await, (None, None, true));
-    store.drop_table().await;
-}
 
 #[tokio::test]
 async fn schema_qualified_names_work() {

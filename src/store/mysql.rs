@@ -4,9 +4,8 @@ use std::sync::Arc;
 
 use kinesis_tower_layers::{Checkpoint, SetOutcome, StoreError};
 use sqlx::mysql::{MySqlConnection, MySqlDatabaseError};
-use sqlx::{Executor, MySql, Pool};
+use sqlx::{MySql, Pool};
 
-use super::retry::with_retries;
 use super::sql::{sql_store, Columns, ErrorKind};
 
 const BACKEND: &str = "mysql";
@@ -164,6 +163,11 @@ impl Queries {
     }
 }
 
+/// MySQL serializes `CREATE TABLE IF NOT EXISTS` under a metadata lock: no race to forgive.
+fn created_meanwhile(_: &sqlx::Error) -> bool {
+    false
+}
+
 sql_store!(
     MySqlStore,
     MySql,
@@ -173,18 +177,6 @@ sql_store!(
 );
 
 impl MySqlStore {
-    /// Creates the table if it does not exist (the DDL is in the type's docs).
-    pub async fn create_table(&self) -> Result<(), StoreError> {
-        with_retries(BACKEND, "create table", || async {
-            self.pool
-                .execute(self.sql.create.as_str())
-                .await
-                .map(drop)
-                .map_err(|e| ERRORS.error("create table", e))
-        })
-        .await
-    }
-
     /// The guarded update, else an insert; see the type's docs.
     async fn upsert(
         &self,

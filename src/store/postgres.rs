@@ -6,7 +6,6 @@ use kinesis_tower_layers::{Checkpoint, SetOutcome, StoreError};
 use sqlx::postgres::PgConnection;
 use sqlx::{Executor, Pool, Postgres};
 
-use super::retry::with_retries;
 use super::sql::{sql_store, Columns, ErrorKind};
 
 const BACKEND: &str = "postgres";
@@ -148,6 +147,12 @@ impl Queries {
     }
 }
 
+/// Two concurrent `CREATE TABLE IF NOT EXISTS` race on the catalog: the loser reports a
+/// duplicate although the table now exists.
+fn created_meanwhile(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("23505" | "42P07")))
+}
+
 sql_store!(
     PostgresStore,
     Postgres,
@@ -157,25 +162,6 @@ sql_store!(
 );
 
 impl PostgresStore {
-    /// Creates the table if it does not exist (the DDL is in the type's docs); safe to call
-    /// from several processes at once.
-    pub async fn create_table(&self) -> Result<(), StoreError> {
-        with_retries(BACKEND, "create table", || async {
-            match self.pool.execute(self.sql.create.as_str()).await {
-                Ok(_) => Ok(()),
-                // Two concurrent `CREATE TABLE IF NOT EXISTS` race on the catalog: the loser
-                // reports a duplicate although the table now exists.
-                Err(sqlx::Error::Database(db))
-                    if matches!(db.code().as_deref(), Some("23505" | "42P07")) =>
-                {
-                    Ok(())
-                }
-                Err(e) => Err(ERRORS.error("create table", e)),
-            }
-        })
-        .await
-    }
-
     async fn upsert<'e, E: Executor<'e, Database = Postgres>>(
         &self,
         executor: E,

@@ -142,7 +142,8 @@ impl ErrorKind {
 ///
 /// The store type has the fields `pool: sqlx::Pool<$db>`, `table: Arc<str>` and
 /// `sql: Arc<Queries>`; its module defines `BACKEND`, `ERRORS`, `Queries` (with `Queries::new`
-/// and the `get` and `list` statements, which select text columns), `create_table` and
+/// and the `create`, `get` and `list` statements; the last two select text columns),
+/// `created_meanwhile` (whether a failed `CREATE TABLE IF NOT EXISTS` lost a race), and
 /// `write` (one attempt at a set through the pool) and `upsert` (one on a given connection).
 macro_rules! sql_store {
     ($store:ident, $db:ty, conn = $conn:ty, quote = $quote:literal, url = $url:literal) => {
@@ -182,6 +183,19 @@ macro_rules! sql_store {
                     table: table.into(),
                     sql: std::sync::Arc::new(Queries::new(quoted)),
                 }
+            }
+
+            /// Creates the table if it does not exist (the DDL is in the type's docs); safe to
+            /// call from several processes at once.
+            pub async fn create_table(&self) -> Result<(), StoreError> {
+                $crate::store::retry::with_retries(BACKEND, "create table", || async {
+                    match sqlx::Executor::execute(&self.pool, self.sql.create.as_str()).await {
+                        Ok(_) => Ok(()),
+                        Err(e) if created_meanwhile(&e) => Ok(()),
+                        Err(e) => Err(ERRORS.error("create table", e)),
+                    }
+                })
+                .await
             }
 
             /// This store behind a [`BufferedStore`](crate::store::BufferedStore): checkpoints

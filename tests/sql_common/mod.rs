@@ -47,6 +47,9 @@ pub trait SqlStore: CheckpointStore + Clone + std::fmt::Debug + Sized {
     async fn create_table(&self) -> Result<(), StoreError>;
     /// Runs `sql` with `{t}` replaced by the quoted table name.
     async fn execute(&self, sql: &str);
+    /// The shard's informational columns as text: sequence number, sub-sequence number, shard
+    /// end.
+    async fn columns(&self, shard_id: &str) -> (Option<String>, Option<String>, bool);
     /// `set_in` of each checkpoint in one transaction, then committed or rolled back.
     async fn set_in_transaction(
         &self,
@@ -66,7 +69,7 @@ pub trait SqlStore: CheckpointStore + Clone + std::fmt::Debug + Sized {
 /// through, and buffered with only explicit flushes) and the shared checks. The test file
 /// defines `url()` (the test server) and `$pool(table)` (a pool for a handle on `table`).
 macro_rules! sql_checks {
-    ($store:ident, db = $db:ty, quote = $quote:literal, unreachable = $unreachable:literal, pool = $pool:ident) => {
+    ($store:ident, db = $db:ty, quote = $quote:literal, unreachable = $unreachable:literal, pool = $pool:ident, columns = $columns:literal) => {
         impl sql_common::SqlStore for $store {
             async fn open(table: &str) -> Self {
                 let store = $store::from_pool($pool(table).await, table).unwrap();
@@ -103,6 +106,16 @@ macro_rules! sql_checks {
                     .execute(self.pool())
                     .await
                     .unwrap();
+            }
+
+            async fn columns(&self, shard_id: &str) -> (Option<String>, Option<String>, bool) {
+                let q = $quote;
+                let quoted = format!("{q}{}{q}", self.table().replace('.', &format!("{q}.{q}")));
+                sqlx::query_as(&$columns.replace("{t}", &quoted))
+                    .bind(shard_id)
+                    .fetch_one(self.pool())
+                    .await
+                    .unwrap()
             }
 
             async fn set_in_transaction(
@@ -183,6 +196,11 @@ macro_rules! sql_checks {
             }
 
             #[tokio::test]
+            async fn columns_hold_full_values() {
+                sql_common::columns_hold_full_values::<$store>().await;
+            }
+
+            #[tokio::test]
             async fn keys_are_case_sensitive_and_sort_bytewise() {
                 sql_common::keys_are_case_sensitive_and_sort_bytewise::<$store>().await;
             }
@@ -200,9 +218,9 @@ macro_rules! sql_checks {
             #[tokio::test]
             async fn a_late_buffered_flush_does_not_undo_a_transactional_checkpoint() {
                 sql_common::a_late_buffered_flush_does_not_undo_a_transactional_checkpoint::<
-                                                                    $store,
-                                                                >()
-                                                                .await;
+                                                                                            $store,
+                                                                                        >()
+                                                                                        .await;
             }
         }
     };
@@ -266,6 +284,24 @@ pub async fn failures_are_errors_never_missing_checkpoints<S: SqlStore>() {
     let err = store.get("n", "s").await.unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     assert!(store.list("n").await.is_err());
+    store.drop_table().await;
+}
+
+/// The informational columns beside the sort key hold the whole value: 128 digits, a
+/// sub-sequence number past i64, NULLs and the flag at shard end.
+pub async fn columns_hold_full_values<S: SqlStore>() {
+    let store: S = fresh("columns").await;
+    let big = "9".repeat(128);
+    store
+        .set("ns", "s", at(&big, Some(u64::MAX)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.columns("s").await,
+        (Some(big), Some(u64::MAX.to_string()), false)
+    );
+    store.set("ns", "s", Checkpoint::ShardEnd).await.unwrap();
+    assert_eq!(store.columns("s").await, (None, None, true));
     store.drop_table().await;
 }
 
