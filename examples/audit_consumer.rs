@@ -131,6 +131,19 @@ async fn open_store(spec: &str, flush: Duration) -> Result<Arc<dyn CheckpointSto
         let store = kinesis_tower::store::MySqlStore::connect(spec).await?;
         return Ok(Arc::new(store.buffered().flush_interval(flush)));
     }
+    #[cfg(feature = "redis")]
+    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        return Ok(Arc::new(
+            kinesis_tower::store::RedisStore::connect(spec).await?,
+        ));
+    }
+    #[cfg(feature = "dynamodb")]
+    if let Some(table) = spec.strip_prefix("dynamodb:") {
+        let config = aws_config::load_from_env().await;
+        let store = kinesis_tower::store::DynamoDbStore::from_sdk_config(&config, table)?;
+        store.create_table().await?;
+        return Ok(Arc::new(store.buffered().flush_interval(flush)));
+    }
     Err(format!("--store {spec:?}: not a store this build supports (sqlite:PATH)").into())
 }
 

@@ -237,6 +237,46 @@ async fn sqlite_survives_kill_9() {
     crash_and_restart(&store, Duration::ZERO).await;
 }
 
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_survives_kill_9() {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned());
+    crash_and_restart(&url, Duration::ZERO).await;
+    // The checkpoints of this process's crash streams: `<prefix>:crash-test/crash-<pid>-...`.
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let pattern = format!(
+        "kinesis-checkpoints:crash-test/crash-{}-*",
+        std::process::id()
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for key in keys {
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+#[cfg(feature = "dynamodb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_buffered_survives_kill_9() {
+    let table = unique_stream_name("crash-ddb");
+    crash_and_restart(&format!("dynamodb:{table}"), Duration::from_secs(1)).await;
+    let config = aws_config::load_from_env().await;
+    aws_sdk_dynamodb::Client::new(&config)
+        .delete_table()
+        .table_name(&table)
+        .send()
+        .await
+        .unwrap();
+}
+
 /// Runs the crash test with a SQL store on `server`, in a database of its own (so the store's
 /// default table is created fresh), dropped afterwards with `DROP DATABASE <name><drop_options>`.
 #[cfg(any(feature = "postgres", feature = "mysql"))]

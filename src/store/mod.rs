@@ -24,6 +24,16 @@ mod sqlite;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
+
+#[cfg(feature = "dynamodb")]
+mod dynamodb;
+#[cfg(feature = "dynamodb")]
+pub use dynamodb::DynamoDbStore;
+
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod sql;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
