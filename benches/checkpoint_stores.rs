@@ -9,10 +9,15 @@
 //!   speed, not DynamoDB's.
 //! * `dynamodb_buffered`: the same behind `BufferedStore` (1 s interval), each sample ending
 //!   with a `flush`, so the figure includes writing the 64 shards' last checkpoints.
+//! * `postgres`, `mysql`: `PostgresStore` / `MySqlStore` writing through (one guarded upsert /
+//!   update per checkpoint) to the local servers (`KT_POSTGRES_URL`, `KT_MYSQL_URL`; defaults
+//!   the test servers), in a table of their own that is dropped afterwards.
+//! * `postgres_buffered`, `mysql_buffered`: the same behind `BufferedStore`, as the consumer
+//!   uses them, each sample ending with a `flush`.
 //!
 //! A back-end that is not reachable is skipped with a message.
 //!
-//! `source scripts/env.sh && cargo bench --bench checkpoint_stores --features redis,dynamodb`
+//! `source scripts/env.sh && cargo bench --bench checkpoint_stores --all-features`
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kinesis_tower::layers::{CheckpointStore, MemoryStore};
-use kinesis_tower::store::{DynamoDbStore, RedisStore};
+use kinesis_tower::store::{DynamoDbStore, MySqlStore, PostgresStore, RedisStore};
 use kinesis_tower::{Checkpoint, SequenceNumber};
 
 const SHARDS: usize = 64;
@@ -95,6 +100,24 @@ async fn dynamodb_store(table: &str) -> Option<DynamoDbStore> {
     }
 }
 
+async fn postgres_store(table: &str) -> Option<PostgresStore> {
+    let url = std::env::var("KT_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    PostgresStore::connect_with_table(&url, table)
+        .await
+        .map_err(|err| eprintln!("skipping postgres: {err}"))
+        .ok()
+}
+
+async fn mysql_store(table: &str) -> Option<MySqlStore> {
+    let url = std::env::var("KT_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned());
+    MySqlStore::connect_with_table(&url, table)
+        .await
+        .map_err(|err| eprintln!("skipping mysql: {err}"))
+        .ok()
+}
+
 fn bench(c: &mut Criterion) {
     let rt = runtime();
     let shards = shards();
@@ -112,6 +135,17 @@ fn bench(c: &mut Criterion) {
     if let Some(store) = &dynamodb {
         stores.push(("dynamodb", Arc::new(store.clone())));
         stores.push(("dynamodb_buffered", Arc::new(store.clone().buffered())));
+    }
+    let sql_table = format!("kt_bench_{}", std::process::id());
+    let postgres = rt.block_on(postgres_store(&sql_table));
+    if let Some(store) = &postgres {
+        stores.push(("postgres", Arc::new(store.clone())));
+        stores.push(("postgres_buffered", Arc::new(store.clone().buffered())));
+    }
+    let mysql = rt.block_on(mysql_store(&sql_table));
+    if let Some(store) = &mysql {
+        stores.push(("mysql", Arc::new(store.clone())));
+        stores.push(("mysql_buffered", Arc::new(store.clone().buffered())));
     }
 
     let mut group = c.benchmark_group("checkpoint_set_64_shards");
@@ -140,6 +174,14 @@ fn bench(c: &mut Criterion) {
                 .table_name(store.table())
                 .send()
                 .await;
+        }
+        if let Some(store) = &postgres {
+            let drop = format!("DROP TABLE IF EXISTS \"{}\"", store.table());
+            let _ = sqlx::query(&drop).execute(store.pool()).await;
+        }
+        if let Some(store) = &mysql {
+            let drop = format!("DROP TABLE IF EXISTS `{}`", store.table());
+            let _ = sqlx::query(&drop).execute(store.pool()).await;
         }
     });
 }

@@ -121,6 +121,16 @@ async fn open_store(spec: &str, flush: Duration) -> Result<Arc<dyn CheckpointSto
             kinesis_tower::store::SqliteStore::open(path).await?,
         ));
     }
+    #[cfg(feature = "postgres")]
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        let store = kinesis_tower::store::PostgresStore::connect(spec).await?;
+        return Ok(Arc::new(store.buffered().flush_interval(flush)));
+    }
+    #[cfg(feature = "mysql")]
+    if spec.starts_with("mysql://") {
+        let store = kinesis_tower::store::MySqlStore::connect(spec).await?;
+        return Ok(Arc::new(store.buffered().flush_interval(flush)));
+    }
     #[cfg(feature = "redis")]
     if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         return Ok(Arc::new(

@@ -276,3 +276,43 @@ async fn dynamodb_buffered_survives_kill_9() {
         .await
         .unwrap();
 }
+
+/// Runs the crash test with a SQL store on `server`, in a database of its own (so the store's
+/// default table is created fresh), dropped afterwards with `DROP DATABASE <name><drop_options>`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn crash_in_scratch_database<DB: sqlx::Database>(server: &str, drop_options: &str)
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let admin = sqlx::Pool::<DB>::connect(&format!("{server}/test"))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("{server} (source scripts/env.sh; ensure_postgres / ensure_mariadb): {e}")
+        });
+    let database = format!("kt_crash_{}_{}", std::process::id(), fastrand::u32(..));
+    sqlx::raw_sql(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    crash_and_restart(&format!("{server}/{database}"), Duration::from_secs(1)).await;
+    sqlx::raw_sql(&format!("DROP DATABASE {database}{drop_options}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_survives_kill_9() {
+    crash_in_scratch_database::<sqlx::Postgres>(
+        "postgres://postgres@127.0.0.1:5432",
+        " WITH (FORCE)",
+    )
+    .await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_survives_kill_9() {
+    crash_in_scratch_database::<sqlx::MySql>("mysql://root@127.0.0.1:3306", "").await;
+}

@@ -33,3 +33,18 @@ pub use self::redis::RedisStore;
 mod dynamodb;
 #[cfg(feature = "dynamodb")]
 pub use dynamodb::DynamoDbStore;
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod sql;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use sql::DEFAULT_TABLE;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlStore;

@@ -21,6 +21,10 @@ pub enum Processed {
     Checkpoint,
     /// Processed, but do not move the checkpoint (the Go library's `SkipCheckpoint`): a later
     /// batch's checkpoint will cover these records, or they are read again after a restart.
+    ///
+    /// Also the answer of a handler that has already written the checkpoint itself, in the
+    /// same transaction as its output (`PostgresStore::set_in`, `MySqlStore::set_in`): the
+    /// layer then does not write it a second time.
     SkipCheckpoint,
     /// Processed; checkpoint up to this position, which must not be past the batch's last record.
     CheckpointAt(Checkpoint),

@@ -1,0 +1,27 @@
+//! Prints every record of a Kinesis stream, with checkpoints in MySQL or MariaDB, until
+//! Ctrl-C.
+//!
+//! ```text
+//! cargo run --example consumer_mysql --features mysql -- STREAM [DATABASE_URL]
+//! ```
+//!
+//! The checkpoints go to the `kinesis_checkpoints` table (created if missing), buffered in
+//! memory and written once a second and when the run ends. Run it again: it resumes after the
+//! last checkpoint. The URL defaults to `DATABASE_URL`, else the local test server; AWS
+//! settings come from the environment (`source scripts/env.sh` for the local emulator).
+
+#[path = "support/printing.rs"]
+mod printing;
+
+use kinesis_tower::layers::BoxError;
+use kinesis_tower::store::MySqlStore;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let (stream, url) = printing::args(
+        "consumer_mysql STREAM [DATABASE_URL]",
+        "mysql://root@127.0.0.1:3306/test",
+    )?;
+    let store = MySqlStore::connect(&url).await?.buffered();
+    printing::print_records(&stream, "consumer-mysql", store).await
+}

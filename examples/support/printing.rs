@@ -1,0 +1,54 @@
+//! What the `consumer_postgres` and `consumer_mysql` examples share: run a consumer that
+//! prints every record, checkpointing each batch in the given store, until Ctrl-C.
+
+use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore, PerRecordLayer};
+use kinesis_tower::{Consumer, Record, StartPosition};
+use tower::{service_fn, ServiceBuilder};
+
+/// The stream name (first argument) and the database URL (second argument, else
+/// `DATABASE_URL`, else `default_url`).
+pub fn args(usage: &str, default_url: &str) -> Result<(String, String), BoxError> {
+    let mut args = std::env::args().skip(1);
+    let stream = args.next().ok_or(format!("usage: {usage}"))?;
+    let url = args
+        .next()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .unwrap_or_else(|| default_url.to_owned());
+    Ok((stream, url))
+}
+
+/// Prints `stream`'s records (shard, sequence number, data) from the oldest one not yet
+/// checkpointed under `app`, until Ctrl-C; then drains, flushes the store and returns.
+pub async fn print_records(
+    stream: &str,
+    app: &str,
+    store: impl CheckpointStore,
+) -> Result<(), BoxError> {
+    let config = aws_config::load_from_env().await;
+    let consumer = Consumer::builder()
+        .sdk_config(&config)
+        .stream_name(stream)
+        .app_name(app)
+        .start_position(StartPosition::TrimHorizon)
+        .store(store)
+        .build()?;
+    let handler = service_fn(|record: Record| async move {
+        println!(
+            "{}\t{}\t{}",
+            record.shard_id,
+            record.sequence_number,
+            String::from_utf8_lossy(&record.data)
+        );
+        Ok::<_, BoxError>(())
+    });
+    let service = ServiceBuilder::new()
+        .layer(CheckpointLayer::new(consumer.checkpointer()))
+        .layer(PerRecordLayer::new())
+        .service(handler);
+    eprintln!("reading {stream} as {app}; Ctrl-C stops");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    consumer.run_until(service, shutdown).await?;
+    Ok(())
+}
