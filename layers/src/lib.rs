@@ -9,10 +9,13 @@
 //!   it is kept.
 //! - [`CheckpointLayer`]: checkpoint each batch after the inner service succeeded.
 //! - [`PerRecordLayer`]: run a `Service<Record>` over each batch, in order.
+//! - [`DeaggregateLayer`]: replace KPL aggregates by their user records ([`kpl`]), with
+//!   [`Aggregator`] to build aggregates.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod kpl;
 mod per_record;
 mod record;
 mod sequence;
@@ -21,6 +24,7 @@ pub use checkpoint::{
     Checkpoint, CheckpointLayer, CheckpointService, CheckpointStore, Checkpointer, MemoryStore,
     Processed, SetOutcome, StoreError,
 };
+pub use kpl::{Aggregator, CorruptPolicy, DeaggregateLayer, KplError};
 pub use per_record::{PerRecord, PerRecordLayer};
 pub use record::{Batch, BatchEnd, Record, ShardId};
 pub use sequence::{InvalidSequenceNumber, SequenceNumber, MAX_DIGITS};
