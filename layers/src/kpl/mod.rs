@@ -15,6 +15,8 @@ mod aggregate;
 mod deaggregate;
 mod error;
 mod layer;
+#[cfg(test)]
+mod props;
 pub mod proto;
 
 pub use aggregate::{aggregate, Aggregate, Aggregator, UserRecord, MAX_RECORD_SIZE};
