@@ -103,7 +103,7 @@ fn kt_python() -> PathBuf {
 /// Aggregates of varied shapes, made by our Aggregator, plus a plain record.
 fn our_records() -> Vec<Record> {
     let binary: Vec<u8> = (0..=255).collect();
-    let cases: Vec<Vec<(String, Option<String>, Vec<u8>)>> = vec![
+    let cases: Vec<Vec<User>> = vec![
         vec![("only".into(), None, b"hello".to_vec())],
         (0..100)
             .map(|i| ("shared".into(), None, format!("r{i}").into_bytes()))

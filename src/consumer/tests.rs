@@ -1733,7 +1733,7 @@ async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_u
     let marks = Arc::new(Mutex::new(Vec::new()));
     let data = Arc::new(Mutex::new(Vec::new()));
     let handler = {
-        let (marks, data) = (marks.clone(), data.clone());
+        let data = data.clone();
         service_fn(move |batch: Batch| {
             data.lock()
                 .unwrap()
@@ -1742,8 +1742,9 @@ async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_u
         })
     };
     // What reaches the layer: records and marks, before deaggregation.
+    let spy_marks = marks.clone();
     let spy = tower::layer::layer_fn(move |inner| {
-        let marks = marks.clone();
+        let marks = spy_marks.clone();
         tower::util::MapRequest::new(inner, move |batch: Batch| {
             marks
                 .lock()

@@ -109,26 +109,109 @@ pub(super) fn checked_message(data: &Bytes) -> Result<Bytes, Corruption> {
     Ok(message)
 }
 
+/// Decoding buffers kept per thread, so that deaggregating does not grow fresh vectors for
+/// every aggregate. They are emptied after each use (no reference to an aggregate's buffer
+/// outlives its parse) and shrunk when an unusually large aggregate grew them.
+struct Scratch {
+    message: proto::AggregatedRecord,
+    partition_keys: Vec<Arc<str>>,
+    explicit_hash_keys: Vec<Arc<str>>,
+}
+
+/// Capacity (user records or keys) above which the scratch buffers are given back.
+const SCRATCH_KEEP: usize = 4096;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch {
+            message: proto::AggregatedRecord {
+                partition_key_table: Vec::new(),
+                explicit_hash_key_table: Vec::new(),
+                records: Vec::new(),
+            },
+            partition_keys: Vec::new(),
+            explicit_hash_keys: Vec::new(),
+        })
+    };
+}
+
 fn parse(record: &Record, out: &mut Vec<Record>) -> Result<(), Corruption> {
     let message = checked_message(&record.data)?;
-    let aggregated =
-        proto::AggregatedRecord::decode(message).map_err(Corruption::InvalidProtobuf)?;
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let result = parse_with(record, message, &mut scratch, out);
+            scratch.clear();
+            result
+        }
+        // Not reachable (nothing in a parse calls back into it), but never panic.
+        Err(_) => parse_with(record, message, &mut Scratch::new(), out),
+    })
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            message: proto::AggregatedRecord::default(),
+            partition_keys: Vec::new(),
+            explicit_hash_keys: Vec::new(),
+        }
+    }
+
+    fn clear(&mut self) {
+        let m = &mut self.message;
+        m.partition_key_table.clear();
+        m.explicit_hash_key_table.clear();
+        m.records.clear();
+        self.partition_keys.clear();
+        self.explicit_hash_keys.clear();
+        if m.records.capacity() > SCRATCH_KEEP
+            || m.partition_key_table.capacity() > SCRATCH_KEEP
+            || m.explicit_hash_key_table.capacity() > SCRATCH_KEEP
+            || self.partition_keys.capacity() > SCRATCH_KEEP
+            || self.explicit_hash_keys.capacity() > SCRATCH_KEEP
+        {
+            *self = Self::new();
+        }
+    }
+}
+
+fn parse_with(
+    record: &Record,
+    message: Bytes,
+    scratch: &mut Scratch,
+    out: &mut Vec<Record>,
+) -> Result<(), Corruption> {
+    let Scratch {
+        message: aggregated,
+        partition_keys,
+        explicit_hash_keys,
+    } = scratch;
+    aggregated
+        .merge(message)
+        .map_err(Corruption::InvalidProtobuf)?;
     if aggregated.records.is_empty() {
         return Err(Corruption::Empty);
     }
-    let partition_keys = key_table(&aggregated.partition_key_table, PARTITION_KEY_TABLE)?;
-    let explicit_hash_keys =
-        key_table(&aggregated.explicit_hash_key_table, EXPLICIT_HASH_KEY_TABLE)?;
+    key_table(
+        &aggregated.partition_key_table,
+        PARTITION_KEY_TABLE,
+        partition_keys,
+    )?;
+    key_table(
+        &aggregated.explicit_hash_key_table,
+        EXPLICIT_HASH_KEY_TABLE,
+        explicit_hash_keys,
+    )?;
     out.reserve(aggregated.records.len());
-    for (sub, user) in (0u64..).zip(aggregated.records) {
+    for (sub, user) in (0u64..).zip(aggregated.records.drain(..)) {
         let index = user.partition_key_index.ok_or(Corruption::MissingField {
             record: sub,
             field: "partition_key_index",
         })?;
-        let partition_key = lookup(&partition_keys, PARTITION_KEY_TABLE, sub, index)?.clone();
+        let partition_key = lookup(partition_keys, PARTITION_KEY_TABLE, sub, index)?.clone();
         let explicit_hash_key = match user.explicit_hash_key_index {
             Some(index) => {
-                Some(lookup(&explicit_hash_keys, EXPLICIT_HASH_KEY_TABLE, sub, index)?.clone())
+                Some(lookup(explicit_hash_keys, EXPLICIT_HASH_KEY_TABLE, sub, index)?.clone())
             }
             None => None,
         };
@@ -152,17 +235,19 @@ fn parse(record: &Record, out: &mut Vec<Record>) -> Result<(), Corruption> {
 const PARTITION_KEY_TABLE: &str = "partition_key_table";
 const EXPLICIT_HASH_KEY_TABLE: &str = "explicit_hash_key_table";
 
-/// One shared string per table entry: user records clone it.
-fn key_table(entries: &[Bytes], table: &'static str) -> Result<Vec<Arc<str>>, Corruption> {
-    entries
-        .iter()
-        .enumerate()
-        .map(|(index, entry)| {
-            std::str::from_utf8(entry)
-                .map(Arc::from)
-                .map_err(|_| Corruption::InvalidKey { table, index })
-        })
-        .collect()
+/// One shared string per table entry (user records clone it), into `keys`.
+fn key_table(
+    entries: &[Bytes],
+    table: &'static str,
+    keys: &mut Vec<Arc<str>>,
+) -> Result<(), Corruption> {
+    keys.reserve(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let key =
+            std::str::from_utf8(entry).map_err(|_| Corruption::InvalidKey { table, index })?;
+        keys.push(Arc::from(key));
+    }
+    Ok(())
 }
 
 fn lookup<'a>(
