@@ -1088,6 +1088,13 @@ impl CheckpointStore for SlowStore {
         }
         Ok(())
     }
+
+    async fn list(
+        &self,
+        namespace: &str,
+    ) -> Result<Vec<(String, Checkpoint)>, kinesis_tower_layers::StoreError> {
+        self.inner.list(namespace).await
+    }
 }
 
 /// Resharding between two listings (x splits into b and c, then a and b merge into m): a's

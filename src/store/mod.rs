@@ -1,9 +1,35 @@
 //! Checkpoint store back-ends. [`MemoryStore`] is always available; the others sit behind
-//! cargo features (`sqlite`).
+//! cargo features (`sqlite`, `redis`, `postgres`, `mysql`, `dynamodb`). [`BufferedStore`]
+//! wraps any store to write on an interval instead of on every checkpoint.
 
 pub use kinesis_tower_layers::{CheckpointStore, MemoryStore, SetOutcome, StoreError};
+
+mod buffered;
+#[cfg_attr(
+    not(any(
+        feature = "sqlite",
+        feature = "redis",
+        feature = "postgres",
+        feature = "mysql",
+        feature = "dynamodb"
+    )),
+    allow(dead_code)
+)]
+mod retry;
+
+pub use buffered::{BufferedStore, DEFAULT_FLUSH_INTERVAL};
 
 #[cfg(feature = "sqlite")]
 mod sqlite;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
+
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
+
+#[cfg(feature = "dynamodb")]
+mod dynamodb;
+#[cfg(feature = "dynamodb")]
+pub use dynamodb::DynamoDbStore;

@@ -11,6 +11,8 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
+use super::retry::with_retries;
+
 /// The table name used unless another is given.
 pub const DEFAULT_TABLE: &str = "kinesis_checkpoints";
 
@@ -192,12 +194,15 @@ impl CheckpointStore for SqliteStore {
             "SELECT sort_key FROM {} WHERE namespace = ?1 AND shard_id = ?2",
             self.table
         );
-        let row = sqlx::query(&sql)
-            .bind(namespace)
-            .bind(shard_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| backend_for("get", namespace, shard_id, e))?;
+        let row = with_retries("sqlite", "get", || async {
+            sqlx::query(&sql)
+                .bind(namespace)
+                .bind(shard_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| backend_for("get", namespace, shard_id, e))
+        })
+        .await?;
         let Some(row) = row else { return Ok(None) };
         let key: String = row
             .try_get(0)
@@ -240,16 +245,20 @@ impl CheckpointStore for SqliteStore {
             ),
             Checkpoint::ShardEnd => (None, None, true),
         };
-        let result = sqlx::query(&sql)
-            .bind(namespace)
-            .bind(shard_id)
-            .bind(checkpoint.sort_key())
-            .bind(sequence)
-            .bind(sub)
-            .bind(end)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| backend_for("set", namespace, shard_id, e))?;
+        let sort_key = checkpoint.sort_key();
+        let result = with_retries("sqlite", "set", || async {
+            sqlx::query(&sql)
+                .bind(namespace)
+                .bind(shard_id)
+                .bind(&sort_key)
+                .bind(&sequence)
+                .bind(sub)
+                .bind(end)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| backend_for("set", namespace, shard_id, e))
+        })
+        .await?;
         Ok(if result.rows_affected() > 0 {
             SetOutcome::Advanced
         } else {
@@ -259,6 +268,35 @@ impl CheckpointStore for SqliteStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let sql = format!(
+            "SELECT shard_id, sort_key FROM {} WHERE namespace = ?1 ORDER BY shard_id",
+            self.table
+        );
+        let rows = sqlx::query(&sql)
+            .bind(namespace)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| backend_for("list", namespace, "*", e))?;
+        rows.into_iter()
+            .map(|row| {
+                let shard: String = row
+                    .try_get(0)
+                    .map_err(|e| backend_for("list", namespace, "*", e))?;
+                let key: String = row
+                    .try_get(1)
+                    .map_err(|e| backend_for("list", namespace, &shard, e))?;
+                let checkpoint =
+                    Checkpoint::from_sort_key(&key).map_err(|e| StoreError::Corrupt {
+                        namespace: namespace.to_owned(),
+                        shard_id: shard.clone(),
+                        reason: e.to_string(),
+                    })?;
+                Ok((shard, checkpoint))
+            })
+            .collect()
     }
 }
 

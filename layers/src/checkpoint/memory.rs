@@ -70,6 +70,12 @@ impl CheckpointStore for MemoryStore {
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        let mut all: Vec<_> = self.snapshot(namespace).into_iter().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
 }
 
 #[cfg(test)]

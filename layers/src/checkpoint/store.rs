@@ -107,6 +107,9 @@ pub trait CheckpointStore: Send + Sync + 'static {
 
     /// Writes whatever is buffered. Stores that write through return at once.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Every shard's checkpoint in `namespace`, sorted by shard id (buffered writes included).
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError>;
 }
 
 #[async_trait]
@@ -126,6 +129,10 @@ impl<T: CheckpointStore + ?Sized> CheckpointStore for Arc<T> {
 
     async fn flush(&self) -> Result<(), StoreError> {
         (**self).flush().await
+    }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        (**self).list(namespace).await
     }
 }
 

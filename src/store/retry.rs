@@ -1,0 +1,100 @@
+//! Bounded retries of a store's round trips: transient errors are tried again a few times with
+//! backoff, then surface with their context.
+
+use std::future::Future;
+use std::time::Duration;
+
+use kinesis_tower_layers::StoreError;
+
+use crate::backoff::Backoff;
+
+/// How many times a round trip is tried in all before its error is returned.
+pub(crate) const ATTEMPTS: u32 = 4;
+const BASE_DELAY: Duration = Duration::from_millis(25);
+const MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Runs `op` until it succeeds, fails with an error that is not retryable, or has been tried
+/// [`ATTEMPTS`] times; waits with exponential backoff and full jitter between tries.
+pub(crate) async fn with_retries<T, F, Fut>(
+    backend: &'static str,
+    operation: &'static str,
+    mut op: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut backoff = Backoff::new(BASE_DELAY, MAX_DELAY);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_retryable() && attempt < ATTEMPTS => {
+                let delay = backoff.next_delay();
+                tracing::warn!(backend, operation, attempt, ?delay, %error, "checkpoint store call failed; retrying");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn failure(retryable: bool) -> StoreError {
+        StoreError::Backend {
+            backend: "test",
+            operation: "set",
+            namespace: None,
+            shard_id: None,
+            retryable,
+            source: "boom".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_transient_errors_then_gives_up_with_the_last_error() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = with_retries("test", "set", || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(failure(true)) }
+        })
+        .await;
+        assert!(result.unwrap_err().is_retryable());
+        assert_eq!(calls.load(Ordering::SeqCst), ATTEMPTS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_error_that_clears_is_bridged() {
+        let calls = AtomicU32::new(0);
+        let result = with_retries("test", "get", || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(failure(true))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_are_not_retried() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = with_retries("test", "get", || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err(failure(false)) }
+        })
+        .await;
+        assert!(!result.unwrap_err().is_retryable());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
