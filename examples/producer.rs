@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --example producer -- --stream NAME [--partition-key-prefix PREFIX]
-//!                                 [--max-attempts N] [FILE]
+//!                                 [--max-attempts N] [--aggregate N] [FILE]
 //! ```
 //!
 //! Reads FILE (or stdin when FILE is missing or `-`), one record per non-empty line (the line
@@ -11,6 +11,11 @@
 //! `line-`), which spreads lines evenly over the shards. When Kinesis accepts only part of a
 //! request (throttling, internal errors), only the failed entries are sent again, with
 //! exponential backoff, up to `--max-attempts` times (default 10).
+//!
+//! With `--aggregate N`, lines are packed N at a time into KPL aggregates
+//! (`kinesis_tower::layers::Aggregator`; fewer when 1 MiB is reached first), each put as one
+//! Kinesis record under its first line's partition key. Consumers read them back as single
+//! lines with `DeaggregateLayer`.
 //!
 //! Region, credentials and endpoint come from the usual AWS environment
 //! (`aws_config::load_from_env`). For a local emulator, `source scripts/env.sh` first: it sets
@@ -29,6 +34,7 @@ use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
+use kinesis_tower::layers::kpl::{Aggregate, Aggregator};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 /// PutRecords limits (per request, and per record: data + partition key).
@@ -42,7 +48,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "\
-usage: producer --stream NAME [--partition-key-prefix PREFIX] [--max-attempts N] [FILE]
+usage: producer --stream NAME [--partition-key-prefix PREFIX] [--max-attempts N] [--aggregate N] [FILE]
 
 Sends each non-empty line of FILE (or stdin, when FILE is missing or '-') as one record to
 the Kinesis stream NAME, with PutRecords (at most 500 records / 5 MiB per request).
@@ -50,6 +56,8 @@ the Kinesis stream NAME, with PutRecords (at most 500 records / 5 MiB per reques
   --stream NAME                  the stream (required)
   --partition-key-prefix PREFIX  partition key of line N is PREFIX followed by N (default 'line-')
   --max-attempts N               attempts per request when Kinesis rejects some entries (default 10)
+  --aggregate N                  pack N lines into each record as a KPL aggregate (fewer if 1 MiB
+                                 is reached first); read them with DeaggregateLayer
 
 Region, credentials and endpoint come from the AWS environment; for a local emulator run
 'source scripts/env.sh' first.";
@@ -58,6 +66,7 @@ struct Args {
     stream: String,
     partition_key_prefix: String,
     max_attempts: u32,
+    aggregate: Option<usize>,
     input: Option<String>,
 }
 
@@ -65,6 +74,7 @@ fn parse_args() -> Result<Args, String> {
     let mut stream = None;
     let mut partition_key_prefix = "line-".to_owned();
     let mut max_attempts = 10;
+    let mut aggregate = None;
     let mut input = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -84,6 +94,15 @@ fn parse_args() -> Result<Args, String> {
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| format!("--max-attempts: {v:?} is not a number >= 1"))?;
             }
+            "--aggregate" => {
+                let v = value("--aggregate")?;
+                aggregate = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .ok_or_else(|| format!("--aggregate: {v:?} is not a number >= 1"))?,
+                );
+            }
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
             _ if input.is_some() => return Err(format!("unexpected argument {arg:?}")),
             _ => input = Some(arg),
@@ -99,6 +118,7 @@ fn parse_args() -> Result<Args, String> {
         stream,
         partition_key_prefix,
         max_attempts,
+        aggregate,
         input: input.filter(|i| i != "-"),
     })
 }
@@ -142,8 +162,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut lines = reader.split(b'\n');
 
     let mut producer = Producer::new(client, &args);
-    let mut batch: Vec<PutRecordsRequestEntry> = Vec::new();
-    let mut batch_bytes = 0;
+    let mut batch = Batch::default();
+    let mut aggregator = args.aggregate.map(|n| (n, Aggregator::new()));
     let mut line_number = 0u64;
     while let Some(mut line) = lines
         .next_segment()
@@ -159,34 +179,108 @@ async fn run(args: Args) -> anyhow::Result<()> {
             continue;
         }
         let key = format!("{}{line_number}", args.partition_key_prefix);
-        let size = key.len() + line.len();
-        if size > MAX_BYTES_PER_RECORD {
-            // Send what came before, so that "everything before line N" is a true statement.
-            producer.send(std::mem::take(&mut batch)).await?;
-            bail!(
-                "{source} line {line_number} is {} bytes: a Kinesis record holds at most 1 MiB \
-                 (data + partition key). The lines before it were sent, nothing after it",
-                line.len()
-            );
+        let Some((per_record, aggregator)) = aggregator.as_mut() else {
+            let size = key.len() + line.len();
+            if size > MAX_BYTES_PER_RECORD {
+                // Send what came before, so that "everything before line N" is a true statement.
+                producer.send(batch.take()).await?;
+                bail!(
+                    "{source} line {line_number} is {} bytes: a Kinesis record holds at most 1 MiB \
+                     (data + partition key). The lines before it were sent, nothing after it",
+                    line.len()
+                );
+            }
+            batch
+                .push(&mut producer, entry(key, None, line)?, size)
+                .await?;
+            continue;
+        };
+        let full = match aggregator.add(&key, None, line) {
+            Ok(full) => full,
+            Err(err) => {
+                // Send what came before, so that "everything before line N" is a true statement.
+                if let Some(rest) = aggregator.finish() {
+                    batch.push_aggregate(&mut producer, rest).await?;
+                }
+                producer.send(batch.take()).await?;
+                bail!(
+                    "{source} line {line_number}: {err}. The lines before it were sent, nothing after it"
+                );
+            }
+        };
+        if let Some(full) = full {
+            batch.push_aggregate(&mut producer, full).await?;
         }
-        if batch.len() == MAX_ENTRIES_PER_REQUEST || batch_bytes + size > MAX_BYTES_PER_REQUEST {
-            producer.send(std::mem::take(&mut batch)).await?;
-            batch_bytes = 0;
+        if aggregator.len() >= *per_record {
+            let full = aggregator.finish().expect("not empty");
+            batch.push_aggregate(&mut producer, full).await?;
         }
-        batch.push(
-            PutRecordsRequestEntry::builder()
-                .partition_key(key)
-                .data(Blob::new(line))
-                .build()
-                .context("building a PutRecords entry")?,
-        );
-        batch_bytes += size;
     }
-    if !batch.is_empty() {
-        producer.send(batch).await?;
+    if let Some(rest) = aggregator.as_mut().and_then(|(_, a)| a.finish()) {
+        batch.push_aggregate(&mut producer, rest).await?;
     }
+    producer.send(batch.take()).await?;
     producer.finish(source);
     Ok(())
+}
+
+fn entry(
+    key: String,
+    explicit_hash_key: Option<String>,
+    data: impl Into<Vec<u8>>,
+) -> anyhow::Result<PutRecordsRequestEntry> {
+    PutRecordsRequestEntry::builder()
+        .partition_key(key)
+        .set_explicit_hash_key(explicit_hash_key)
+        .data(Blob::new(data))
+        .build()
+        .context("building a PutRecords entry")
+}
+
+/// The entries of the next PutRecords request.
+#[derive(Default)]
+struct Batch {
+    entries: Vec<PutRecordsRequestEntry>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Adds an entry of `size` bytes, sending the batch first when it would not fit.
+    async fn push(
+        &mut self,
+        producer: &mut Producer,
+        entry: PutRecordsRequestEntry,
+        size: usize,
+    ) -> anyhow::Result<()> {
+        if self.entries.len() == MAX_ENTRIES_PER_REQUEST
+            || self.bytes + size > MAX_BYTES_PER_REQUEST
+        {
+            producer.send(self.take()).await?;
+        }
+        self.entries.push(entry);
+        self.bytes += size;
+        Ok(())
+    }
+
+    async fn push_aggregate(
+        &mut self,
+        producer: &mut Producer,
+        aggregate: Aggregate,
+    ) -> anyhow::Result<()> {
+        producer.user_records += aggregate.user_records as u64;
+        let size = aggregate.size();
+        let entry = entry(
+            aggregate.partition_key,
+            aggregate.explicit_hash_key,
+            aggregate.data,
+        )?;
+        self.push(producer, entry, size).await
+    }
+
+    fn take(&mut self) -> Vec<PutRecordsRequestEntry> {
+        self.bytes = 0;
+        std::mem::take(&mut self.entries)
+    }
 }
 
 struct Producer {
@@ -199,6 +293,8 @@ struct Producer {
     requests: u64,
     retried: u64,
     skipped: u64,
+    /// Lines packed into aggregates (with `--aggregate`).
+    user_records: u64,
     terminal: bool,
 }
 
@@ -215,6 +311,7 @@ impl Producer {
             requests: 0,
             retried: 0,
             skipped: 0,
+            user_records: 0,
             terminal: std::io::stderr().is_terminal(),
         }
     }
@@ -326,6 +423,12 @@ impl Producer {
             line.push_str(&format!(
                 "; {} entry retries after rejections",
                 self.retried
+            ));
+        }
+        if self.user_records > 0 {
+            line.push_str(&format!(
+                "; {} lines packed into those records as KPL aggregates",
+                self.user_records
             ));
         }
         if self.skipped > 0 {

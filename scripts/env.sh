@@ -298,10 +298,10 @@ ensure_kinesalite() {
 }
 
 # A Python venv with the reference KPL aggregation library (aws-kinesis-agg), for interop tests.
-KPL_PYTHON_PACKAGES="aws-kinesis-agg==1.2.3 protobuf==4.25.3"
+KPL_PYTHON_PACKAGES="aws-kinesis-agg==1.2.3 protobuf==4.25.3 six==1.17.0"
 ensure_kpl_python() {
     local venv="$KT_REPO/.venv"
-    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import aws_kinesis_agg' 2>/dev/null; then
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import aws_kinesis_agg.aggregator, aws_kinesis_agg.deaggregator' 2>/dev/null; then
         local py
         py=$(command -v python3 || true)
         if [ -z "$py" ]; then

@@ -13,14 +13,17 @@
 //! - [`RetryLayer`]: retry failed calls with exponential backoff and full jitter.
 //! - [`MetricsLayer`]: count and time the handler's calls per stream and shard through the
 //!   `metrics` facade; [`metric_names`] lists every metric the library emits.
+//! - [`DeaggregateLayer`]: replace KPL aggregates by their user records ([`kpl`]), with
+//!   [`Aggregator`] to build aggregates.
 //!
-//! The recommended order, outermost first: [`MetricsLayer`], [`BatchLayer`], [`CheckpointLayer`],
-//! [`RetryLayer`], deaggregation, then the handler.
+//! The recommended order, outermost first: [`BatchLayer`], [`CheckpointLayer`], [`RetryLayer`],
+//! [`DeaggregateLayer`], [`MetricsLayer`], then the handler (the README says why).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod batch;
 pub mod checkpoint;
+pub mod kpl;
 pub mod metric_names;
 mod metrics;
 mod per_record;
@@ -36,6 +39,7 @@ pub use checkpoint::{
     Checkpoint, CheckpointLayer, CheckpointService, CheckpointStore, Checkpointer, MemoryStore,
     Processed, SetOutcome, StoreError,
 };
+pub use kpl::{Aggregator, CorruptPolicy, DeaggregateLayer, KplError};
 pub use metrics::{MetricsFuture, MetricsLayer, MetricsService};
 pub use per_record::{PerRecord, PerRecordLayer};
 pub use record::{Batch, BatchEnd, Record, ShardId};

@@ -134,6 +134,16 @@ pub struct Batch {
     pub millis_behind_latest: Option<i64>,
     /// Set on the last batch of a shard.
     pub end: Option<BatchEnd>,
+    /// Set on the first batch with records that the consumer delivers after resuming from a
+    /// checkpoint inside a KPL aggregate (a checkpoint with a sub-sequence number): the
+    /// aggregate is read again from its start, and its user records at or before this
+    /// checkpoint were already processed.
+    ///
+    /// [`DeaggregateLayer`](crate::DeaggregateLayer) drops those user records and clears the
+    /// field; without it they are delivered again (at least once). Layers that merge batches
+    /// keep the first `Some` of the batches they merge; layers that split one keep it on the
+    /// first part.
+    pub resume_after: Option<Checkpoint>,
 }
 
 impl Batch {
@@ -144,6 +154,7 @@ impl Batch {
             records,
             millis_behind_latest: None,
             end: None,
+            resume_after: None,
         }
     }
 
@@ -154,6 +165,7 @@ impl Batch {
             records: Vec::new(),
             millis_behind_latest: None,
             end,
+            resume_after: None,
         }
     }
 

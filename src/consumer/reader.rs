@@ -101,10 +101,11 @@ impl Reader {
         self.shared.settings.stream.stream_name()
     }
 
-    async fn start_position(&mut self) -> Result<Option<Option<IteratorPosition>>, Error> {
+    /// The shard's stored checkpoint, retrying what the store says is passing.
+    async fn stored_checkpoint(&mut self) -> Result<Option<Checkpoint>, Error> {
         loop {
             match self.shared.checkpointer.get(&self.shard).await {
-                Ok(checkpoint) => return Ok(checkpoint.map(resume_position)),
+                Ok(checkpoint) => return Ok(checkpoint),
                 Err(e) if e.is_retryable() && self.backoff.attempts() < STORE_ATTEMPTS => {
                     let delay = self.backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "reading the checkpoint failed; retrying");
@@ -139,8 +140,20 @@ impl Reader {
     }
 
     async fn run(&mut self, fallback: Fallback) -> Result<(), Stop> {
-        let stored = self.start_position().await?;
+        let checkpoint = self.stored_checkpoint().await?;
         self.backoff.reset();
+        // Resuming inside a KPL aggregate reads it again from its start: the first records
+        // delivered say which of its user records were processed (`Batch::resume_after`).
+        let mut resume_after = checkpoint.filter(|c| {
+            matches!(
+                c,
+                Checkpoint::Sequence {
+                    sub_sequence_number: Some(_),
+                    ..
+                }
+            )
+        });
+        let stored = checkpoint.map(resume_position);
         let from_checkpoint = matches!(stored, Some(Some(_)));
         let mut position = match (stored, fallback) {
             (Some(Some(position)), _) => position,
@@ -234,6 +247,9 @@ impl Reader {
 
             let mut batch = Batch::new(self.shard.clone(), page.records);
             batch.millis_behind_latest = page.millis_behind_latest;
+            if !batch.is_empty() {
+                batch.resume_after = resume_after.take();
+            }
             match page.next_iterator {
                 Some(next) => {
                     iterator = next;
@@ -304,8 +320,9 @@ fn resume_position(checkpoint: Checkpoint) -> Option<IteratorPosition> {
             sequence_number,
             sub_sequence_number: None,
         } => Some(IteratorPosition::AfterSequenceNumber(sequence_number)),
-        // Part of a KPL aggregate was processed: read the aggregate again; the user records
-        // already processed come again (at least once) unless a deaggregating layer drops them.
+        // Part of a KPL aggregate was processed: read the aggregate again; the first batch
+        // carries the checkpoint in `resume_after`, so a deaggregating layer drops the user
+        // records already processed (without one they come again: at least once).
         Checkpoint::Sequence {
             sequence_number,
             sub_sequence_number: Some(_),

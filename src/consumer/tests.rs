@@ -1698,3 +1698,95 @@ async fn access_denied_ends_run_saying_which_permissions_to_grant() {
     assert!(!err.is_retryable());
     assert!(err.to_string().contains("kinesis:GetRecords"), "{err}");
 }
+
+/// Restarting from a checkpoint inside a KPL aggregate: the reader reads the aggregate again
+/// and marks the first batch with records with the checkpoint, once; DeaggregateLayer then
+/// drops the user records already processed.
+#[tokio::test(start_paused = true)]
+async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_user_records() {
+    use kinesis_tower_layers::kpl::Aggregator;
+    use kinesis_tower_layers::DeaggregateLayer;
+
+    let kinesis = MemoryKinesis::with_shards(1);
+    let shard = shard_name(0);
+    kinesis.put(&shard, "before", "plain");
+    for a in 0..3 {
+        let mut aggregator = Aggregator::new();
+        for u in 0..10 {
+            aggregator
+                .add(&format!("k{u}"), None, format!("{a}-{u}"))
+                .unwrap();
+        }
+        let aggregate = aggregator.finish().unwrap();
+        kinesis.put(&shard, &aggregate.partition_key, aggregate.data);
+    }
+    let outer = sequences(&kinesis, &shard);
+    let checkpoint = Checkpoint::Sequence {
+        sequence_number: outer[2],
+        sub_sequence_number: Some(3),
+    };
+    let store = Arc::new(MemoryStore::new());
+    store
+        .set("tests/test-stream", &shard, checkpoint)
+        .await
+        .unwrap();
+    let consumer = builder(&kinesis)
+        .store_arc(store)
+        .max_records_per_call(1)
+        .heartbeat_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+
+    let marks = Arc::new(Mutex::new(Vec::new()));
+    let data = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let data = data.clone();
+        service_fn(move |batch: Batch| {
+            data.lock()
+                .unwrap()
+                .extend(batch.records.iter().map(|r| r.data.clone()));
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    // What reaches the layer: records and marks, before deaggregation.
+    let spy_marks = marks.clone();
+    let spy = tower::layer::layer_fn(move |inner| {
+        let marks = spy_marks.clone();
+        tower::util::MapRequest::new(inner, move |batch: Batch| {
+            marks
+                .lock()
+                .unwrap()
+                .push((batch.len(), batch.resume_after));
+            batch
+        })
+    });
+    let service = ServiceBuilder::new()
+        .layer(spy)
+        .layer(DeaggregateLayer::new())
+        .service(handler);
+    let run = Running::start(&consumer, service);
+    wait_for(Duration::from_secs(30), || data.lock().unwrap().len() == 16).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    run.stop().await.unwrap();
+
+    let expected: Vec<String> = (4..10)
+        .map(|u| format!("1-{u}"))
+        .chain((0..10).map(|u| format!("2-{u}")))
+        .collect();
+    let got: Vec<String> = data
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| String::from_utf8_lossy(d).into_owned())
+        .collect();
+    assert_eq!(got, expected);
+    let marks = marks.lock().unwrap();
+    let with_records: Vec<_> = marks.iter().filter(|(len, _)| *len > 0).collect();
+    assert_eq!(with_records.len(), 2, "{marks:?}");
+    assert_eq!(with_records[0].1, Some(checkpoint));
+    assert_eq!(with_records[1].1, None);
+    assert!(
+        marks.iter().filter(|(_, mark)| mark.is_some()).count() == 1,
+        "only the first batch with records is marked: {marks:?}"
+    );
+}
