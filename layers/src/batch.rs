@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+use crate::checkpoint::Checkpoint;
 use crate::record::{Batch, Record, ShardId};
 use crate::BoxError;
 
@@ -211,6 +212,9 @@ struct Pending {
     /// When the oldest buffered record must be handed over; `None` when nothing is buffered.
     deadline: Option<Instant>,
     millis_behind_latest: Option<i64>,
+    /// The first `resume_after` of the buffered records (see [`Batch::resume_after`]): goes
+    /// with the first batch handed over.
+    resume_after: Option<Checkpoint>,
 }
 
 /// The [`Service`] made by [`BatchLayer`]. Not `Clone`: it owns the shards' buffers.
@@ -251,6 +255,7 @@ impl<S> BatchService<S> {
             records,
             millis_behind_latest,
             end,
+            resume_after,
         } = batch;
         let pending = match self.pending.get_mut(&shard_id) {
             Some(pending) => pending,
@@ -258,6 +263,9 @@ impl<S> BatchService<S> {
         };
         if millis_behind_latest.is_some() {
             pending.millis_behind_latest = millis_behind_latest;
+        }
+        if pending.resume_after.is_none() {
+            pending.resume_after = resume_after;
         }
         let old_len = pending.records.len();
         if !records.is_empty() {
@@ -304,6 +312,7 @@ impl<S> BatchService<S> {
             pending.deadline = None;
         }
         let millis_behind_latest = pending.millis_behind_latest;
+        let resume_after = pending.resume_after.take();
         if end.is_some() {
             self.pending.remove(&shard_id);
         }
@@ -325,6 +334,14 @@ impl<S> BatchService<S> {
         }
         if let Some(last) = pieces.back_mut() {
             last.end = end;
+        }
+        match pieces.front_mut() {
+            Some(first) => first.resume_after = resume_after,
+            None => {
+                if let Some(pending) = self.pending.get_mut(&shard_id) {
+                    pending.resume_after = resume_after;
+                }
+            }
         }
         pieces
     }
@@ -622,6 +639,34 @@ mod tests {
         assert_eq!(svc.buffered(SHARD), 0);
         assert_eq!(inner.unready_calls.load(Ordering::SeqCst), 0);
         assert!(inner.batches().iter().all(|b| b.end.is_none()));
+    }
+
+    /// A reader that resumed inside a KPL aggregate marks its first batch; merged with later
+    /// ones, the mark goes with the first batch handed over, and only with it.
+    #[tokio::test(start_paused = true)]
+    async fn resume_after_goes_with_the_first_batch_handed_over() {
+        let inner = Inner::new();
+        let layer = BatchLayer::new()
+            .max_records(3)
+            .max_wait(Duration::from_secs(3600));
+        let mut svc = layer.layer(inner.clone());
+        let mark = Checkpoint::Sequence {
+            sequence_number: SequenceNumber::parse("1").unwrap(),
+            sub_sequence_number: Some(37),
+        };
+        let mut first = batch([1]);
+        first.resume_after = Some(mark);
+        send(&mut svc, first).await.unwrap();
+        send(&mut svc, batch([2])).await.unwrap();
+        send(&mut svc, batch(3..=7)).await.unwrap();
+        let handed = inner.batches();
+        assert_eq!(handed.len(), 2);
+        assert_eq!(handed[0].resume_after, Some(mark));
+        assert_eq!(handed[1].resume_after, None);
+        send(&mut svc, batch([8, 9])).await.unwrap();
+        assert!(inner.batches()[2..]
+            .iter()
+            .all(|b| b.resume_after.is_none()));
     }
 
     #[tokio::test(start_paused = true)]
