@@ -11,24 +11,14 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
-use kinesis_tower::kinesis::{IteratorPosition, KinesisApi, StreamRef};
-use kinesis_tower::layers::MemoryStore;
-use kinesis_tower::{Consumer, ShardId, StartPosition};
+use kinesis_tower::kinesis::memory::MemoryKinesis;
+use support::memory::{bare_get_records, consumer, runtime};
 
 const TOTAL_RECORDS: usize = 1_000_000;
 const RECORD_BYTES: usize = 100;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// Buffer settings under test.
 #[derive(Clone, Copy, Debug)]
@@ -41,52 +31,14 @@ enum Tuning {
 
 /// Every record through the consumer: readers, buffers, dispatcher, CheckpointLayer, handler.
 async fn through_run(kinesis: &MemoryKinesis, total: u64, tuning: Tuning) -> Duration {
-    let mut builder = Consumer::builder();
-    if let Tuning::SmallBatches = tuning {
+    let consumer = consumer(kinesis, |builder| match tuning {
+        Tuning::Defaults => builder,
         // Batches of 1,000 and a 2,000-record buffer per shard keep the working set in cache.
-        builder = builder.max_records_per_call(1_000).buffer_records(2_000);
-    }
-    let consumer = builder
-        .kinesis_api(Arc::new(kinesis.clone()))
-        .stream_name("bench")
-        .start_position(StartPosition::TrimHorizon)
-        .store(MemoryStore::new())
-        .min_get_records_interval(Duration::ZERO)
-        .read_bytes_per_second(u64::MAX)
-        .poll_interval(Duration::from_millis(1))
-        .build()
-        .expect("valid configuration");
+        Tuning::SmallBatches => builder.max_records_per_call(1_000).buffer_records(2_000),
+    });
     let start = Instant::now();
     support::run_until_handled(&consumer, total).await;
     start.elapsed()
-}
-
-/// The baseline: GetRecords on the same source in a loop, records dropped.
-async fn bare_get_records(kinesis: &MemoryKinesis, shards: usize, total: u64) -> Duration {
-    let stream = StreamRef::name("bench");
-    let start = Instant::now();
-    let mut seen = 0u64;
-    for i in 0..shards {
-        let shard = ShardId::from(shard_name(i));
-        let mut iterator = kinesis
-            .get_shard_iterator(&stream, &shard, IteratorPosition::TrimHorizon)
-            .await
-            .expect("iterator");
-        loop {
-            let page = kinesis
-                .get_records(&stream, &shard, &iterator, 10_000)
-                .await
-                .expect("records");
-            if page.records.is_empty() {
-                break;
-            }
-            seen += page.records.len() as u64;
-            iterator = page.next_iterator.expect("open shard");
-        }
-    }
-    let elapsed = start.elapsed();
-    assert_eq!(seen, total);
-    elapsed
 }
 
 fn pipeline(c: &mut Criterion) {
