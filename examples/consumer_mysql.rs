@@ -20,6 +20,7 @@ use kinesis_tower::store::MySqlStore;
 async fn main() -> Result<(), BoxError> {
     let (stream, url) = printing::args(
         "consumer_mysql STREAM [DATABASE_URL]",
+        "DATABASE_URL",
         "mysql://root@127.0.0.1:3306/test",
     )?;
     let store = MySqlStore::connect(&url).await?.buffered();

@@ -19,6 +19,7 @@ use kinesis_tower::store::PostgresStore;
 async fn main() -> Result<(), BoxError> {
     let (stream, url) = printing::args(
         "consumer_postgres STREAM [DATABASE_URL]",
+        "DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432/test",
     )?;
     let store = PostgresStore::connect(&url).await?.buffered();

@@ -55,6 +55,14 @@ pub use kinesis_tower_layers::{
     Batch, BatchEnd, Checkpoint, Checkpointer, Record, SequenceNumber, ShardId,
 };
 
-#[cfg(all(doctest, feature = "sqlite"))]
+// The README's examples use every store.
+#[cfg(all(
+    doctest,
+    feature = "sqlite",
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "dynamodb"
+))]
 #[doc = include_str!("../README.md")]
 mod readme {}

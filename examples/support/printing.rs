@@ -1,20 +1,23 @@
-//! What the `consumer_postgres` and `consumer_mysql` examples share: run a consumer that
+//! What the `consumer_<store>` examples share: run a consumer that
 //! prints every record, checkpointing each batch in the given store, until Ctrl-C.
 
 use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore, PerRecordLayer};
 use kinesis_tower::{Consumer, Record, StartPosition};
 use tower::{service_fn, ServiceBuilder};
 
-/// The stream name (first argument) and the database URL (second argument, else
-/// `DATABASE_URL`, else `default_url`).
-pub fn args(usage: &str, default_url: &str) -> Result<(String, String), BoxError> {
+/// The stream name (first argument) and where the store is (second argument, else the
+/// environment variable `env`, else `default`).
+pub fn args(usage: &str, env: &str, default: &str) -> Result<(String, String), BoxError> {
     let mut args = std::env::args().skip(1);
-    let stream = args.next().ok_or(format!("usage: {usage}"))?;
-    let url = args
+    let stream = args
         .next()
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .unwrap_or_else(|| default_url.to_owned());
-    Ok((stream, url))
+        .filter(|a| !a.starts_with('-'))
+        .ok_or(format!("usage: {usage}"))?;
+    let location = args
+        .next()
+        .or_else(|| std::env::var(env).ok())
+        .unwrap_or_else(|| default.to_owned());
+    Ok((stream, location))
 }
 
 /// Prints `stream`'s records (shard, sequence number, data) from the oldest one not yet

@@ -16,8 +16,8 @@
 //! - [`DeaggregateLayer`]: replace KPL aggregates by their user records ([`kpl`]), with
 //!   [`Aggregator`] to build aggregates.
 //!
-//! The recommended order, outermost first: [`BatchLayer`], [`CheckpointLayer`], [`RetryLayer`],
-//! [`DeaggregateLayer`], [`MetricsLayer`], then the handler (the README says why).
+//! The recommended order, outermost first: [`BatchLayer`], [`MetricsLayer`], [`CheckpointLayer`],
+//! [`RetryLayer`], [`DeaggregateLayer`], then the handler (the README says why).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 

@@ -47,7 +47,10 @@ pub enum CorruptPolicy {
 /// they are not handled twice; the batch passed inward has `resume_after` cleared. Without
 /// this layer such records are delivered again (at least once).
 ///
-/// Put it inside checkpointing (so checkpoints carry sub-sequence numbers) and retries.
+/// Put it innermost, inside checkpointing and retries: `CheckpointLayer` then writes an
+/// aggregate's sequence number once the whole aggregate is handled, and a handler that
+/// checkpoints part of one (`Processed::CheckpointAt(user_record.checkpoint())`) gets a
+/// sub-sequence checkpoint that a restart resumes inside.
 ///
 /// # Example
 ///
