@@ -420,12 +420,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        Batch, Checkpoint, CheckpointLayer, CheckpointStore, Checkpointer, MemoryStore, Record,
-        SequenceNumber, SetOutcome, ShardId,
-    };
-    use async_trait::async_trait;
-    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    use crate::checkpoint::testing::FaultyStore;
+    use crate::{Batch, CheckpointLayer, Checkpointer, Record, SequenceNumber, ShardId};
+    use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
     use tower::{service_fn, ServiceBuilder, ServiceExt};
 
@@ -683,55 +680,18 @@ mod tests {
         }
     }
 
-    /// A store that counts writes and notes how many handler attempts had been made at each.
-    struct CountingStore {
-        inner: MemoryStore,
-        writes: AtomicUsize,
-        attempts_at_write: Mutex<Vec<u32>>,
-        handler_attempts: Arc<AtomicU32>,
-    }
-
-    #[async_trait]
-    impl CheckpointStore for CountingStore {
-        async fn get(&self, ns: &str, shard: &str) -> Result<Option<Checkpoint>, StoreError> {
-            self.inner.get(ns, shard).await
-        }
-
-        async fn set(
-            &self,
-            ns: &str,
-            shard: &str,
-            checkpoint: Checkpoint,
-        ) -> Result<SetOutcome, StoreError> {
-            self.writes.fetch_add(1, Ordering::SeqCst);
-            self.attempts_at_write
-                .lock()
-                .unwrap()
-                .push(self.handler_attempts.load(Ordering::SeqCst));
-            self.inner.set(ns, shard, checkpoint).await
-        }
-
-        async fn list(&self, ns: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-            self.inner.list(ns).await
-        }
-
-        async fn flush(&self) -> Result<(), StoreError> {
-            self.inner.flush().await
-        }
-    }
-
     /// CheckpointLayer outside RetryLayer: one write, after the attempt that succeeded; none
     /// when every attempt fails.
     #[tokio::test(start_paused = true)]
     async fn checkpoint_outside_retry_sees_only_the_final_outcome() {
         for (failures, succeeds) in [(2, true), (u32::MAX, false)] {
             let handler = Flaky::new(failures, transient);
-            let store = Arc::new(CountingStore {
-                inner: MemoryStore::new(),
-                writes: AtomicUsize::new(0),
-                attempts_at_write: Mutex::default(),
-                handler_attempts: handler.attempts.clone(),
-            });
+            // Notes how many handler attempts had been made at each checkpoint write.
+            let attempts_at_write: Arc<Mutex<Vec<u32>>> = Arc::default();
+            let store = Arc::new(FaultyStore::new().on_write({
+                let (seen, attempts) = (attempts_at_write.clone(), handler.attempts.clone());
+                move || seen.lock().unwrap().push(attempts.load(Ordering::SeqCst))
+            }));
             let checkpointer = Checkpointer::from_arc(store.clone(), "ns");
             let mut svc = ServiceBuilder::new()
                 .layer(CheckpointLayer::new(checkpointer.clone()))
@@ -741,8 +701,8 @@ mod tests {
             if succeeds {
                 result.unwrap();
                 assert_eq!(handler.attempts(), 3);
-                assert_eq!(store.writes.load(Ordering::SeqCst), 1);
-                assert_eq!(*store.attempts_at_write.lock().unwrap(), vec![3]);
+                assert_eq!(store.writes(), 1);
+                assert_eq!(*attempts_at_write.lock().unwrap(), vec![3]);
                 assert_eq!(
                     checkpointer.get("shard-0").await.unwrap(),
                     batch(&[3]).checkpoint()
@@ -750,7 +710,7 @@ mod tests {
             } else {
                 assert_eq!(result.unwrap_err().to_string(), "attempt 5 failed");
                 assert_eq!(handler.attempts(), DEFAULT_MAX_ATTEMPTS);
-                assert_eq!(store.writes.load(Ordering::SeqCst), 0);
+                assert_eq!(store.writes(), 0);
                 assert_eq!(checkpointer.get("shard-0").await.unwrap(), None);
             }
         }

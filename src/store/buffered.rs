@@ -258,8 +258,7 @@ impl<S> std::fmt::Debug for BufferedStore<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
+    use kinesis_tower_layers::checkpoint::testing::FaultyStore;
     use kinesis_tower_layers::MemoryStore;
 
     use super::*;
@@ -268,66 +267,26 @@ mod tests {
         Checkpoint::at(n.to_string().parse().unwrap())
     }
 
-    /// A memory store that counts writes and can be made to fail.
-    #[derive(Default)]
-    struct Flaky {
-        inner: MemoryStore,
-        writes: AtomicUsize,
-        failing: AtomicBool,
-    }
-
-    #[async_trait]
-    impl CheckpointStore for Flaky {
-        async fn get(&self, ns: &str, shard: &str) -> Result<Option<Checkpoint>, StoreError> {
-            self.inner.get(ns, shard).await
-        }
-        async fn set(
-            &self,
-            ns: &str,
-            shard: &str,
-            cp: Checkpoint,
-        ) -> Result<SetOutcome, StoreError> {
-            if self.failing.load(Ordering::SeqCst) {
-                return Err(StoreError::Backend {
-                    backend: "flaky",
-                    operation: "set",
-                    namespace: Some(ns.into()),
-                    shard_id: Some(shard.into()),
-                    retryable: true,
-                    source: "down".into(),
-                });
-            }
-            self.writes.fetch_add(1, Ordering::SeqCst);
-            self.inner.set(ns, shard, cp).await
-        }
-        async fn flush(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn list(&self, ns: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-            self.inner.list(ns).await
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn coalesces_per_shard_and_writes_on_the_interval() {
-        let store = BufferedStore::new(Flaky::default());
+        let store = BufferedStore::new(FaultyStore::new());
         for n in 1..=100 {
             store.set("ns", "a", at(n)).await.unwrap();
             store.set("ns", "b", at(n * 2)).await.unwrap();
         }
-        assert_eq!(store.inner().writes.load(Ordering::SeqCst), 0);
+        assert_eq!(store.inner().writes(), 0);
         assert_eq!(store.get("ns", "a").await.unwrap(), Some(at(100)));
-        assert_eq!(store.inner().inner.get("ns", "a").await.unwrap(), None);
+        assert_eq!(store.inner().memory().get("ns", "a").await.unwrap(), None);
         tokio::time::sleep(DEFAULT_FLUSH_INTERVAL + Duration::from_millis(10)).await;
-        assert_eq!(store.inner().writes.load(Ordering::SeqCst), 2);
+        assert_eq!(store.inner().writes(), 2);
         assert_eq!(
-            store.inner().inner.get("ns", "b").await.unwrap(),
+            store.inner().memory().get("ns", "b").await.unwrap(),
             Some(at(200))
         );
         assert_eq!(store.pending(), 0);
         // Nothing new: the next tick writes nothing.
         tokio::time::sleep(DEFAULT_FLUSH_INTERVAL).await;
-        assert_eq!(store.inner().writes.load(Ordering::SeqCst), 2);
+        assert_eq!(store.inner().writes(), 2);
     }
 
     #[tokio::test]
@@ -360,21 +319,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_flush_keeps_checkpoints_pending_and_a_newer_one_replaces_them() {
-        let store = BufferedStore::new(Flaky::default()).flush_interval(Duration::ZERO);
+        let store = BufferedStore::new(FaultyStore::new()).flush_interval(Duration::ZERO);
         store.set("ns", "a", at(5)).await.unwrap();
-        store.inner().failing.store(true, Ordering::SeqCst);
+        store.inner().fail_writes(true);
         let error = store.flush().await.unwrap_err();
         assert!(error.is_retryable(), "{error}");
         assert_eq!(store.pending(), 1);
         store.set("ns", "a", at(7)).await.unwrap();
-        store.inner().failing.store(false, Ordering::SeqCst);
+        store.inner().fail_writes(false);
         store.flush().await.unwrap();
         assert_eq!(store.pending(), 0);
         assert_eq!(
-            store.inner().inner.get("ns", "a").await.unwrap(),
+            store.inner().memory().get("ns", "a").await.unwrap(),
             Some(at(7))
         );
-        assert_eq!(store.inner().writes.load(Ordering::SeqCst), 1);
+        assert_eq!(store.inner().writes(), 1);
     }
 
     #[tokio::test]

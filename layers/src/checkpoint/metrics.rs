@@ -82,56 +82,13 @@ impl WriteTimer {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use async_trait::async_trait;
     use metrics_util::debugging::DebuggingRecorder;
 
-    use super::super::{Checkpoint, CheckpointStore, Checkpointer, SetOutcome, StoreError};
+    use super::super::testing::FaultyStore;
+    use super::super::{Checkpoint, Checkpointer};
     use crate::metric_names as names;
     use crate::metrics::tests::Values;
     use crate::{MemoryStore, SequenceNumber};
-
-    /// A memory store that fails its writes while `failing` is set.
-    #[derive(Default)]
-    struct Flaky {
-        inner: MemoryStore,
-        failing: AtomicBool,
-    }
-
-    #[async_trait]
-    impl CheckpointStore for Flaky {
-        async fn get(&self, ns: &str, shard: &str) -> Result<Option<Checkpoint>, StoreError> {
-            self.inner.get(ns, shard).await
-        }
-
-        async fn set(
-            &self,
-            ns: &str,
-            shard: &str,
-            checkpoint: Checkpoint,
-        ) -> Result<SetOutcome, StoreError> {
-            if self.failing.load(Ordering::SeqCst) {
-                return Err(StoreError::Backend {
-                    backend: "flaky",
-                    operation: "set",
-                    namespace: Some(ns.to_owned()),
-                    shard_id: Some(shard.to_owned()),
-                    retryable: true,
-                    source: "down".into(),
-                });
-            }
-            self.inner.set(ns, shard, checkpoint).await
-        }
-
-        async fn list(&self, ns: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
-            self.inner.list(ns).await
-        }
-
-        async fn flush(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
 
     fn at(n: u64) -> Checkpoint {
         Checkpoint::at(SequenceNumber::parse(&n.to_string()).unwrap())
@@ -144,7 +101,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let store = std::sync::Arc::new(Flaky::default());
+        let store = std::sync::Arc::new(FaultyStore::new());
         metrics::with_local_recorder(&recorder, || {
             runtime.block_on(async {
                 let checkpointer =
@@ -153,9 +110,9 @@ mod tests {
                 // Not past the stored one: timed, not counted as written.
                 checkpointer.clone().set("s-0", at(3)).await.unwrap();
                 checkpointer.set("s-1", at(1)).await.unwrap();
-                store.failing.store(true, Ordering::SeqCst);
+                store.fail_writes(true);
                 checkpointer.set("s-1", at(2)).await.unwrap_err();
-                store.failing.store(false, Ordering::SeqCst);
+                store.fail_writes(false);
                 // A shard that ended with nothing delivered: ShardEnd at once.
                 checkpointer.shard_ended("s-2", None).await.unwrap();
             })

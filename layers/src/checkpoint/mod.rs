@@ -5,6 +5,8 @@ mod layer;
 mod memory;
 mod metrics;
 mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use layer::{CheckpointFuture, CheckpointLayer, CheckpointService, Processed};
 pub use memory::MemoryStore;

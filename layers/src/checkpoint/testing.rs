@@ -1,0 +1,83 @@
+//! A checkpoint store for tests of code that writes checkpoints (feature `test-util`).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+
+use super::{Checkpoint, CheckpointStore, MemoryStore, SetOutcome, StoreError};
+
+/// A [`MemoryStore`] that counts the writes it takes, fails them while told to (with a
+/// retryable [`StoreError::Backend`] from back-end `faulty`), and runs a hook on each write.
+#[derive(Default)]
+pub struct FaultyStore {
+    inner: MemoryStore,
+    writes: AtomicUsize,
+    failing: AtomicBool,
+    on_write: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl FaultyStore {
+    /// A store that takes every write.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `hook` on every write that reaches the store (before it is applied or refused).
+    pub fn on_write(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_write = Some(Box::new(hook));
+        self
+    }
+
+    /// From now on, fails (`true`) or takes (`false`) every write.
+    pub fn fail_writes(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Writes taken so far (failed ones not counted).
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// The memory store underneath, to read what was written.
+    pub fn memory(&self) -> &MemoryStore {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for FaultyStore {
+    async fn get(&self, namespace: &str, shard_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+        self.inner.get(namespace, shard_id).await
+    }
+
+    async fn set(
+        &self,
+        namespace: &str,
+        shard_id: &str,
+        checkpoint: Checkpoint,
+    ) -> Result<SetOutcome, StoreError> {
+        if let Some(hook) = &self.on_write {
+            hook();
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend {
+                backend: "faulty",
+                operation: "set",
+                namespace: Some(namespace.to_owned()),
+                shard_id: Some(shard_id.to_owned()),
+                retryable: true,
+                source: "writes are failing".into(),
+            });
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.set(namespace, shard_id, checkpoint).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        self.inner.list(namespace).await
+    }
+}
