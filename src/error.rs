@@ -44,6 +44,19 @@ pub enum Error {
         source: KinesisError,
     },
 
+    /// The checkpoint store says a shard ended, but the stream lists it open: the stream was most
+    /// likely deleted and re-created under the same name, and the checkpoints are the old
+    /// stream's. Nothing was read, so nothing is skipped silently.
+    #[error("checkpoint store says shard {shard} of stream {stream} ended (namespace {namespace}), but the stream lists it open: if the stream was deleted and re-created, delete the checkpoints of namespace {namespace} (or use a new app_name) to read it from the start position")]
+    EndedShardIsOpen {
+        /// The stream.
+        stream: String,
+        /// The checkpoint namespace.
+        namespace: String,
+        /// The shard.
+        shard: String,
+    },
+
     /// Kinesis refused access.
     #[error("access denied to stream {stream} ({}{}): grant kinesis:ListShards, kinesis:GetShardIterator and kinesis:GetRecords on it to these credentials", source.operation(), shard_suffix(shard.as_deref()))]
     AccessDenied {
@@ -157,6 +170,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Config { .. }
+            | Error::EndedShardIsOpen { .. }
             | Error::StreamNotFound { .. }
             | Error::ShardNotFound { .. }
             | Error::AccessDenied { .. } => false,

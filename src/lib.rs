@@ -47,6 +47,7 @@ mod error;
 pub mod kinesis;
 pub mod store;
 
+pub use consumer::assignment;
 pub use consumer::{Consumer, ConsumerBuilder, RecordStream, StartPosition};
 pub use error::Error;
 pub use kinesis_tower_layers as layers;

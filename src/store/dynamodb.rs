@@ -251,15 +251,17 @@ impl CheckpointStore for DynamoDbStore {
                 .expression_attribute_names("#ns", "namespace")
                 .expression_attribute_names("#sk", "sort_key")
                 .expression_attribute_values(":sk", AttributeValue::S(sort_key.clone()));
-            if let Checkpoint::Sequence {
-                sequence_number,
-                sub_sequence_number,
-            } = checkpoint
-            {
+            if let Some(sequence_number) = checkpoint.sequence_number() {
                 request = request.item(
                     "sequence_number",
                     AttributeValue::S(sequence_number.to_string()),
                 );
+            }
+            if let Checkpoint::Sequence {
+                sub_sequence_number,
+                ..
+            } = checkpoint
+            {
                 if let Some(sub) = sub_sequence_number {
                     request =
                         request.item("sub_sequence_number", AttributeValue::N(sub.to_string()));

@@ -60,6 +60,9 @@ impl Columns {
                 *sub_sequence_number,
                 false,
             ),
+            Checkpoint::StartedAt { sequence_number } => {
+                (Some(sequence_number.to_string()), None, false)
+            }
             Checkpoint::ShardEnd => (None, None, true),
         };
         Self {

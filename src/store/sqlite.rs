@@ -243,6 +243,9 @@ impl CheckpointStore for SqliteStore {
                 sub_sequence_number.and_then(|s| i64::try_from(s).ok()),
                 false,
             ),
+            Checkpoint::StartedAt { sequence_number } => {
+                (Some(sequence_number.to_string()), None, false)
+            }
             Checkpoint::ShardEnd => (None, None, true),
         };
         let sort_key = checkpoint.sort_key();

@@ -19,12 +19,24 @@ use crate::sequence::{InvalidSequenceNumber, SequenceNumber, MAX_DIGITS};
 
 /// How far a shard has been processed.
 ///
-/// Checkpoints are totally ordered: by sequence number, then by sub-sequence number, where a
-/// checkpoint without a sub-sequence number (the whole record) is after every sub-sequence of
-/// the same record, and [`Checkpoint::ShardEnd`] is after everything. Stores only ever move a
-/// shard's checkpoint forward in this order.
+/// Checkpoints are totally ordered: by sequence number, then [`Checkpoint::StartedAt`] before
+/// any part of the same record, then by sub-sequence number, where a checkpoint without a
+/// sub-sequence number (the whole record) is after every sub-sequence of the same record, and
+/// [`Checkpoint::ShardEnd`] is after everything. Stores only ever move a shard's checkpoint
+/// forward in this order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Checkpoint {
+    /// Nothing of the shard has been processed yet, and reading it started at this record: a
+    /// restart reads from this record (inclusive).
+    ///
+    /// The consumer writes it (durably) before it hands over the first record of a shard that
+    /// had no checkpoint and started from a position that moves with time (`LATEST`,
+    /// `AT_TIMESTAMP`) or was named (a sequence number), so a restart resumes where the first
+    /// run started instead of starting at `LATEST` again and skipping what came in meanwhile.
+    StartedAt {
+        /// The first record read.
+        sequence_number: SequenceNumber,
+    },
     /// Every record up to and including this one has been processed.
     Sequence {
         /// The last processed record's sequence number.
@@ -51,17 +63,30 @@ impl Checkpoint {
         match self {
             Checkpoint::Sequence {
                 sequence_number, ..
-            } => Some(*sequence_number),
+            }
+            | Checkpoint::StartedAt { sequence_number } => Some(*sequence_number),
             Checkpoint::ShardEnd => None,
         }
     }
 
+    /// Whether this checkpoint says some record was processed (not only where reading started).
+    pub fn is_progress(&self) -> bool {
+        !matches!(self, Checkpoint::StartedAt { .. })
+    }
+
     /// A string whose byte order is the checkpoint order, for stores that compare on the
     /// server (SQL `>`, a Lua script, a DynamoDB condition):
-    /// `s<128-digit zero-padded sequence>` followed by `a<20-digit sub-sequence>` or `b` for a
-    /// whole record; `z` for shard end.
+    /// `s<128-digit zero-padded sequence>` followed by `_` for [`Checkpoint::StartedAt`],
+    /// `a<20-digit sub-sequence>`, or `b` for a whole record; `z` for shard end.
     pub fn sort_key(&self) -> String {
         match self {
+            Checkpoint::StartedAt { sequence_number } => {
+                let mut key = String::with_capacity(2 + MAX_DIGITS);
+                key.push('s');
+                key.push_str(&sequence_number.to_padded_string(MAX_DIGITS));
+                key.push('_');
+                key
+            }
             Checkpoint::Sequence {
                 sequence_number,
                 sub_sequence_number,
@@ -100,13 +125,18 @@ impl Checkpoint {
         let (digits, tail) = rest.split_at(MAX_DIGITS);
         let sequence_number = SequenceNumber::parse(digits)?;
         let sub_sequence_number = match tail {
+            "_" => return Ok(Checkpoint::StartedAt { sequence_number }),
             "b" => None,
             t if t.len() == 21 && t.starts_with('a') => Some(
                 t[1..]
                     .parse::<u64>()
                     .map_err(|_| bad("the sub-sequence number is not a 64-bit integer"))?,
             ),
-            _ => return Err(bad("a checkpoint key ends with 'b' or 'a' and 20 digits")),
+            _ => {
+                return Err(bad(
+                    "a checkpoint key ends with '_', 'b', or 'a' and 20 digits",
+                ))
+            }
         };
         Ok(Checkpoint::Sequence {
             sequence_number,
@@ -120,8 +150,15 @@ impl Ord for Checkpoint {
         use Checkpoint::*;
         match (self, other) {
             (ShardEnd, ShardEnd) => Ordering::Equal,
-            (ShardEnd, Sequence { .. }) => Ordering::Greater,
-            (Sequence { .. }, ShardEnd) => Ordering::Less,
+            (ShardEnd, _) => Ordering::Greater,
+            (_, ShardEnd) => Ordering::Less,
+            (StartedAt { sequence_number: a }, StartedAt { sequence_number: b }) => a.cmp(b),
+            (StartedAt { sequence_number: a }, Sequence { sequence_number: b, .. }) => {
+                a.cmp(b).then(Ordering::Less)
+            }
+            (Sequence { sequence_number: a, .. }, StartedAt { sequence_number: b }) => {
+                a.cmp(b).then(Ordering::Greater)
+            }
             (
                 Sequence {
                     sequence_number: a,
@@ -158,6 +195,9 @@ impl fmt::Display for Checkpoint {
                 sequence_number,
                 sub_sequence_number: None,
             } => write!(f, "{sequence_number}"),
+            Checkpoint::StartedAt { sequence_number } => {
+                write!(f, "started at {sequence_number}")
+            }
             Checkpoint::ShardEnd => f.write_str("SHARD_END"),
         }
     }
@@ -181,11 +221,21 @@ mod tests {
         assert!(cp("10", Some(0)) < cp("10", Some(1)));
         assert!(cp("10", Some(u64::MAX)) < cp("10", None));
         assert!(cp(&"9".repeat(128), None) < Checkpoint::ShardEnd);
+        let started = |s: &str| Checkpoint::StartedAt {
+            sequence_number: s.parse().unwrap(),
+        };
+        assert!(cp("9", None) < started("10"));
+        assert!(started("10") < cp("10", Some(0)));
+        assert!(started("10") < started("11"));
+        assert!(!started("10").is_progress() && cp("10", None).is_progress());
     }
 
     #[test]
     fn sort_key_round_trips_and_rejects_garbage() {
-        for c in [cp("0", None), cp("42", Some(7)), Checkpoint::ShardEnd] {
+        let started = Checkpoint::StartedAt {
+            sequence_number: "42".parse().unwrap(),
+        };
+        for c in [cp("0", None), cp("42", Some(7)), started, Checkpoint::ShardEnd] {
             assert_eq!(Checkpoint::from_sort_key(&c.sort_key()).unwrap(), c);
         }
         for bad in ["", "s1b", "x", &format!("s{}c", "0".repeat(128))] {
@@ -196,6 +246,7 @@ mod tests {
     fn arb_checkpoint() -> impl Strategy<Value = Checkpoint> {
         prop_oneof![
             Just(Checkpoint::ShardEnd),
+            "[0-9]{1,128}".prop_map(|s| Checkpoint::StartedAt { sequence_number: s.parse().unwrap() }),
             ("[0-9]{1,128}", proptest::option::of(any::<u64>())).prop_map(|(s, sub)| cp(&s, sub)),
         ]
     }

@@ -1,9 +1,11 @@
 //! The `CheckpointStore` trait and the `Checkpointer` handle that binds a store to a namespace.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 
 use super::metrics::CheckpointMetrics;
 use super::Checkpoint;
@@ -165,8 +167,15 @@ pub struct Checkpointer {
     namespace: Arc<str>,
     /// Closed shards whose last delivered record is not checkpointed yet: once a checkpoint
     /// reaches it, [`Checkpoint::ShardEnd`] is written instead.
-    ended: Arc<Mutex<HashMap<String, Checkpoint>>>,
+    ended: Arc<Mutex<HashMap<String, Ending>>>,
     metrics: Arc<CheckpointMetrics>,
+}
+
+/// A closed shard waiting for its last delivered record to be checkpointed.
+struct Ending {
+    last: Checkpoint,
+    /// Turns `true` once [`Checkpoint::ShardEnd`] has been written.
+    written: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -236,7 +245,9 @@ impl Checkpointer {
             }
         }
         let outcome = self.write(shard_id, Checkpoint::ShardEnd).await?;
-        self.lock_ended().remove(shard_id);
+        if let Some(ending) = self.lock_ended().remove(shard_id) {
+            ending.written.send_replace(true);
+        }
         Ok(outcome)
     }
 
@@ -258,7 +269,7 @@ impl Checkpointer {
     fn reaches_end(&self, shard_id: &str, checkpoint: &Checkpoint) -> bool {
         self.lock_ended()
             .get(shard_id)
-            .is_some_and(|last| checkpoint >= last)
+            .is_some_and(|ending| *checkpoint >= ending.last)
     }
 
     /// Records that a closed shard has been read to its end, `last` being the last record this
@@ -281,7 +292,13 @@ impl Checkpointer {
         };
         // Registered before reading the store, so a commit racing with this call either sees
         // the registration or is seen by the read below.
-        self.lock_ended().insert(shard_id.to_owned(), last);
+        self.lock_ended().insert(
+            shard_id.to_owned(),
+            Ending {
+                last,
+                written: watch::Sender::new(false),
+            },
+        );
         if let Some(stored) = self.get(shard_id).await? {
             if stored >= last {
                 self.set(shard_id, stored).await?;
@@ -290,7 +307,46 @@ impl Checkpointer {
         Ok(())
     }
 
-    fn lock_ended(&self) -> MutexGuard<'_, HashMap<String, Checkpoint>> {
+    /// Resolves once [`Checkpoint::ShardEnd`] has been written for a shard registered with
+    /// [`shard_ended`](Checkpointer::shard_ended) (at once if it is not waiting for its last
+    /// record: written already, never registered, or [forgotten](Checkpointer::forget_ended)).
+    ///
+    /// The consumer starts a closed shard's children only after this (and a flush), so a
+    /// restart never reads a child's records before the end of its parent.
+    pub fn shard_end_written(&self, shard_id: &str) -> impl Future<Output = ()> + Send + 'static {
+        let receiver = self
+            .lock_ended()
+            .get(shard_id)
+            .map(|ending| ending.written.subscribe());
+        async move {
+            if let Some(mut receiver) = receiver {
+                // An error means the entry was dropped (forgotten): stop waiting.
+                let _ = receiver.wait_for(|written| *written).await;
+            }
+        }
+    }
+
+    /// Stops waiting for the end of `shard_id` to be checkpointed (the consumer calls it for
+    /// the shards whose end was still pending when a run ended, or that were revoked), so
+    /// long runs do not keep every shard that ever ended. A later commit of the shard's last
+    /// record then only moves its checkpoint; a restart reads the rest of the shard (nothing)
+    /// and writes [`Checkpoint::ShardEnd`] then.
+    pub fn forget_ended(&self, shard_id: &str) {
+        self.lock_ended().remove(shard_id);
+    }
+
+    /// Whether `shard_id` ended and waits for its last delivered record to be checkpointed.
+    pub fn pending_shard_end(&self, shard_id: &str) -> bool {
+        self.lock_ended().contains_key(shard_id)
+    }
+
+    /// How many ended shards wait for their last record to be checkpointed.
+    #[doc(hidden)]
+    pub fn pending_shard_ends(&self) -> usize {
+        self.lock_ended().len()
+    }
+
+    fn lock_ended(&self) -> MutexGuard<'_, HashMap<String, Ending>> {
         // Single inserts and removes: a poisoned lock still holds a consistent map.
         self.ended.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -3,45 +3,24 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
 use kinesis_tower_layers::{Batch, BatchEnd, Checkpoint, Record, ShardId};
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::{sleep_until, Instant};
 
-use super::buffer::{BufferPermit, ShardBuffer};
-use super::lineage::Fallback;
-use super::reader_metrics::ReaderMetrics;
-use super::Shared;
+use super::buffer::ShardBuffer;
+use super::metrics::ReaderMetrics;
+use super::{ReaderEvent, ReaderOutput, ShardReader};
 use crate::backoff::Backoff;
-use crate::kinesis::{
-    timed, ChildShard, IteratorPosition, KinesisError, KinesisErrorKind, ShardDescription,
-};
+use crate::consumer::assignment::{Fallback, ShardStart};
+use crate::consumer::handle::Shared;
+use crate::kinesis::{timed, IteratorPosition, KinesisError, KinesisErrorKind};
 use crate::Error;
 
-/// What readers and the shard lister tell the dispatcher.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// Records (or a heartbeat, or the last batch of a closed shard) with their buffer room.
-    Batch { batch: Batch, permit: BufferPermit },
-    /// A closed shard's children, reported before its last batch.
-    Children(Vec<ChildShard>),
-    /// The shard needs no reading: its checkpoint says it ended, or it is skipped.
-    AlreadyFinished { shard: ShardId, read: bool },
-    /// The shard's reader hit an error that retrying will not fix.
-    Failed { shard: ShardId, error: Error },
-    /// Kinesis says the shard does not exist: expired, or the stream is gone. `error` is what
-    /// to report if a listing still shows the shard.
-    ShardGone { shard: ShardId, error: Error },
-    /// A complete ListShards answer, or an error that retrying will not fix.
-    Listing(Result<Vec<ShardDescription>, Error>),
-    /// ListShards kept failing for a passing reason; the next refresh tries again.
-    ListingUnavailable(crate::kinesis::KinesisError),
-}
-
 /// Why a reader ended early.
-pub(crate) enum Stop {
+enum Stop {
     /// Retrying will not help.
     Failed(Error),
-    /// The shard was not found: expired, or the stream is gone (the dispatcher checks).
+    /// The shard was not found: expired, or the stream is gone (the consumer checks).
     Gone(Error),
 }
 
@@ -54,36 +33,47 @@ impl From<Error> for Stop {
 /// How much earlier than our clock an expired LATEST iterator is renewed (see `Reader::run`).
 const LATEST_ANCHOR_MARGIN: Duration = Duration::from_secs(30);
 
-/// How many times a retryable checkpoint-store error is retried before it ends the consumer.
-const STORE_ATTEMPTS: u32 = 5;
-
-/// Reads one shard until it ends, or until the task is cancelled.
-pub(crate) async fn read_shard(
+/// Reads shards with GetRecords in a loop.
+pub(crate) struct PollingReader {
     shared: Arc<Shared>,
-    shard: ShardId,
-    fallback: Fallback,
-    buffer: ShardBuffer,
-    events: UnboundedSender<Event>,
-) {
-    let backoff = Backoff::new(shared.settings.backoff_base, shared.settings.backoff_max);
-    let metrics = ReaderMetrics::new(shared.settings.stream.stream_name(), &shard);
-    let mut reader = Reader {
-        metrics,
-        shared,
-        shard: shard.clone(),
-        buffer,
-        events: events.clone(),
-        backoff,
-    };
-    match reader.run(fallback).await {
-        Ok(()) => {}
-        Err(Stop::Gone(error)) => {
-            let _ = events.send(Event::ShardGone { shard, error });
-        }
-        Err(Stop::Failed(error)) => {
-            tracing::error!(%error, "shard reader stopped");
-            let _ = events.send(Event::Failed { shard, error });
-        }
+}
+
+impl PollingReader {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+impl ShardReader for PollingReader {
+    fn read(
+        &self,
+        start: ShardStart,
+        buffer: ShardBuffer,
+        output: ReaderOutput,
+    ) -> BoxFuture<'static, ()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let backoff = Backoff::new(shared.settings.backoff_base, shared.settings.backoff_max);
+            let metrics = ReaderMetrics::new(shared.settings.stream.stream_name(), &start.shard_id);
+            let mut reader = Reader {
+                metrics,
+                shared,
+                shard: start.shard_id.clone(),
+                buffer,
+                output: output.clone(),
+                backoff,
+            };
+            match reader.run(start).await {
+                Ok(()) => {}
+                Err(Stop::Gone(error)) => {
+                    output.send(ReaderEvent::Gone(error));
+                }
+                Err(Stop::Failed(error)) => {
+                    tracing::error!(%error, "shard reader stopped");
+                    output.send(ReaderEvent::Failed(error));
+                }
+            }
+        })
     }
 }
 
@@ -91,7 +81,7 @@ struct Reader {
     shared: Arc<Shared>,
     shard: ShardId,
     buffer: ShardBuffer,
-    events: UnboundedSender<Event>,
+    output: ReaderOutput,
     backoff: Backoff,
     metrics: ReaderMetrics,
 }
@@ -101,25 +91,39 @@ impl Reader {
         self.shared.settings.stream.stream_name()
     }
 
-    /// The shard's stored checkpoint, retrying what the store says is passing.
-    async fn stored_checkpoint(&mut self) -> Result<Option<Checkpoint>, Error> {
-        loop {
-            match self.shared.checkpointer.get(&self.shard).await {
-                Ok(checkpoint) => return Ok(checkpoint),
-                Err(e) if e.is_retryable() && self.backoff.attempts() < STORE_ATTEMPTS => {
-                    let delay = self.backoff.next_delay();
-                    tracing::warn!(error = %e, ?delay, "reading the checkpoint failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(source) => {
-                    return Err(Error::Store {
-                        stream: self.stream_name().to_owned(),
-                        shard: Some(self.shard.to_string()),
-                        source: Box::new(source),
-                    })
-                }
-            }
+    fn store_error(&self, source: kinesis_tower_layers::StoreError) -> Error {
+        Error::Store {
+            stream: self.stream_name().to_owned(),
+            shard: Some(self.shard.to_string()),
+            source: Box::new(source),
         }
+    }
+
+    /// The shard's stored checkpoint. The stores retry passing failures themselves: one retry
+    /// loop per failure.
+    async fn stored_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
+        self.shared
+            .checkpointer
+            .get(&self.shard)
+            .await
+            .map_err(|e| self.store_error(e))
+    }
+
+    /// Makes where this shard started durable before its first record is handed over, so a
+    /// restart resumes there instead of at a start position that has moved on (`LATEST`, a
+    /// timestamp) and skipping what came in meanwhile.
+    async fn record_start(&self, first: &Record) -> Result<(), Error> {
+        let checkpointer = &self.shared.checkpointer;
+        let started = Checkpoint::StartedAt {
+            sequence_number: first.sequence_number,
+        };
+        checkpointer
+            .set(&self.shard, started)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        checkpointer.flush().await.map_err(|e| self.store_error(e))?;
+        tracing::debug!(%started, "start position recorded");
+        Ok(())
     }
 
     /// What ends a reader early, from a Kinesis error.
@@ -139,9 +143,8 @@ impl Reader {
         }
     }
 
-    async fn run(&mut self, fallback: Fallback) -> Result<(), Stop> {
+    async fn run(&mut self, start: ShardStart) -> Result<(), Stop> {
         let checkpoint = self.stored_checkpoint().await?;
-        self.backoff.reset();
         // Resuming inside a KPL aggregate reads it again from its start: the first records
         // delivered say which of its user records were processed (`Batch::resume_after`).
         let mut resume_after = checkpoint.filter(|c| {
@@ -153,14 +156,24 @@ impl Reader {
                 }
             )
         });
+        if checkpoint == Some(Checkpoint::ShardEnd) && start.listed_open {
+            return Err(Stop::Failed(Error::EndedShardIsOpen {
+                stream: self.stream_name().to_owned(),
+                namespace: self.shared.checkpointer.namespace().to_owned(),
+                shard: self.shard.to_string(),
+            }));
+        }
         let stored = checkpoint.map(resume_position);
         let from_checkpoint = matches!(stored, Some(Some(_)));
-        let mut position = match (stored, fallback) {
+        let mut position = match (stored, start.fallback) {
             (Some(Some(position)), _) => position,
             (Some(None), _) => return self.already_finished(true),
             (None, Fallback::Skip) => return self.already_finished(false),
             (None, Fallback::Read(position)) => position,
         };
+        // Without a checkpoint, a start that depends on when it happens is recorded before
+        // the first record goes out (TRIM_HORIZON is the same position at every start).
+        let mut start_to_record = !from_checkpoint && position != IteratorPosition::TrimHorizon;
         tracing::info!(?position, from_checkpoint, "reading shard");
         let (mut iterator, opened_at) = self.iterator(position).await?;
         if position == IteratorPosition::Latest {
@@ -185,6 +198,7 @@ impl Reader {
                 sleep_until(next_call).await;
             }
             let mut permit = self.buffer.reserve_records(limit).await;
+            let reserved = limit as usize;
             let called_at = Instant::now();
             let answer = timed(
                 "GetRecords",
@@ -194,7 +208,7 @@ impl Reader {
             )
             .await;
             self.metrics.get_records_call(called_at.elapsed());
-            let page = match answer {
+            let mut page = match answer {
                 Ok(page) => page,
                 Err(e) => {
                     drop(permit);
@@ -221,6 +235,17 @@ impl Reader {
                 }
             };
             self.backoff.reset();
+            // A source that answers more records than asked must not overrun the buffer's caps:
+            // keep what was asked for and read the rest again after it.
+            let clamped = page.records.len() > reserved;
+            if clamped {
+                tracing::warn!(
+                    asked = reserved,
+                    answered = page.records.len(),
+                    "GetRecords answered more records than asked; keeping the first and reading on after them"
+                );
+                page.records.truncate(reserved);
+            }
             let count = page.records.len();
             let bytes: usize = page.records.iter().map(Record::size).sum();
             self.metrics.read(count, bytes, page.millis_behind_latest);
@@ -245,15 +270,27 @@ impl Reader {
                 next_call = next_call.max(Instant::now() + settings.poll_interval);
             }
 
+            if start_to_record {
+                if let Some(first) = page.records.first() {
+                    self.record_start(first).await?;
+                    start_to_record = false;
+                }
+            }
             let mut batch = Batch::new(self.shard.clone(), page.records);
             batch.millis_behind_latest = page.millis_behind_latest;
             if !batch.is_empty() {
                 batch.resume_after = resume_after.take();
             }
             match page.next_iterator {
+                _ if clamped => {
+                    iterator = self.iterator(position).await?.0;
+                    if !self.output.send(ReaderEvent::Batch { batch, permit }) {
+                        return Ok(());
+                    }
+                }
                 Some(next) => {
                     iterator = next;
-                    if self.events.send(Event::Batch { batch, permit }).is_err() {
+                    if !self.output.send(ReaderEvent::Batch { batch, permit }) {
                         return Ok(());
                     }
                 }
@@ -261,10 +298,11 @@ impl Reader {
                     tracing::info!("shard closed and fully read");
                     self.metrics.shard_read();
                     if !page.child_shards.is_empty() {
-                        let _ = self.events.send(Event::Children(page.child_shards));
+                        self.output
+                            .send(ReaderEvent::Children(page.child_shards));
                     }
                     batch.end = Some(BatchEnd::ShardEnd);
-                    let _ = self.events.send(Event::Batch { batch, permit });
+                    self.output.send(ReaderEvent::Batch { batch, permit });
                     return Ok(());
                 }
             }
@@ -273,10 +311,7 @@ impl Reader {
 
     fn already_finished(&self, read: bool) -> Result<(), Stop> {
         tracing::debug!(read, "shard needs no reading");
-        let _ = self.events.send(Event::AlreadyFinished {
-            shard: self.shard.clone(),
-            read,
-        });
+        self.output.send(ReaderEvent::AlreadyFinished { read });
         Ok(())
     }
 
@@ -316,6 +351,10 @@ impl Reader {
 fn resume_position(checkpoint: Checkpoint) -> Option<IteratorPosition> {
     match checkpoint {
         Checkpoint::ShardEnd => None,
+        // Nothing processed yet: read again from where the first run started.
+        Checkpoint::StartedAt { sequence_number } => {
+            Some(IteratorPosition::AtSequenceNumber(sequence_number))
+        }
         Checkpoint::Sequence {
             sequence_number,
             sub_sequence_number: None,

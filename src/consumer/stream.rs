@@ -4,6 +4,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 use futures::Stream;
 use kinesis_tower_layers::{Batch, BoxError, Checkpointer, Record};
@@ -12,6 +14,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tower::Service;
 
+use super::dispatch::{self, Erased};
+use super::handle::Shared;
 use crate::Error;
 
 type Handoff = (Batch, oneshot::Sender<()>);
@@ -19,12 +23,12 @@ type Handoff = (Batch, oneshot::Sender<()>);
 /// The service `records()` runs: hands each batch to the stream and completes once the stream
 /// has yielded all of it, so the shard's buffer room is returned only then (backpressure), and
 /// a shard's next batch (or its children) comes only after.
-pub(crate) struct HandoffService {
+struct HandoffService {
     tx: mpsc::UnboundedSender<Handoff>,
 }
 
 impl HandoffService {
-    pub(crate) fn new() -> (Self, mpsc::UnboundedReceiver<Handoff>) {
+    fn new() -> (Self, mpsc::UnboundedReceiver<Handoff>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Self { tx }, rx)
     }
@@ -84,13 +88,14 @@ impl std::fmt::Debug for RecordStream {
 }
 
 impl RecordStream {
-    pub(crate) fn new(
-        rx: mpsc::UnboundedReceiver<Handoff>,
-        task: JoinHandle<Result<(), Error>>,
-        stream: String,
-        checkpointer: Checkpointer,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// Spawns a run that hands every batch to the stream (on the current tokio runtime).
+    pub(crate) fn spawn(shared: Arc<Shared>) -> Self {
+        let (service, rx) = HandoffService::new();
+        let shutdown = CancellationToken::new();
+        let stream = shared.settings.stream.stream_name().to_owned();
+        let checkpointer = shared.checkpointer.clone();
+        let stop = shutdown.clone().cancelled_owned();
+        let task = tokio::spawn(dispatch::run(shared, Box::new(Erased(service)), stop));
         Self {
             rx,
             current: None,

@@ -1,7 +1,8 @@
-//! Listing the stream's shards (every page, with retries) and checking the first listing.
+//! Discovery: listing the stream's shards (every page, with retries) and checking the first
+//! listing against the start position.
 
-use super::settings::{Settings, StartPosition};
-use super::Shared;
+use crate::consumer::handle::Shared;
+use crate::consumer::settings::StartPosition;
 use crate::backoff::Backoff;
 use crate::kinesis::{timed, KinesisError, ShardDescription};
 use crate::Error;
@@ -63,17 +64,32 @@ pub(crate) async fn list_shards(
     }
 }
 
-/// A sequence-number start position must name a shard of the stream.
-pub(crate) fn check_start_shard(
-    settings: &Settings,
+/// A sequence-number start position must name a shard of the stream, unless that shard has a
+/// checkpoint already: the start position only applies where there is none, so a shard that
+/// was read and has since expired is no reason to stop.
+pub(crate) async fn check_start_shard(
+    shared: &Shared,
     listing: &[ShardDescription],
 ) -> Result<(), Error> {
+    let settings = &shared.settings;
     let shard = match &settings.start_position {
         StartPosition::AtSequenceNumber { shard_id, .. }
         | StartPosition::AfterSequenceNumber { shard_id, .. } => shard_id,
         _ => return Ok(()),
     };
     if listing.iter().any(|s| &s.shard_id == shard) {
+        return Ok(());
+    }
+    let stored = shared
+        .checkpointer
+        .get(shard)
+        .await
+        .map_err(|source| Error::Store {
+            stream: settings.stream.stream_name().to_owned(),
+            shard: Some(shard.to_string()),
+            source: Box::new(source),
+        })?;
+    if stored.is_some() {
         Ok(())
     } else {
         Err(Error::config(

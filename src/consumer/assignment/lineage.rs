@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use kinesis_tower_layers::ShardId;
 
-use super::settings::StartPosition;
+use super::ShardStart;
+use crate::consumer::settings::StartPosition;
 use crate::kinesis::{ChildShard, IteratorPosition, ShardDescription};
 
 /// Where a shard starts when the store has no checkpoint for it.
@@ -33,6 +34,10 @@ struct Entry {
     /// Seen in a ListShards answer (not only in a parent's ChildShards). Until then a parent
     /// missing from the lineage may simply not be listed yet, so the shard must wait.
     listed: bool,
+    /// In the latest listing.
+    in_latest_listing: bool,
+    /// The consumer took its start (the assignment filter let it through).
+    read_here: bool,
 }
 
 /// The shards of the stream and how far each is.
@@ -59,10 +64,14 @@ impl Lineage {
     /// closed gets its ending sequence number).
     pub(crate) fn merge_listing(&mut self, listing: Vec<ShardDescription>) {
         let late = self.listed_once;
+        for entry in self.shards.values_mut() {
+            entry.in_latest_listing = false;
+        }
         for description in listing {
             match self.shards.get_mut(&description.shard_id) {
                 Some(entry) => {
                     entry.listed = true;
+                    entry.in_latest_listing = true;
                     if description.ending_sequence_number.is_some()
                         || description.starting_sequence_number.is_some()
                     {
@@ -73,6 +82,66 @@ impl Lineage {
             }
         }
         self.listed_once = true;
+        self.prune();
+    }
+
+    /// Forgets finished shards that the latest listing no longer shows (expired by retention)
+    /// and that no shard still waiting names as a parent, so a consumer that runs through many
+    /// generations of resharding keeps only what the stream still lists.
+    fn prune(&mut self) {
+        let needed: HashSet<ShardId> = self
+            .shards
+            .values()
+            .filter(|e| e.state == State::Waiting)
+            .flat_map(|e| e.description.parents().cloned())
+            .collect();
+        self.shards.retain(|id, entry| {
+            !(matches!(entry.state, State::Finished { .. })
+                && entry.listed
+                && !entry.in_latest_listing
+                && !needed.contains(id))
+        });
+        let shards = &self.shards;
+        self.order.retain(|id| shards.contains_key(id));
+    }
+
+    /// How many shards the lineage keeps.
+    pub(crate) fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The consumer is reading `shard` (its start passed the filter).
+    pub(crate) fn read_here(&mut self, shard: &ShardId) {
+        if let Some(entry) = self.shards.get_mut(shard) {
+            entry.read_here = true;
+        }
+    }
+
+    /// The consumer stopped reading `shard` before its end (revoked).
+    pub(crate) fn released(&mut self, shard: &ShardId) {
+        if let Some(entry) = self.shards.get_mut(shard) {
+            entry.read_here = false;
+        }
+    }
+
+    /// Started shards that this consumer is not reading (the filter dropped their start) and
+    /// that a waiting shard names as a parent: finished once the store holds their end.
+    pub(crate) fn parents_read_elsewhere(&self) -> Vec<ShardId> {
+        let mut parents: Vec<ShardId> = self
+            .shards
+            .values()
+            .filter(|e| e.state == State::Waiting)
+            .flat_map(|e| e.description.parents())
+            .filter(|p| {
+                self.shards
+                    .get(*p)
+                    .is_some_and(|parent| parent.state == State::Started && !parent.read_here)
+            })
+            .cloned()
+            .collect();
+        parents.sort();
+        parents.dedup();
+        parents
     }
 
     /// Whether a listing was ever merged.
@@ -103,13 +172,15 @@ impl Lineage {
                 state: State::Waiting,
                 late,
                 listed,
+                in_latest_listing: listed,
+                read_here: false,
             },
         );
     }
 
     /// Shards that may start now (every known parent finished), marked started, each with where
     /// it starts if it has no checkpoint.
-    pub(crate) fn take_ready(&mut self) -> Vec<(ShardId, Fallback)> {
+    pub(crate) fn take_ready(&mut self) -> Vec<ShardStart> {
         let mut ready = Vec::new();
         for id in &self.order {
             let entry = &self.shards[id];
@@ -126,11 +197,15 @@ impl Lineage {
                     None => entry.listed,
                 });
             if parents_done {
-                ready.push((id.clone(), self.fallback(entry)));
+                ready.push(ShardStart {
+                    shard_id: id.clone(),
+                    fallback: self.fallback(entry),
+                    listed_open: entry.listed && !entry.description.is_closed(),
+                });
             }
         }
-        for (id, _) in &ready {
-            if let Some(entry) = self.shards.get_mut(id) {
+        for start in &ready {
+            if let Some(entry) = self.shards.get_mut(&start.shard_id) {
                 entry.state = State::Started;
             }
         }
@@ -138,6 +213,11 @@ impl Lineage {
     }
 
     fn fallback(&self, entry: &Entry) -> Fallback {
+        // A time is a position in every shard: children and shards found later start there
+        // too (as the KCL does), not at TRIM_HORIZON, which would deliver records from before it.
+        if let StartPosition::AtTimestamp(t) = &self.start {
+            return Fallback::Read(IteratorPosition::AtTimestamp(*t));
+        }
         let parent_was_read = entry.description.parents().any(|p| {
             self.shards
                 .get(p)
@@ -232,8 +312,12 @@ mod tests {
         d
     }
 
-    fn ids(ready: &[(ShardId, Fallback)]) -> Vec<&str> {
-        ready.iter().map(|(id, _)| id.as_str()).collect()
+    fn ids(ready: &[ShardStart]) -> Vec<&str> {
+        ready.iter().map(|s| s.shard_id.as_str()).collect()
+    }
+
+    fn pairs(ready: Vec<ShardStart>) -> Vec<(ShardId, Fallback)> {
+        ready.into_iter().map(|s| (s.shard_id, s.fallback)).collect()
     }
 
     #[test]
@@ -252,7 +336,7 @@ mod tests {
         l.finish(&"b".into(), true);
         let ready = l.take_ready();
         assert_eq!(
-            ready,
+            pairs(ready),
             vec![("c".into(), Fallback::Read(IteratorPosition::TrimHorizon))]
         );
         assert!(l.is_finished("a"));
@@ -262,10 +346,10 @@ mod tests {
     fn latest_skips_closed_shards_and_starts_open_ones_at_latest() {
         let mut l = Lineage::new(StartPosition::Latest);
         l.merge_listing(vec![shard("p", &[], true), shard("c", &["p"], false)]);
-        assert_eq!(l.take_ready(), vec![("p".into(), Fallback::Skip)]);
+        assert_eq!(pairs(l.take_ready()), vec![("p".into(), Fallback::Skip)]);
         l.finish(&"p".into(), false);
         assert_eq!(
-            l.take_ready(),
+            pairs(l.take_ready()),
             vec![("c".into(), Fallback::Read(IteratorPosition::Latest))]
         );
     }
@@ -275,7 +359,7 @@ mod tests {
         let mut l = Lineage::new(StartPosition::Latest);
         l.merge_listing(vec![shard("p", &[], false)]);
         assert_eq!(
-            l.take_ready(),
+            pairs(l.take_ready()),
             vec![("p".into(), Fallback::Read(IteratorPosition::Latest))]
         );
         // p is split; the children appear in the next listing.
@@ -290,11 +374,16 @@ mod tests {
         assert_eq!(ids(&ready), vec!["c1", "c2"]);
         assert!(ready
             .iter()
-            .all(|(_, f)| *f == Fallback::Read(IteratorPosition::TrimHorizon)));
+            .all(|s| s.fallback == Fallback::Read(IteratorPosition::TrimHorizon)));
         // An unrelated new shard found later also starts at TRIM_HORIZON.
-        l.merge_listing(vec![shard("n", &[], false)]);
+        l.merge_listing(vec![
+            shard("p", &[], true),
+            shard("c1", &["p"], false),
+            shard("c2", &["p"], false),
+            shard("n", &[], false),
+        ]);
         assert_eq!(
-            l.take_ready(),
+            pairs(l.take_ready()),
             vec![("n".into(), Fallback::Read(IteratorPosition::TrimHorizon))]
         );
     }
@@ -328,7 +417,7 @@ mod tests {
         ]);
         let ready = l.take_ready();
         assert_eq!(
-            ready,
+            pairs(ready),
             vec![
                 ("p".into(), Fallback::Skip),
                 ("o".into(), Fallback::Read(IteratorPosition::TrimHorizon))
@@ -336,11 +425,70 @@ mod tests {
         );
         l.finish(&"p".into(), false);
         assert_eq!(
-            l.take_ready(),
+            pairs(l.take_ready()),
             vec![(
                 "c".into(),
                 Fallback::Read(IteratorPosition::AfterSequenceNumber(seq))
             )]
         );
+    }
+
+    #[test]
+    fn children_of_a_shard_read_from_a_timestamp_start_at_that_timestamp() {
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let mut l = Lineage::new(StartPosition::AtTimestamp(t));
+        l.merge_listing(vec![shard("p", &[], true), shard("c", &["p"], false)]);
+        assert_eq!(
+            pairs(l.take_ready()),
+            vec![("p".into(), Fallback::Read(IteratorPosition::AtTimestamp(t)))]
+        );
+        l.finish(&"p".into(), true);
+        assert_eq!(
+            pairs(l.take_ready()),
+            vec![("c".into(), Fallback::Read(IteratorPosition::AtTimestamp(t)))],
+            "a child read from TRIM_HORIZON would re-deliver records from before the timestamp"
+        );
+        // A shard found later starts at the timestamp too.
+        l.merge_listing(vec![
+            shard("p", &[], true),
+            shard("c", &["p"], false),
+            shard("n", &[], false),
+        ]);
+        assert_eq!(
+            pairs(l.take_ready()),
+            vec![("n".into(), Fallback::Read(IteratorPosition::AtTimestamp(t)))]
+        );
+    }
+
+    #[test]
+    fn finished_shards_that_expired_are_forgotten_over_many_generations() {
+        let mut l = Lineage::new(StartPosition::TrimHorizon);
+        l.merge_listing(vec![shard("g0", &[], false)]);
+        assert_eq!(ids(&l.take_ready()), vec!["g0"]);
+        for g in 1..10_000 {
+            let (parent, child) = (format!("g{}", g - 1), format!("g{g}"));
+            // Kinesis lists the closed parent and its child; the grandparent has expired.
+            l.merge_listing(vec![
+                shard(&parent, &[], true),
+                shard(&child, &[parent.as_str()], false),
+            ]);
+            l.finish(&parent.as_str().into(), true);
+            let ready = l.take_ready();
+            assert_eq!(ids(&ready), vec![child.as_str()]);
+            assert!(l.len() <= 3, "generation {g}: {} shards kept", l.len());
+        }
+    }
+
+    #[test]
+    fn parents_read_elsewhere_are_the_started_ones_this_consumer_does_not_read() {
+        let mut l = Lineage::new(StartPosition::TrimHorizon);
+        l.merge_listing(vec![
+            shard("a", &[], true),
+            shard("b", &[], true),
+            shard("c", &["a", "b"], false),
+        ]);
+        assert_eq!(ids(&l.take_ready()), vec!["a", "b"]);
+        l.read_here(&"a".into());
+        assert_eq!(l.parents_read_elsewhere(), vec![ShardId::from("b")]);
     }
 }

@@ -8,7 +8,7 @@ use kinesis_tower_layers::{
 };
 use tower::Service;
 
-use super::buffer::BufferPermit;
+use crate::consumer::reader::BufferPermit;
 
 /// Why a call did not succeed.
 pub(crate) enum Failure {

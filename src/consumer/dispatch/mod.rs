@@ -1,0 +1,571 @@
+//! `run`: drives a `tower::Service<Batch>` with the batches of every assigned shard.
+//!
+//! One loop owns the service. It takes the (filtered) stream of assignment events and starts a
+//! reader per assigned shard; readers send their batches here. The loop keeps a lane per shard
+//! with at most one call in flight (so each shard's batches are handled in order), calls
+//! `poll_ready` before every call (so tower's `ConcurrencyLimit`, `RateLimit`, `Buffer` and
+//! friends apply across shards), and tells the assignment source when a shard is finished (its
+//! `ShardEnd` durable), which is when its children may start. On shutdown or failure it drains
+//! what is in flight, flushes the store, and stops every task it started before returning.
+
+mod call;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use kinesis_tower_layers::{Batch, BatchEnd, Checkpoint, ShardId, StoreError};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::{sleep_until, Instant};
+use tracing::Instrument;
+
+pub(crate) use call::{Dispatch, Erased};
+
+use super::assignment::{spawn_source, Assignment, Feedback, Revocation, SourceEvent, ShardStart};
+use super::handle::Shared;
+use super::reader::{
+    BufferPermit, PollingReader, ReaderEvent, ReaderOutput, ShardBuffer, ShardReader,
+};
+use call::{tracked, Completed, Failure};
+use crate::Error;
+
+/// The final store flush gets at least this long, whatever the drain timeout.
+const MIN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Lane {
+    queue: VecDeque<(Batch, BufferPermit)>,
+    in_flight: bool,
+    /// Queued in `dispatchable` (queue non-empty and nothing in flight).
+    scheduled: bool,
+    /// The last record handed to the service in this run.
+    last_delivered: Option<Checkpoint>,
+    /// When the last heartbeat was queued.
+    last_heartbeat: Option<Instant>,
+    /// Stops the shard's reader.
+    reader: AbortHandle,
+    /// Revoked: the reader is stopped, the `Revoked` batch is queued; these wait for it.
+    revocations: Vec<Revocation>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining { deadline: Instant },
+}
+
+type Flushed = BoxFuture<'static, (ShardId, Result<(), StoreError>)>;
+
+/// Everything `run` knows between two events.
+struct Dispatcher {
+    shared: Arc<Shared>,
+    stream: String,
+    reader: Arc<dyn ShardReader>,
+    reader_events: mpsc::UnboundedSender<(ShardId, ReaderEvent)>,
+    feedback: mpsc::UnboundedSender<Feedback>,
+    /// Readers and the assignment source; aborted on drain, joined before `run` returns.
+    tasks: JoinSet<()>,
+    lanes: HashMap<ShardId, Lane>,
+    /// Shards with a batch queued and nothing in flight, in the order they became so.
+    dispatchable: VecDeque<ShardId>,
+    phase: Phase,
+    failure: Option<Error>,
+    /// Closed shards whose last batch was handled, waiting for their `ShardEnd` to be
+    /// written and flushed before their children may start.
+    endings: FuturesUnordered<Flushed>,
+    ending: HashSet<ShardId>,
+    /// Revoked shards whose last batch was handled, waiting for the store flush.
+    released: FuturesUnordered<BoxFuture<'static, Vec<Revocation>>>,
+}
+
+/// Runs the dispatcher until `shutdown` completes or something fails.
+pub(crate) async fn run<F>(
+    shared: Arc<Shared>,
+    mut service: Box<dyn Dispatch>,
+    shutdown: F,
+) -> Result<(), Error>
+where
+    F: Future<Output = ()>,
+{
+    let (reader_events_tx, mut reader_events) = mpsc::unbounded_channel();
+    let mut tasks = JoinSet::new();
+    let source = spawn_source(shared.clone(), &mut tasks);
+    let mut assignments = shared.filter.filter(source.assignments);
+    let mut source_events = source.events;
+    let mut d = Dispatcher {
+        stream: shared.settings.stream.stream_name().to_owned(),
+        reader: Arc::new(PollingReader::new(shared.clone())),
+        shared,
+        reader_events: reader_events_tx,
+        feedback: source.feedback,
+        tasks,
+        lanes: HashMap::new(),
+        dispatchable: VecDeque::new(),
+        phase: Phase::Running,
+        failure: None,
+        endings: FuturesUnordered::new(),
+        ending: HashSet::new(),
+        released: FuturesUnordered::new(),
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let mut shutdown = pin!(shutdown);
+
+    loop {
+        let deadline = match d.phase {
+            Phase::Draining { deadline } => {
+                if in_flight.is_empty() && d.dispatchable.is_empty() {
+                    break;
+                }
+                Some(deadline)
+            }
+            Phase::Running => None,
+        };
+        let draining = deadline.is_some();
+        tokio::select! {
+            biased;
+            () = &mut shutdown, if !draining => {
+                tracing::info!(stream = %d.stream, "shutdown requested; draining");
+                d.begin_drain(true);
+            }
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if draining => {
+                if !in_flight.is_empty() {
+                    let shards = d.lanes.iter()
+                        .filter(|(_, lane)| lane.in_flight)
+                        .map(|(id, _)| id.to_string())
+                        .collect();
+                    let timeout = d.shared.settings.drain_timeout;
+                    d.failure.get_or_insert(Error::DrainTimeout { stream: d.stream.clone(), timeout, shards });
+                }
+                // Otherwise only markers were left to deliver: nothing was cut short.
+                break;
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => d.completed(done),
+            ready = std::future::poll_fn(|cx| service.poll_ready(cx)), if !d.dispatchable.is_empty() => {
+                match ready {
+                    Ok(()) => {
+                        if let Some(call) = d.next_call(&mut *service) {
+                            in_flight.push(call);
+                        }
+                    }
+                    Err(source) => {
+                        // The service is broken: nothing more can be dispatched.
+                        d.dispatchable.clear();
+                        let stream = d.stream.clone();
+                        d.fail(Error::ServiceNotReady { stream, source });
+                    }
+                }
+            }
+            Some((shard, event)) = reader_events.recv(), if !draining => d.reader_event(shard, event),
+            Some(event) = source_events.recv(), if !draining => d.source_event(event),
+            Some(assignment) = assignments.next(), if !draining => d.assignment(assignment),
+            Some((shard, flushed)) = d.endings.next(), if !d.endings.is_empty() && !draining => {
+                d.ended_durably(shard, flushed);
+            }
+            Some(revocations) = d.released.next(), if !d.released.is_empty() => {
+                revocations.into_iter().for_each(Revocation::complete);
+            }
+            Some(joined) = d.tasks.join_next(), if !d.tasks.is_empty() => {
+                // Reap finished readers (a JoinSet keeps them until joined), and turn a panic
+                // into an error instead of a shard that silently stops.
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        tracing::error!(stream = %d.stream, error = %e, "a consumer task panicked; stopping");
+                        let stream = d.stream.clone();
+                        d.fail(Error::Task { stream, reason: e.to_string() });
+                    }
+                }
+            }
+        }
+    }
+
+    // Stop every task (readers, the assignment source) and wait for them: none outlives `run`.
+    d.tasks.shutdown().await;
+    // A reader failure that arrived while draining still decides the outcome.
+    while let Ok((_, event)) = reader_events.try_recv() {
+        if let ReaderEvent::Failed(error) = event {
+            d.failure.get_or_insert(error);
+        }
+    }
+    while let Ok(event) = source_events.try_recv() {
+        if let SourceEvent::Failed(error) = event {
+            d.failure.get_or_insert(error);
+        }
+    }
+    drop(in_flight);
+    d.flush().await;
+    d.finish();
+    match d.failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+impl Dispatcher {
+    /// Records the first failure and stops (in-flight calls still finish).
+    fn fail(&mut self, error: Error) {
+        self.failure.get_or_insert(error);
+        self.begin_drain(false);
+    }
+
+    /// Stops the readers and keeps only in-flight work; on a graceful stop, each shard still
+    /// being read gets a last empty batch marked [`BatchEnd::Shutdown`] so layers can flush.
+    fn begin_drain(&mut self, graceful: bool) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        self.phase = Phase::Draining {
+            deadline: Instant::now()
+                .checked_add(self.shared.settings.drain_timeout)
+                .unwrap_or_else(far_future),
+        };
+        // Stop fetching at once. Queued batches are dropped unhandled: their records are read
+        // again from the checkpoint next time.
+        self.tasks.abort_all();
+        self.dispatchable.clear();
+        for (shard, lane) in self.lanes.iter_mut() {
+            let revoked = lane.queue.iter().any(|(b, _)| b.end == Some(BatchEnd::Revoked));
+            lane.queue.clear();
+            lane.scheduled = false;
+            if graceful || revoked {
+                let end = if revoked {
+                    BatchEnd::Revoked
+                } else {
+                    BatchEnd::Shutdown
+                };
+                lane.queue
+                    .push_back((Batch::empty(shard.clone(), Some(end)), BufferPermit::default()));
+                if !lane.in_flight {
+                    lane.scheduled = true;
+                    self.dispatchable.push_back(shard.clone());
+                }
+            }
+        }
+    }
+
+    /// After the final flush: revocations still waiting are complete (the run flushed every
+    /// checkpoint), and the checkpointer forgets the ends this run no longer waits for.
+    fn finish(&mut self) {
+        for (shard, lane) in self.lanes.drain() {
+            lane.revocations.into_iter().for_each(Revocation::complete);
+            self.shared.checkpointer.forget_ended(&shard);
+        }
+        for shard in self.ending.drain() {
+            self.shared.checkpointer.forget_ended(&shard);
+        }
+    }
+
+    /// Queues the shard for dispatch if it has a batch waiting and nothing in flight.
+    fn schedule(&mut self, shard: &ShardId) {
+        if let Some(lane) = self.lanes.get_mut(shard) {
+            if !lane.in_flight && !lane.scheduled && !lane.queue.is_empty() {
+                lane.scheduled = true;
+                self.dispatchable.push_back(shard.clone());
+            }
+        }
+    }
+
+    /// Hands the next waiting batch to the (ready) service.
+    fn next_call(&mut self, service: &mut dyn Dispatch) -> Option<impl Future<Output = Completed>> {
+        let shard = self.dispatchable.pop_front()?;
+        let lane = self.lanes.get_mut(&shard)?;
+        lane.scheduled = false;
+        let (batch, permit) = lane.queue.pop_front()?;
+        lane.in_flight = true;
+        let end = batch.end;
+        let first = batch.records.first().map(|r| r.sequence_number.to_string());
+        let last = batch.records.last().map(|r| r.sequence_number.to_string());
+        if let Some(record) = batch.records.last() {
+            lane.last_delivered = Some(record.checkpoint());
+        }
+        let shard_end = (end == Some(BatchEnd::ShardEnd))
+            .then(|| (self.shared.checkpointer.clone(), lane.last_delivered));
+        let future = service.call(batch);
+        Some(tracked(
+            future,
+            permit,
+            shard,
+            end,
+            (first, last),
+            shard_end,
+        ))
+    }
+
+    /// A call finished.
+    fn completed(&mut self, done: Completed) {
+        let Completed {
+            shard,
+            end,
+            first,
+            last,
+            result,
+        } = done;
+        if let Some(lane) = self.lanes.get_mut(&shard) {
+            lane.in_flight = false;
+        }
+        let stream = self.stream.clone();
+        match result {
+            Ok(()) if end == Some(BatchEnd::ShardEnd) => {
+                self.lanes.remove(&shard);
+                self.await_durable_end(shard);
+            }
+            Ok(()) if end == Some(BatchEnd::Revoked) => {
+                if let Some(lane) = self.lanes.remove(&shard) {
+                    self.release(shard, lane.revocations);
+                }
+            }
+            Ok(()) => self.schedule(&shard),
+            Err(Failure::Handler(source)) => {
+                tracing::error!(%stream, %shard, error = %source, "handler failed; stopping");
+                self.fail(Error::Handler {
+                    stream,
+                    shard: shard.to_string(),
+                    first_sequence_number: first,
+                    last_sequence_number: last,
+                    source,
+                });
+            }
+            Err(Failure::Store(source)) => {
+                tracing::error!(%stream, %shard, error = %source, "recording the end of the shard failed; stopping");
+                self.fail(Error::Store {
+                    stream,
+                    shard: Some(shard.to_string()),
+                    source: Box::new(source),
+                });
+            }
+        }
+    }
+
+    /// A closed shard's last batch was handled: once its `ShardEnd` is written (at once with
+    /// `CheckpointLayer`; when the last record is committed with `records()`) and flushed, its
+    /// children may start. Until then they wait, as the KCL's do.
+    fn await_durable_end(&mut self, shard: ShardId) {
+        let checkpointer = self.shared.checkpointer.clone();
+        if checkpointer.pending_shard_end(&shard) {
+            tracing::info!(stream = %self.stream, %shard,
+                "shard read to its end; its children start once its last record is checkpointed \
+                 (CheckpointLayer, or a commit of the records)");
+        }
+        let written = checkpointer.shard_end_written(&shard);
+        self.ending.insert(shard.clone());
+        self.endings.push(Box::pin(async move {
+            written.await;
+            let flushed = checkpointer.flush().await;
+            (shard, flushed)
+        }));
+    }
+
+    /// A closed shard's end is durable: the source may start its children.
+    fn ended_durably(&mut self, shard: ShardId, flushed: Result<(), StoreError>) {
+        self.ending.remove(&shard);
+        match flushed {
+            Ok(()) => {
+                let _ = self.feedback.send(Feedback::Finished { shard, read: true });
+            }
+            Err(source) => {
+                let stream = self.stream.clone();
+                tracing::error!(%stream, %shard, error = %source, "flushing the end of the shard failed; stopping");
+                self.fail(Error::Store {
+                    stream,
+                    shard: Some(shard.to_string()),
+                    source: Box::new(source),
+                });
+            }
+        }
+    }
+
+    /// A revoked shard's last batch was handled: flush, then say the revocation is complete.
+    fn release(&mut self, shard: ShardId, revocations: Vec<Revocation>) {
+        self.shared.checkpointer.forget_ended(&shard);
+        let _ = self.feedback.send(Feedback::Released(shard));
+        let checkpointer = self.shared.checkpointer.clone();
+        let stream = self.stream.clone();
+        self.released.push(Box::pin(async move {
+            if let Err(error) = checkpointer.flush().await {
+                tracing::warn!(%stream, %error, "flushing checkpoints of a revoked shard failed; the run's final flush tries again");
+            }
+            revocations
+        }));
+    }
+
+    /// An assignment event (after the filter).
+    fn assignment(&mut self, assignment: Assignment) {
+        match assignment {
+            Assignment::Start(start) => self.start(start),
+            Assignment::Ended(_) => {}
+            Assignment::Revoke(revocation) => self.revoke(revocation),
+        }
+    }
+
+    /// Starts a reader for the shard.
+    fn start(&mut self, start: ShardStart) {
+        let shard = start.shard_id.clone();
+        if self.phase != Phase::Running || self.lanes.contains_key(&shard) {
+            return;
+        }
+        let settings = &self.shared.settings;
+        let span = tracing::info_span!(
+            "kinesis_shard",
+            stream = %settings.stream.stream_name(),
+            shard = %shard
+        );
+        let buffer = ShardBuffer::new(settings.buffer_records, settings.buffer_bytes);
+        let output = ReaderOutput::new(shard.clone(), self.reader_events.clone());
+        let reader = self
+            .tasks
+            .spawn(self.reader.read(start, buffer, output).instrument(span));
+        self.lanes.insert(
+            shard.clone(),
+            Lane {
+                queue: VecDeque::new(),
+                in_flight: false,
+                scheduled: false,
+                last_delivered: None,
+                last_heartbeat: None,
+                reader,
+                revocations: Vec::new(),
+            },
+        );
+        let _ = self.feedback.send(Feedback::Reading(shard));
+    }
+
+    /// Stops reading a shard: its reader stops, what it fetched and nobody handled yet is
+    /// dropped (read again from the checkpoint by whoever reads the shard next), its in-flight
+    /// batch finishes, then a last batch marked [`BatchEnd::Revoked`] lets layers flush.
+    fn revoke(&mut self, revocation: Revocation) {
+        let shard = revocation.shard_id.clone();
+        let Some(lane) = self.lanes.get_mut(&shard) else {
+            revocation.complete();
+            return;
+        };
+        tracing::info!(stream = %self.stream, %shard, "shard revoked; finishing its in-flight work");
+        lane.reader.abort();
+        lane.revocations.push(revocation);
+        if lane.revocations.len() > 1 {
+            // Already being revoked.
+            return;
+        }
+        lane.queue.clear();
+        lane.queue.push_back((
+            Batch::empty(shard.clone(), Some(BatchEnd::Revoked)),
+            BufferPermit::default(),
+        ));
+        self.dispatchable.retain(|s| *s != shard);
+        if let Some(lane) = self.lanes.get_mut(&shard) {
+            lane.scheduled = false;
+        }
+        self.schedule(&shard);
+    }
+
+    /// A reader reported something.
+    fn reader_event(&mut self, shard: ShardId, event: ReaderEvent) {
+        match event {
+            ReaderEvent::Batch { batch, permit } => self.queue(batch, permit),
+            ReaderEvent::Children(children) => {
+                let _ = self.feedback.send(Feedback::Children(children));
+            }
+            ReaderEvent::AlreadyFinished { read } => {
+                if self.lanes.remove(&shard).is_some() {
+                    let _ = self.feedback.send(Feedback::Finished { shard, read });
+                }
+            }
+            ReaderEvent::Failed(error) => {
+                tracing::error!(stream = %self.stream, %shard, %error, "shard reader failed; stopping");
+                self.fail(error);
+            }
+            ReaderEvent::Gone(error) => {
+                tracing::warn!(stream = %self.stream, %shard, %error, "shard not found; checking whether it expired");
+                let _ = self.feedback.send(Feedback::Gone { shard, error });
+            }
+        }
+    }
+
+    /// The assignment source reported something.
+    fn source_event(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Failed(error) => {
+                tracing::error!(stream = %self.stream, %error, "shard discovery failed; stopping");
+                self.fail(error);
+            }
+            SourceEvent::Expired(shard) => match self.lanes.get_mut(&shard) {
+                // What was fetched is still handled, then the shard ends like a closed one.
+                Some(lane) if lane.revocations.is_empty() => {
+                    tracing::info!(stream = %self.stream, %shard, "shard expired (no longer listed); ending it after its queued batches");
+                    lane.queue.push_back((
+                        Batch::empty(shard.clone(), Some(BatchEnd::ShardEnd)),
+                        BufferPermit::default(),
+                    ));
+                    self.schedule(&shard);
+                }
+                Some(_) => {}
+                None => {
+                    let _ = self.feedback.send(Feedback::Finished { shard, read: true });
+                }
+            },
+            SourceEvent::LineageSize(size) => {
+                #[cfg(test)]
+                self.shared.probe.lineage_size(size);
+                let _ = size;
+            }
+        }
+    }
+
+    /// Queues a reader's batch on its shard's lane.
+    fn queue(&mut self, batch: Batch, permit: BufferPermit) {
+        let shard = batch.shard_id.clone();
+        let heartbeat_interval = self.shared.settings.heartbeat_interval;
+        let Some(lane) = self.lanes.get_mut(&shard) else {
+            return;
+        };
+        if !lane.revocations.is_empty() {
+            // Revoked: the reader was stopped; this was on its way.
+            return;
+        }
+        if batch.is_empty() && batch.end.is_none() {
+            // A heartbeat: only when enabled, at most one per interval per shard, and never
+            // queued behind other batches.
+            let Some(interval) = heartbeat_interval else {
+                return;
+            };
+            let due = lane
+                .last_heartbeat
+                .is_none_or(|at| at.elapsed() >= interval);
+            if !due || !lane.queue.is_empty() {
+                return;
+            }
+            lane.last_heartbeat = Some(Instant::now());
+        }
+        lane.queue.push_back((batch, permit));
+        self.schedule(&shard);
+    }
+
+    /// The final flush, bounded: `drain_timeout(0)` means "do not wait for handlers", not
+    /// "do not flush".
+    async fn flush(&mut self) {
+        let timeout = self.shared.settings.drain_timeout.max(MIN_FLUSH_TIMEOUT);
+        let stream = self.stream.clone();
+        match tokio::time::timeout(timeout, self.shared.checkpointer.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => {
+                self.failure.get_or_insert(Error::Store {
+                    stream,
+                    shard: None,
+                    source: Box::new(source),
+                });
+            }
+            Err(_) => {
+                self.failure
+                    .get_or_insert(Error::FlushTimeout { stream, timeout });
+            }
+        }
+    }
+}
+
+/// An instant no deadline reaches (about 30 years from now).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+}

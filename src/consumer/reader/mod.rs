@@ -1,0 +1,66 @@
+//! Shard readers: one interface that yields a shard's batches, in order, into the shard's
+//! bounded buffer. The polling reader (GetRecords in a loop) is the one there is today; a
+//! SubscribeToShard reader goes behind the same interface.
+
+pub(crate) mod buffer;
+mod metrics;
+mod polling;
+
+use futures::future::BoxFuture;
+use kinesis_tower_layers::{Batch, ShardId};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::assignment::ShardStart;
+use crate::kinesis::ChildShard;
+use crate::Error;
+pub(crate) use buffer::{BufferPermit, ShardBuffer};
+pub(crate) use polling::PollingReader;
+
+/// What a reader tells the consumer about its shard.
+#[derive(Debug)]
+pub(crate) enum ReaderEvent {
+    /// Records (or a heartbeat: none, from a poll that found nothing; or the last batch of a
+    /// closed shard, marked `ShardEnd`) with the buffer room they take.
+    Batch { batch: Batch, permit: BufferPermit },
+    /// A closed shard's children, reported before its last batch.
+    Children(Vec<ChildShard>),
+    /// The shard needs no reading: its checkpoint says it ended, or it is skipped. `read` says
+    /// whether this consumer had read it (it had a checkpoint).
+    AlreadyFinished { read: bool },
+    /// An error that retrying will not fix.
+    Failed(Error),
+    /// Kinesis says the shard does not exist: expired, or the stream is gone. `Error` is what to
+    /// report if a listing still shows the shard.
+    Gone(Error),
+}
+
+/// Where a reader sends its shard's events.
+#[derive(Clone, Debug)]
+pub(crate) struct ReaderOutput {
+    shard: ShardId,
+    tx: UnboundedSender<(ShardId, ReaderEvent)>,
+}
+
+impl ReaderOutput {
+    pub(crate) fn new(shard: ShardId, tx: UnboundedSender<(ShardId, ReaderEvent)>) -> Self {
+        Self { shard, tx }
+    }
+
+    /// Sends `event`; false when the consumer no longer listens (the reader should stop).
+    pub(crate) fn send(&self, event: ReaderEvent) -> bool {
+        self.tx.send((self.shard.clone(), event)).is_ok()
+    }
+}
+
+/// A way of reading shards. `read` reads one shard from its checkpoint (or, without one, from
+/// `start`'s position) until it ends, yielding its batches in order through `output`, taking
+/// room in `buffer` for what it fetches (a slow handler stops the reading); the consumer
+/// cancels the future to stop it.
+pub(crate) trait ShardReader: Send + Sync + 'static {
+    fn read(
+        &self,
+        start: ShardStart,
+        buffer: ShardBuffer,
+        output: ReaderOutput,
+    ) -> BoxFuture<'static, ()>;
+}
