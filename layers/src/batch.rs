@@ -256,6 +256,7 @@ impl<S> BatchService<S> {
             millis_behind_latest,
             end,
             resume_after,
+            wake,
         } = batch;
         let pending = match self.pending.get_mut(&shard_id) {
             Some(pending) => pending,
@@ -279,6 +280,7 @@ impl<S> BatchService<S> {
         }
         let flush_all = end.is_some() || pending.deadline.is_some_and(|d| now >= d);
         if !flush_all && pending.records.len() < max_records && pending.bytes < max_bytes {
+            wake.request(pending.deadline);
             return VecDeque::new();
         }
 
@@ -343,6 +345,9 @@ impl<S> BatchService<S> {
                 }
             }
         }
+        // Ask for a heartbeat at the deadline of what stays buffered, so a quiet shard's
+        // records are handed over in time without a second setting on the consumer.
+        wake.request(self.pending.get(&shard_id).and_then(|p| p.deadline));
         pieces
     }
 }

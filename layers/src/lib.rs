@@ -42,7 +42,7 @@ pub use checkpoint::{
 pub use kpl::{Aggregator, CorruptPolicy, DeaggregateLayer, KplError};
 pub use metrics::{MetricsFuture, MetricsLayer, MetricsService};
 pub use per_record::{PerRecord, PerRecordLayer};
-pub use record::{Batch, BatchEnd, Record, ShardId};
+pub use record::{Batch, BatchEnd, Record, ShardId, Wake};
 pub use retry::{
     is_transient, BoxErrors, Classify, RetryFuture, RetryLayer, RetryPolicy, RetryService,
     Transient, TransientErrors, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF,

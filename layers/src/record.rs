@@ -2,10 +2,11 @@
 
 use std::fmt;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use crate::checkpoint::Checkpoint;
 use crate::sequence::SequenceNumber;
@@ -121,9 +122,10 @@ pub enum BatchEnd {
 /// A run of one shard's records, in shard order, with the shard's metadata.
 ///
 /// The consumer also delivers empty batches: a last batch marked with [`Batch::end`] when the
-/// shard ends, is revoked, or the consumer shuts down; and, when heartbeats are enabled, an
-/// empty heartbeat when a poll of the shard returned nothing (so time-based layers can flush
-/// without a background task).
+/// shard ends, is revoked, or the consumer shuts down; and an empty heartbeat when a poll of the
+/// shard returned nothing and a layer asked for one through [`Batch::wake`] (so time-based
+/// layers such as [`BatchLayer`](crate::BatchLayer) flush without a background task), or
+/// always, when the consumer's `heartbeat_interval` is set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
     /// The shard every record of this batch comes from.
@@ -144,7 +146,64 @@ pub struct Batch {
     /// keep the first `Some` of the batches they merge; layers that split one keep it on the
     /// first part.
     pub resume_after: Option<Checkpoint>,
+    /// Where a layer that holds this shard's records asks the consumer for a heartbeat (an
+    /// empty batch) once a moment has passed; see [`Wake`].
+    pub wake: Wake,
 }
+
+/// A shard's heartbeat request, shared between the consumer and the layers of one shard.
+///
+/// A layer that keeps records back until a deadline (like [`BatchLayer`](crate::BatchLayer))
+/// calls [`request`](Wake::request) with that deadline on the batches it receives; the consumer
+/// then delivers an empty batch for the shard when a poll of it finds nothing at or after that
+/// moment, so the layer is called again and can flush. Nothing asked, no heartbeat: services
+/// that hold nothing never see empty batches they did not ask for.
+///
+/// A `Wake` made by [`Wake::default`] (as in [`Batch::new`]) is not connected to a consumer:
+/// requests on it are ignored. Batches compare equal whatever their `Wake`.
+#[derive(Clone, Default)]
+pub struct Wake(Option<Arc<Mutex<Option<Instant>>>>);
+
+impl Wake {
+    /// A connected request, with nothing asked yet (the consumer makes one per shard).
+    pub fn new() -> Self {
+        Self(Some(Arc::default()))
+    }
+
+    /// Asks for a heartbeat once `at` has passed (`None`: no heartbeat needed), replacing what
+    /// was asked before.
+    pub fn request(&self, at: Option<Instant>) {
+        if let Some(slot) = &self.0 {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = at;
+        }
+    }
+
+    /// When a heartbeat was asked for, if one was.
+    pub fn requested(&self) -> Option<Instant> {
+        self.0
+            .as_ref()
+            .and_then(|slot| *slot.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Whether a heartbeat is due at `now`.
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.requested().is_some_and(|at| at <= now)
+    }
+}
+
+impl fmt::Debug for Wake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Wake").field(&self.requested()).finish()
+    }
+}
+
+impl PartialEq for Wake {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Wake {}
 
 impl Batch {
     /// A batch of records of one shard.
@@ -155,6 +214,7 @@ impl Batch {
             millis_behind_latest: None,
             end: None,
             resume_after: None,
+            wake: Wake::default(),
         }
     }
 
@@ -166,6 +226,7 @@ impl Batch {
             millis_behind_latest: None,
             end,
             resume_after: None,
+            wake: Wake::default(),
         }
     }
 

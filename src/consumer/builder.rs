@@ -28,7 +28,7 @@ pub struct ConsumerBuilder {
     drain_timeout: Option<Duration>,
     list_shards_page_size: Option<usize>,
     read_bytes_per_second: Option<u64>,
-    heartbeat_interval: Option<Option<Duration>>,
+    heartbeat_interval: Option<Duration>,
     filter: Option<Arc<dyn AssignmentFilter>>,
 }
 
@@ -146,24 +146,17 @@ impl ConsumerBuilder {
         self
     }
 
-    /// How often, at most, an idle shard's poll that found nothing is delivered to the service
-    /// as an empty batch (a heartbeat). Default: the poll interval (200 ms), so every empty poll
-    /// of a caught-up shard is one.
+    /// Delivers an empty batch (a heartbeat) to the service for a shard whose poll returned
+    /// nothing, at most once per `interval` per shard, whether a layer asked for one or not.
     ///
-    /// Heartbeats let layers that hold records flush by time without a background task: a
-    /// `BatchLayer` with `max_wait` hands a quiet shard's buffered records over within
-    /// `max_wait` plus this interval, with no other setting. Heartbeats that find nothing due
-    /// stop at the `BatchLayer`, so layers inside it (a `RateLimit` around the handler) never
-    /// see them. Without a `BatchLayer`, the handler sees them as empty batches: return `Ok`.
+    /// Not needed for `BatchLayer`: it asks for the heartbeats it needs through
+    /// [`Batch::wake`](kinesis_tower_layers::Batch::wake), so with the defaults a quiet
+    /// shard's buffered records are handed over within `max_wait` plus one poll interval.
+    /// Set it for layers of your own that hold records and do not use `Batch::wake`.
+    /// Heartbeats are service calls and count against tower's `RateLimit` and
+    /// `ConcurrencyLimit` like any other. Off by default.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
-        self.heartbeat_interval = Some(Some(interval));
-        self
-    }
-
-    /// Delivers no heartbeats: the service only sees batches with records, and batches marked
-    /// with an end. A `BatchLayer`'s `max_wait` then holds only on shards that get records.
-    pub fn without_heartbeats(mut self) -> Self {
-        self.heartbeat_interval = Some(None);
+        self.heartbeat_interval = Some(interval);
         self
     }
 
@@ -263,13 +256,12 @@ impl ConsumerBuilder {
 
         let heartbeat_interval = self
             .heartbeat_interval
-            .unwrap_or(Some(poll_interval))
             .map(|interval| {
                 duration(
                     "heartbeat_interval",
                     Some(interval),
                     interval,
-                    Duration::ZERO,
+                    Duration::from_millis(1),
                 )
             })
             .transpose()?;

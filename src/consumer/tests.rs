@@ -1117,7 +1117,10 @@ async fn merge_child_waits_for_a_parent_created_after_the_last_listing() {
         .build()
         .unwrap();
     let seen = Seen::default();
-    let run = Running::start(&consumer, seen.handler());
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
+    );
     wait_for(Duration::from_secs(5), || seen.of("a").len() == 3).await;
     // Between two listings: x splits into b and c; then a and b merge into m.
     kinesis.close_shard("x");
@@ -1281,12 +1284,12 @@ fn skipping_handler(
         .service(per_record)
 }
 
-/// A per-record handler that answers SkipCheckpoint for the last record of a closed shard:
-/// the records were handled, so the children start (delivery order holds), and the parent's
-/// checkpoint stays where the handler left it until that record is committed, at which point it
-/// becomes SHARD_END. (Until then a restart reads the parent's tail again before the children.)
+/// A per-record handler that answers SkipCheckpoint for the last record of a closed shard: the
+/// parent's end is not durable, so its children wait (as the KCL's do) until that record is
+/// committed; then the parent becomes SHARD_END and the children start. A restart can never
+/// read the parent's tail after its children's records.
 #[tokio::test(start_paused = true)]
-async fn skip_checkpoint_on_a_closed_shards_last_record_ends_the_shard_once_committed() {
+async fn skip_checkpoint_on_a_closed_shards_last_record_holds_the_children_until_committed() {
     let kinesis = MemoryKinesis::default();
     kinesis.add_shard("p", &[]);
     kinesis.put("p", "k", "checkpoint");
@@ -1298,14 +1301,9 @@ async fn skip_checkpoint_on_a_closed_shards_last_record_ends_the_shard_once_comm
     let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
     let seen = Seen::default();
     let run = Running::start(&consumer, skipping_handler(&consumer, &seen));
-    wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
-    run.stop().await.unwrap();
-    let order = seen.order.lock().unwrap().clone();
-    assert_eq!(
-        order.last().unwrap().0.as_str(),
-        "c",
-        "children after the parent"
-    );
+    wait_for(Duration::from_secs(10), || seen.of("p").len() == 2).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(seen.of("c").is_empty(), "child started before its parent's end was durable");
     let first = kinesis.records("p")[0].checkpoint();
     assert_eq!(store.snapshot(consumer.namespace()).get("p"), Some(&first));
     consumer
@@ -1317,6 +1315,10 @@ async fn skip_checkpoint_on_a_closed_shards_last_record_ends_the_shard_once_comm
         store.snapshot(consumer.namespace()).get("p"),
         Some(&Checkpoint::ShardEnd)
     );
+    wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
+    run.stop().await.unwrap();
+    let order = seen.order.lock().unwrap().clone();
+    assert_eq!(order.last().unwrap().0.as_str(), "c", "children after the parent");
 }
 
 /// An expired LATEST iterator, renewed before any record was read, starts a margin before our
@@ -1525,7 +1527,10 @@ async fn expired_shard_delivers_what_was_fetched_before_its_children_start() {
             }
         })
     };
-    let run = Running::start(&consumer, handler);
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(handler),
+    );
     // p's first batch is held in the handler; its reader fetches ahead; then p expires.
     wait_for(Duration::from_secs(10), || api.served("p") >= 50).await;
     api.expire("p");
@@ -1570,7 +1575,10 @@ async fn shard_expiring_while_a_listing_is_in_flight_is_not_fatal() {
         .build()
         .unwrap();
     let seen = Seen::default();
-    let run = Running::start(&consumer, seen.handler());
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
+    );
     // At 4 s "old" (still being read, 10 records per 200 ms) expires; the listing taken at 3 s
     // that still shows it answers at 6 s.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1584,9 +1592,9 @@ async fn shard_expiring_while_a_listing_is_in_flight_is_not_fatal() {
     assert_eq!(seen.of("new").len(), 1, "the expired shard's child is read");
 }
 
-/// Same as `skip_checkpoint_on_a_closed_shards_last_record_ends_the_shard_once_committed`, but
-/// the shard closes after its records were read, so its last batch is empty: the skipped record
-/// stays uncheckpointed all the same.
+/// Same as `skip_checkpoint_on_a_closed_shards_last_record_holds_the_children_until_committed`,
+/// but the shard closes after its records were read, so its last batch is empty: the skipped
+/// record stays uncheckpointed all the same, and the child waits.
 #[tokio::test(start_paused = true)]
 async fn skip_checkpoint_on_the_last_record_holds_when_the_shard_end_batch_is_empty() {
     let kinesis = MemoryKinesis::default();
@@ -1602,7 +1610,8 @@ async fn skip_checkpoint_on_the_last_record_holds_when_the_shard_end_batch_is_em
     kinesis.close_shard("p");
     kinesis.add_shard("c", &["p"]);
     kinesis.put("c", "k", "child");
-    wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(seen.of("c").is_empty(), "child started before its parent's end was durable");
     run.stop().await.unwrap();
     let first = kinesis.records("p")[0].checkpoint();
     assert_eq!(

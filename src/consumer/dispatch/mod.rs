@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use kinesis_tower_layers::{Batch, BatchEnd, Checkpoint, ShardId, StoreError};
+use kinesis_tower_layers::{Batch, BatchEnd, Checkpoint, ShardId, StoreError, Wake};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{sleep_until, Instant};
@@ -47,6 +47,8 @@ struct Lane {
     last_delivered: Option<Checkpoint>,
     /// When the last heartbeat was queued.
     last_heartbeat: Option<Instant>,
+    /// The heartbeat the shard's layers asked for.
+    wake: Wake,
     /// Stops the shard's reader.
     reader: AbortHandle,
     /// Revoked: the reader is stopped, the `Revoked` batch is queued; these wait for it.
@@ -274,8 +276,9 @@ impl Dispatcher {
         let shard = self.dispatchable.pop_front()?;
         let lane = self.lanes.get_mut(&shard)?;
         lane.scheduled = false;
-        let (batch, permit) = lane.queue.pop_front()?;
+        let (mut batch, permit) = lane.queue.pop_front()?;
         lane.in_flight = true;
+        batch.wake = lane.wake.clone();
         let end = batch.end;
         let first = batch.records.first().map(|r| r.sequence_number.to_string());
         let last = batch.records.last().map(|r| r.sequence_number.to_string());
@@ -426,6 +429,7 @@ impl Dispatcher {
                 scheduled: false,
                 last_delivered: None,
                 last_heartbeat: None,
+                wake: Wake::new(),
                 reader,
                 revocations: Vec::new(),
             },
@@ -526,18 +530,19 @@ impl Dispatcher {
             return;
         }
         if batch.is_empty() && batch.end.is_none() {
-            // A heartbeat: only when enabled, at most one per interval per shard, and never
+            // A heartbeat: when a layer asked for one by now (a `BatchLayer`'s deadline), or
+            // when enabled for every idle poll, at most one per interval per shard; never
             // queued behind other batches.
-            let Some(interval) = heartbeat_interval else {
-                return;
-            };
-            let due = lane
-                .last_heartbeat
-                .is_none_or(|at| at.elapsed() >= interval);
-            if !due || !lane.queue.is_empty() {
+            let now = Instant::now();
+            let asked = lane.wake.is_due(now);
+            let periodic = heartbeat_interval.is_some_and(|interval| {
+                lane.last_heartbeat
+                    .is_none_or(|at| now.saturating_duration_since(at) >= interval)
+            });
+            if !(asked || periodic) || !lane.queue.is_empty() || lane.in_flight {
                 return;
             }
-            lane.last_heartbeat = Some(Instant::now());
+            lane.last_heartbeat = Some(now);
         }
         lane.queue.push_back((batch, permit));
         self.schedule(&shard);
