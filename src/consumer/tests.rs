@@ -1799,3 +1799,7 @@ async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_u
         "only the first batch with records is marked: {marks:?}"
     );
 }
+
+mod filter;
+mod restarts;
+mod long_runs;

@@ -97,6 +97,14 @@ impl MemoryKinesis {
         }
     }
 
+    /// Removes a shard, as retention does with a closed shard some time after it closed: it is no
+    /// longer listed, and reading it answers ResourceNotFound.
+    pub fn remove_shard(&self, shard_id: &str) {
+        self.lock()
+            .shards
+            .retain(|s| &*s.description.shard_id != shard_id);
+    }
+
     /// Appends a record to an open shard; returns its sequence number.
     ///
     /// # Panics

@@ -1,0 +1,160 @@
+//! The assignment seam: a filter over the stream of assignment events decides which shards a
+//! consumer reads, and can take one away mid-run.
+
+use std::sync::Mutex as StdMutex;
+
+use futures::stream::{self, StreamExt};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::assignment::{Assignment, Assignments, Revocation};
+use crate::store::BufferedStore;
+
+/// Even shards only; revocations come from the test through a channel.
+fn even_shards_with_revocations(
+    revocations: mpsc::UnboundedReceiver<Assignment>,
+) -> impl Fn(Assignments) -> Assignments + Send + Sync + 'static {
+    let revocations = StdMutex::new(Some(revocations));
+    move |events: Assignments| -> Assignments {
+        let even = events.filter(|event| {
+            let keep = match event {
+                Assignment::Start(start) => {
+                    let n: usize = start.shard_id().as_str()[8..].parse().unwrap();
+                    n % 2 == 0
+                }
+                _ => true,
+            };
+            async move { keep }
+        });
+        let mut revocations = revocations.lock().unwrap().take().expect("one run");
+        let revocations = stream::poll_fn(move |cx| revocations.poll_recv(cx));
+        stream::select(even, revocations).boxed()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_filter_chooses_the_shards_and_a_revoked_shard_finishes_flushes_and_stops() {
+    let kinesis = MemoryKinesis::with_shards(4);
+    for shard in 0..4 {
+        for i in 0..6 {
+            kinesis.put(&shard_name(shard), &format!("k{i}"), "v");
+        }
+    }
+    let memory = Arc::new(MemoryStore::new());
+    let store = BufferedStore::new(memory.clone()).flush_interval(Duration::from_secs(3600));
+    let (revoke, revocations) = mpsc::unbounded_channel();
+    let consumer = builder(&kinesis)
+        .store(store)
+        .max_records_per_call(2)
+        .assignment_filter(even_shards_with_revocations(revocations))
+        .build()
+        .unwrap();
+    let revoked_shard = shard_name(2);
+    let seen = Seen::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (seen, gate, revoked_shard) = (seen.clone(), gate.clone(), revoked_shard.clone());
+        service_fn(move |batch: Batch| {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            let hold = batch.shard_id.as_str() == revoked_shard && !batch.is_empty();
+            async move {
+                if hold {
+                    gate.acquire().await.unwrap().forget();
+                }
+                seen.take(&batch);
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(handler),
+    );
+    wait_for(Duration::from_secs(10), || seen.of(&shard_name(0)).len() == 6).await;
+    // The revoked shard's first batch is in flight (held); its reader has fetched ahead.
+    wait_for(Duration::from_secs(10), || {
+        kinesis.get_records_calls(&revoked_shard) >= 2
+    })
+    .await;
+    let (revocation, done) = Revocation::new(revoked_shard.as_str());
+    revoke.send(Assignment::Revoke(revocation)).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = kinesis.get_records_calls(&revoked_shard);
+    assert!(seen.of(&revoked_shard).is_empty(), "the in-flight batch is still held");
+    gate.add_permits(100);
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("revocation completes");
+    // The in-flight batch finished, and nothing after it was handed over.
+    let first_two: Vec<SequenceNumber> = sequences(&kinesis, &revoked_shard)[..2].to_vec();
+    assert_eq!(seen.of(&revoked_shard), first_two);
+    let ends = seen.ends.lock().unwrap().clone();
+    assert!(
+        ends.contains(&(revoked_shard.as_str().into(), BatchEnd::Revoked)),
+        "a last batch marked Revoked: {ends:?}"
+    );
+    // Its checkpoint was flushed to the store behind the buffer.
+    assert_eq!(
+        memory.snapshot(consumer.namespace()).get(revoked_shard.as_str()),
+        Some(&Checkpoint::at(first_two[1]))
+    );
+    // Its reader stopped.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(kinesis.get_records_calls(&revoked_shard), calls);
+    assert_eq!(seen.of(&revoked_shard).len(), 2);
+    run.stop().await.unwrap();
+    // Odd shards were never read.
+    for odd in [1, 3] {
+        assert_eq!(kinesis.get_records_calls(&shard_name(odd)), 0);
+        assert!(seen.of(&shard_name(odd)).is_empty());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn chosen_shards_are_the_only_ones_read() {
+    let kinesis = MemoryKinesis::with_shards(3);
+    for shard in 0..3 {
+        kinesis.put(&shard_name(shard), "k", "v");
+    }
+    let consumer = builder(&kinesis)
+        .shards([shard_name(1)])
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(&consumer, seen.handler());
+    wait_for(Duration::from_secs(10), || seen.count() == 1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of(&shard_name(1)).len(), 1);
+    assert_eq!(seen.count(), 1);
+}
+
+/// A chosen child whose parent is read elsewhere starts once the parent's end is in the store.
+#[tokio::test(start_paused = true)]
+async fn a_chosen_child_waits_for_a_parent_read_elsewhere_to_end_in_the_store() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "parent");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "child");
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .shards(["c"])
+        .shard_refresh_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(&consumer, seen.handler());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(seen.of("c").is_empty(), "c started before its parent ended");
+    // Another worker finishes p.
+    store
+        .set(consumer.namespace(), "p", Checkpoint::ShardEnd)
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
+    run.stop().await.unwrap();
+    assert!(seen.of("p").is_empty());
+}

@@ -1,0 +1,122 @@
+//! Long runs: what the consumer keeps stays bounded, and time-based batching holds with the
+//! defaults.
+
+use super::*;
+use kinesis_tower_layers::BatchLayer;
+
+/// 10,000 generations of resharding (each shard split into one child, the closed ancestors
+/// expiring as Kinesis's retention does): the lineage and the checkpointer keep a bounded
+/// number of shards, and every record is delivered once, in order.
+#[tokio::test(start_paused = true)]
+async fn ten_thousand_generations_of_resharding_keep_memory_flat() {
+    const GENERATIONS: usize = 10_000;
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("g0", &[]);
+    let consumer = builder(&kinesis)
+        .poll_interval(Duration::from_millis(1))
+        .min_get_records_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
+    );
+    for g in 0..GENERATIONS {
+        let (shard, child) = (format!("g{g}"), format!("g{}", g + 1));
+        kinesis.put(&shard, "k", "v");
+        kinesis.close_shard(&shard);
+        kinesis.add_shard(child.as_str(), &[shard.as_str()]);
+        if g >= 2 {
+            kinesis.remove_shard(&format!("g{}", g - 2));
+        }
+        wait_for(Duration::from_secs(60), || seen.count() == g as u64 + 1).await;
+    }
+    wait_for(Duration::from_secs(60), || {
+        kinesis.get_records_calls(&format!("g{GENERATIONS}")) > 0
+    })
+    .await;
+    let pending_ends = consumer.checkpointer().pending_shard_ends();
+    let lineage = consumer.probe().lineage_max();
+    run.stop().await.unwrap();
+    assert_eq!(seen.count(), GENERATIONS as u64);
+    assert_eq!(pending_ends, 0, "ended shards still tracked by the checkpointer");
+    assert!(lineage > 0 && lineage <= 8, "the lineage kept {lineage} shards");
+}
+
+/// With the consumer's defaults, `BatchLayer::max_wait` holds on a quiet shard: the layer asks
+/// for a heartbeat at its deadline, so one record is handled within max wait plus one poll
+/// interval (200 ms).
+#[tokio::test(start_paused = true)]
+async fn max_wait_holds_on_a_quiet_shard_with_the_defaults() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    let consumer = builder(&kinesis).build().unwrap();
+    let seen = Seen::default();
+    let handled_at = Arc::new(Mutex::new(None));
+    let handler = {
+        let (seen, handled_at) = (seen.clone(), handled_at.clone());
+        service_fn(move |batch: Batch| {
+            if !batch.is_empty() {
+                *handled_at.lock().unwrap() = Some(tokio::time::Instant::now());
+            }
+            seen.take(&batch);
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let service = ServiceBuilder::new()
+        .layer(BatchLayer::new().max_wait(Duration::from_secs(1)))
+        .layer(CheckpointLayer::new(consumer.checkpointer()))
+        .service(handler);
+    let run = Running::start(&consumer, service);
+    wait_for(Duration::from_secs(5), || kinesis.get_records_calls(&shard_name(0)) > 0).await;
+    let put_at = tokio::time::Instant::now();
+    kinesis.put(&shard_name(0), "k", "v");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let handled = handled_at.lock().unwrap().expect("the record was never handled");
+    run.stop().await.unwrap();
+    let waited = handled - put_at;
+    assert!(
+        waited <= Duration::from_millis(1_000 + 200 + 50),
+        "handled {waited:?} after it was put"
+    );
+    assert_eq!(seen.count(), 1);
+}
+
+/// Without a layer that asks for them, and without `heartbeat_interval`, the handler never sees
+/// an empty batch.
+#[tokio::test(start_paused = true)]
+async fn no_heartbeats_unless_asked_for() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    let consumer = builder(&kinesis).build().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let calls = calls.clone();
+        service_fn(move |_batch: Batch| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let run = Running::start(&consumer, handler);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    run.stop().await.unwrap();
+}
+
+/// A closed shard whose last record a stream user never commits: when the run ends, the
+/// checkpointer stops waiting for it (a consumer run again and again keeps nothing of it).
+#[tokio::test(start_paused = true)]
+async fn an_end_never_committed_is_forgotten_when_the_run_ends() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "v");
+    kinesis.close_shard("p");
+    let consumer = builder(&kinesis).build().unwrap();
+    let mut stream = consumer.records();
+    stream.next().await.unwrap().unwrap();
+    wait_for(Duration::from_secs(10), || {
+        consumer.checkpointer().pending_shard_ends() == 1
+    })
+    .await;
+    stream.shutdown().await.unwrap();
+    assert_eq!(consumer.checkpointer().pending_shard_ends(), 0);
+}

@@ -1,0 +1,355 @@
+//! What a restart resumes from: the durable start position, the start position's scope, and
+//! what the store and the listing must agree on.
+
+use super::*;
+use crate::store::BufferedStore;
+
+fn failing_first_batch(
+    seen: &Seen,
+) -> impl tower::Service<Batch, Response = (), Error = BoxError, Future = impl Send> + Clone {
+    let seen = seen.clone();
+    service_fn(move |batch: Batch| {
+        seen.take(&batch);
+        async move {
+            if batch.is_empty() {
+                Ok(())
+            } else {
+                Err::<(), BoxError>("the handler fails".into())
+            }
+        }
+    })
+}
+
+async fn restart_resumes_where_the_first_run_started(start: StartPosition) {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store(BufferedStore::new(store.clone()).flush_interval(Duration::from_secs(3600)))
+        .start_position(start)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(failing_first_batch(&seen)),
+    );
+    wait_for(Duration::from_secs(5), || kinesis.get_records_calls("p") > 0).await;
+    let first = kinesis.put("p", "k", "first");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), run.task)
+        .await
+        .expect("run ends")
+        .unwrap();
+    assert!(matches!(outcome, Err(Error::Handler { .. })), "{outcome:?}");
+    assert_eq!(seen.count(), 1, "the first record was delivered");
+    // While nothing runs: more records, and the shard is split.
+    let second = kinesis.put("p", "k", "second");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    let child = kinesis.put("c", "k", "child");
+
+    let seen = Seen::default();
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
+    );
+    wait_for(Duration::from_secs(20), || seen.of("c").len() == 1).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of("p"), vec![first, second], "the parent from where it started");
+    assert_eq!(seen.of("c"), vec![child]);
+}
+
+/// A shard started at LATEST whose first batch failed: the restart resumes at the record the
+/// first run started with, not at the new LATEST (which would lose every record of the test).
+#[tokio::test(start_paused = true)]
+async fn a_restart_at_latest_resumes_where_the_first_run_started() {
+    restart_resumes_where_the_first_run_started(StartPosition::Latest).await;
+}
+
+/// The same for a timestamp that a program computes at each start ("the last minute").
+#[tokio::test(start_paused = true)]
+async fn a_restart_at_a_timestamp_resumes_where_the_first_run_started() {
+    let now = std::time::SystemTime::now();
+    restart_resumes_where_the_first_run_started(StartPosition::AtTimestamp(now)).await;
+}
+
+/// The sequence-number start position applies only where a shard has no checkpoint: once its
+/// shard was read (and has a checkpoint) and has expired, restarts go on.
+#[tokio::test(start_paused = true)]
+async fn a_sequence_start_position_is_not_checked_again_once_its_shard_has_a_checkpoint() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    let first = kinesis.put("p", "k", "a");
+    kinesis.put("p", "k", "b");
+    let api = Faulty::new(&kinesis);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = api
+        .consumer()
+        .store_arc(store.clone())
+        .start_position(StartPosition::AfterSequenceNumber {
+            shard_id: "p".into(),
+            sequence_number: first,
+        })
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
+    );
+    wait_for(Duration::from_secs(10), || seen.count() == 1).await;
+    run.stop().await.unwrap();
+    // The shard is split, and later expires.
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    api.expire("p");
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!run.task.is_finished(), "{:?}", run.task.await);
+    run.stop().await.unwrap();
+}
+
+/// A stored SHARD_END for a shard the listing shows open (the stream was deleted and re-created
+/// under the same name): an error naming the shard and namespace, never a silent skip.
+#[tokio::test(start_paused = true)]
+async fn a_stored_shard_end_for_an_open_shard_is_an_error_naming_it() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.put(&shard_name(0), "k", "v");
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
+    store
+        .set(consumer.namespace(), &shard_name(0), Checkpoint::ShardEnd)
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), consumer.run(Seen::default().handler()))
+        .await
+        .expect("run ends");
+    let error = outcome.unwrap_err();
+    assert!(
+        matches!(&error, Error::EndedShardIsOpen { shard, namespace, .. }
+            if *shard == shard_name(0) && namespace == consumer.namespace()),
+        "{error:?}"
+    );
+    assert!(!error.is_retryable());
+    assert!(error.to_string().contains("app_name"), "says what to do: {error}");
+}
+
+/// A store read that fails is retried by the store (once per failure), not again by the reader
+/// around it.
+#[tokio::test(start_paused = true)]
+async fn a_failing_checkpoint_read_is_tried_once_by_the_consumer() {
+    #[derive(Default)]
+    struct FailingGets {
+        gets: AtomicU64,
+    }
+    #[async_trait::async_trait]
+    impl CheckpointStore for FailingGets {
+        async fn get(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            Err(kinesis_tower_layers::StoreError::Backend {
+                backend: "test",
+                operation: "get",
+                namespace: None,
+                shard_id: None,
+                retryable: true,
+                source: "down".into(),
+            })
+        }
+        async fn set(
+            &self,
+            _: &str,
+            _: &str,
+            _: Checkpoint,
+        ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
+            Ok(kinesis_tower_layers::SetOutcome::Advanced)
+        }
+        async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
+            Ok(())
+        }
+        async fn list(
+            &self,
+            _: &str,
+        ) -> Result<Vec<(String, Checkpoint)>, kinesis_tower_layers::StoreError> {
+            Ok(Vec::new())
+        }
+    }
+    let kinesis = MemoryKinesis::with_shards(1);
+    let store = Arc::new(FailingGets::default());
+    let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), consumer.run(Seen::default().handler()))
+        .await
+        .expect("run ends");
+    assert!(matches!(outcome, Err(Error::Store { .. })), "{outcome:?}");
+    assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+}
+
+/// A source that answers more records than asked cannot overrun the buffer: the reader keeps
+/// what it asked for and reads on after it, losing nothing.
+#[tokio::test(start_paused = true)]
+async fn more_records_than_asked_are_clamped_and_nothing_is_lost() {
+    #[derive(Clone)]
+    struct Generous(MemoryKinesis);
+    impl crate::kinesis::KinesisApi for Generous {
+        fn list_shards<'a>(
+            &'a self,
+            stream: &'a crate::kinesis::StreamRef,
+            next_token: Option<&'a str>,
+            max_results: Option<i32>,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<crate::kinesis::ShardPage, crate::kinesis::KinesisError>,
+        > {
+            self.0.list_shards(stream, next_token, max_results)
+        }
+        fn get_shard_iterator<'a>(
+            &'a self,
+            stream: &'a crate::kinesis::StreamRef,
+            shard_id: &'a ShardId,
+            position: IteratorPosition,
+        ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>>
+        {
+            self.0.get_shard_iterator(stream, shard_id, position)
+        }
+        fn get_records<'a>(
+            &'a self,
+            stream: &'a crate::kinesis::StreamRef,
+            shard_id: &'a ShardId,
+            iterator: &'a str,
+            _limit: i32,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<crate::kinesis::RecordsPage, crate::kinesis::KinesisError>,
+        > {
+            // Ignores the limit.
+            self.0.get_records(stream, shard_id, iterator, 10_000)
+        }
+    }
+    let kinesis = MemoryKinesis::with_shards(1);
+    for i in 0..100 {
+        kinesis.put(&shard_name(0), &format!("k{i}"), "v");
+    }
+    let consumer = Consumer::builder()
+        .kinesis_api(Arc::new(Generous(kinesis.clone())))
+        .stream_name("test-stream")
+        .start_position(StartPosition::TrimHorizon)
+        .max_records_per_call(10)
+        .buffer_records(10)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let largest = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let (seen, largest) = (seen.clone(), largest.clone());
+        service_fn(move |batch: Batch| {
+            largest.fetch_max(batch.len() as u64, Ordering::SeqCst);
+            seen.take(&batch);
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let run = Running::start(&consumer, handler);
+    wait_for(Duration::from_secs(60), || seen.count() == 100).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
+    assert!(largest.load(Ordering::SeqCst) <= 10, "a batch of {} records", largest.load(Ordering::SeqCst));
+}
+
+/// With `records()`, a closed shard's children come only after its last record was committed
+/// (its SHARD_END durable): a restart can never read the parent's tail after the children.
+#[tokio::test(start_paused = true)]
+async fn records_children_wait_until_the_parents_last_record_is_committed() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "p0");
+    let last = kinesis.put("p", "k", "p1");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "child");
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
+    let mut stream = consumer.records();
+    let mut records = Vec::new();
+    for _ in 0..2 {
+        records.push(stream.next().await.unwrap().unwrap());
+    }
+    assert_eq!(records[1].sequence_number, last);
+    let early = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
+    assert!(early.is_err(), "a child record came before the parent's end was committed: {early:?}");
+    stream.checkpointer().commit_all(&records).await.unwrap();
+    let child = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the child starts once the parent is committed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(child.shard_id.as_str(), "c");
+    stream.shutdown().await.unwrap();
+    assert_eq!(
+        store.snapshot(consumer.namespace()).get("p"),
+        Some(&Checkpoint::ShardEnd)
+    );
+}
+
+/// A parent's SHARD_END that cannot be made durable (the flush fails) keeps its children from
+/// starting and ends the run.
+#[tokio::test(start_paused = true)]
+async fn a_child_does_not_start_when_its_parents_end_cannot_be_flushed() {
+    #[derive(Default)]
+    struct FlushFails(MemoryStore);
+    #[async_trait::async_trait]
+    impl CheckpointStore for FlushFails {
+        async fn get(
+            &self,
+            n: &str,
+            s: &str,
+        ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
+            self.0.get(n, s).await
+        }
+        async fn set(
+            &self,
+            n: &str,
+            s: &str,
+            c: Checkpoint,
+        ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
+            self.0.set(n, s, c).await
+        }
+        async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
+            Err(kinesis_tower_layers::StoreError::Backend {
+                backend: "test",
+                operation: "flush",
+                namespace: None,
+                shard_id: None,
+                retryable: true,
+                source: "down".into(),
+            })
+        }
+        async fn list(
+            &self,
+            n: &str,
+        ) -> Result<Vec<(String, Checkpoint)>, kinesis_tower_layers::StoreError> {
+            self.0.list(n).await
+        }
+    }
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "parent");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "child");
+    let consumer = builder(&kinesis).store(FlushFails::default()).build().unwrap();
+    let seen = Seen::default();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler())),
+    )
+    .await
+    .expect("run ends");
+    assert!(matches!(outcome, Err(Error::Store { .. })), "{outcome:?}");
+    assert_eq!(seen.of("p").len(), 1);
+    assert!(seen.of("c").is_empty(), "the child started before its parent's end was durable");
+}
