@@ -176,8 +176,9 @@ impl BatchLayer {
     }
 
     /// How long a record may stay buffered: the first call for its shard at or after this
-    /// long since it was buffered flushes the shard. `Duration::ZERO` flushes on every call
-    /// (only the size limits apply).
+    /// long since it was buffered flushes the shard. `Duration::ZERO` flushes on every call;
+    /// `Duration::MAX` (or any wait too long for the clock) never flushes on time: only the
+    /// size limits and a batch marked [`Batch::end`] hand records over.
     pub fn max_wait(mut self, wait: Duration) -> Self {
         self.max_wait = wait;
         self
@@ -217,7 +218,8 @@ pub enum BatchResponse<R> {
 struct Pending {
     records: Vec<Record>,
     bytes: usize,
-    /// When the oldest buffered record must be handed over; `None` when nothing is buffered.
+    /// When the oldest buffered record must be handed over; `None` when nothing is buffered,
+    /// or when `max_wait` reaches beyond what an [`Instant`] can hold (no deadline).
     deadline: Option<Instant>,
     millis_behind_latest: Option<i64>,
     /// The first `resume_after` of the buffered records (see [`Batch::resume_after`]): goes
@@ -280,7 +282,7 @@ impl<S> BatchService<S> {
             pending.bytes += records.iter().map(Record::size).sum::<usize>();
             if pending.records.is_empty() {
                 pending.records = records;
-                pending.deadline = Some(now + max_wait);
+                pending.deadline = now.checked_add(max_wait);
             } else {
                 pending.records.extend(records);
             }
@@ -313,7 +315,7 @@ impl<S> BatchService<S> {
             pending.records = records.split_off(last_start);
             pending.bytes = last_bytes;
             if last_start >= old_len {
-                pending.deadline = Some(now + max_wait);
+                pending.deadline = now.checked_add(max_wait);
             }
         } else {
             pending.bytes = 0;
@@ -729,6 +731,40 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         send(&mut svc, heartbeat()).await.unwrap();
         assert_eq!(inner.seen().len(), 2);
+    }
+
+    /// `Duration::MAX` is a wait that never ends: records are handed over by size and at the
+    /// end only, and no deadline computation overflows.
+    #[tokio::test(start_paused = true)]
+    async fn max_wait_of_duration_max_means_no_deadline() {
+        let inner = Inner::new();
+        let mut svc = BatchLayer::new()
+            .max_records(3)
+            .max_wait(Duration::MAX)
+            .layer(inner.clone());
+        let heartbeat = || Batch::empty(SHARD.into(), None);
+        // The first record of an empty buffer starts the wait.
+        assert_eq!(
+            send(&mut svc, batch([1])).await.unwrap(),
+            BatchResponse::Buffered
+        );
+        tokio::time::advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
+        assert_eq!(
+            send(&mut svc, heartbeat()).await.unwrap(),
+            BatchResponse::Buffered
+        );
+        assert!(inner.seen().is_empty());
+        // A full batch goes; the remainder came with this call and starts a new wait.
+        assert_eq!(send(&mut svc, batch(2..=4)).await.unwrap(), flushed(1, 3));
+        assert_eq!(svc.buffered(SHARD), 1);
+        tokio::time::advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
+        assert_eq!(
+            send(&mut svc, heartbeat()).await.unwrap(),
+            BatchResponse::Buffered
+        );
+        let end = Batch::empty(SHARD.into(), Some(BatchEnd::Shutdown));
+        assert_eq!(send(&mut svc, end).await.unwrap(), flushed(1, 1));
+        assert_eq!(inner.seen(), vec![vec![1, 2, 3], vec![4]]);
     }
 
     #[tokio::test(start_paused = true)]

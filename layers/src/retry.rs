@@ -299,13 +299,16 @@ impl<C> RetryLayer<C> {
         self
     }
 
-    /// The upper bound of the first retry's wait; it doubles for each further retry.
+    /// The upper bound of the first retry's wait; it doubles for each further retry, up to
+    /// [`max_backoff`](Self::max_backoff) (the doubling saturates: any value works, and
+    /// `Duration::MAX` makes every bound max backoff).
     pub fn initial_backoff(mut self, backoff: Duration) -> Self {
         self.policy.initial_backoff = backoff;
         self
     }
 
-    /// The upper bound of any wait.
+    /// The upper bound of any wait (`Duration::MAX`: none but the doubling's, which
+    /// saturates).
     pub fn max_backoff(mut self, backoff: Duration) -> Self {
         self.policy.max_backoff = backoff;
         self
@@ -677,6 +680,76 @@ mod tests {
                 i + 1
             );
             assert!(distinct[i].len() > 20, "retry {}: not jittered", i + 1);
+        }
+    }
+
+    /// Calls `svc` with a batch; returns the result and the (virtual) time the call took.
+    async fn timed<S>(svc: &mut S) -> (Result<(), BoxError>, Duration)
+    where
+        S: Service<Batch, Response = (), Error = BoxError>,
+    {
+        let t0 = Instant::now();
+        let result = svc.ready().await.unwrap().call(batch(&[1])).await;
+        (result, t0.elapsed())
+    }
+
+    /// `Duration::MAX` as the first retry's bound: every ceiling is max backoff.
+    #[tokio::test(start_paused = true)]
+    async fn initial_backoff_of_duration_max_is_bounded_by_max_backoff() {
+        let layer = RetryLayer::new()
+            .max_attempts(4)
+            .initial_backoff(Duration::MAX)
+            .max_backoff(Duration::from_secs(2));
+        for retry in [1, 2, 40, u32::MAX] {
+            assert_eq!(
+                layer.policy().backoff_ceiling(retry),
+                Duration::from_secs(2)
+            );
+        }
+        let handler = Flaky::new(3, transient);
+        let (result, took) = timed(&mut layer.layer(handler.clone())).await;
+        result.unwrap();
+        assert_eq!(handler.attempts(), 4);
+        assert!(took <= Duration::from_millis(6_003), "{took:?}");
+    }
+
+    /// `Duration::MAX` as the bound of every wait: the ceilings saturate, and a wait of
+    /// centuries is still a wait (the timer caps it), not a panic.
+    #[tokio::test(start_paused = true)]
+    async fn max_backoff_of_duration_max_saturates() {
+        let layer = RetryLayer::new()
+            .initial_backoff(Duration::from_secs(1))
+            .max_backoff(Duration::MAX)
+            .max_elapsed(Duration::MAX);
+        assert_eq!(layer.policy().backoff_ceiling(3), Duration::from_secs(4));
+        let ceilings: Vec<Duration> = [33, 64, 65, u32::MAX]
+            .into_iter()
+            .map(|retry| layer.policy().backoff_ceiling(retry))
+            .collect();
+        assert!(ceilings.windows(2).all(|w| w[0] <= w[1]), "{ceilings:?}");
+        assert!(ceilings[0] >= Duration::from_secs(1 << 31), "{ceilings:?}");
+        let layer = layer.initial_backoff(Duration::MAX);
+        let handler = Flaky::new(2, transient);
+        let (result, _) = timed(&mut layer.layer(handler.clone())).await;
+        result.unwrap();
+        assert_eq!(handler.attempts(), 3);
+    }
+
+    /// `Duration::MAX` as the elapsed bound: only max attempts stop the retries, however long
+    /// the waits.
+    #[tokio::test(start_paused = true)]
+    async fn max_elapsed_of_duration_max_leaves_max_attempts_in_charge() {
+        for max_backoff in [Duration::from_secs(10), Duration::MAX] {
+            let handler = Flaky::new(u32::MAX, transient);
+            let mut svc = RetryLayer::new()
+                .max_attempts(6)
+                .initial_backoff(Duration::from_secs(5))
+                .max_backoff(max_backoff)
+                .max_elapsed(Duration::MAX)
+                .layer(handler.clone());
+            let (result, _) = timed(&mut svc).await;
+            assert_eq!(result.unwrap_err().to_string(), "attempt 6 failed");
+            assert_eq!(handler.attempts(), 6);
         }
     }
 
