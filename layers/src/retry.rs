@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 use tower::retry::{Policy, Retry};
 use tower::{Layer, Service};
 
+use crate::backoff::Backoff;
 use crate::checkpoint::StoreError;
 use crate::BoxError;
 
@@ -141,7 +142,8 @@ pub fn is_transient(error: &(dyn StdError + 'static)) -> bool {
 }
 
 /// The retry policy of [`RetryLayer`] (a `tower::retry::Policy`): exponential backoff with
-/// full jitter, bounded by attempts and elapsed time, retrying what the classifier allows.
+/// full jitter ([`Backoff`]), bounded by attempts and elapsed time, retrying what the
+/// classifier allows.
 ///
 /// Retry `n` (1 for the first retry) waits a random time between zero and
 /// `min(max_backoff, initial_backoff * 2^(n-1))` ("full jitter": shards or workers that
@@ -152,8 +154,8 @@ pub fn is_transient(error: &(dyn StdError + 'static)) -> bool {
 #[derive(Clone, Debug)]
 pub struct RetryPolicy<C = TransientErrors> {
     max_attempts: u32,
-    initial_backoff: Duration,
-    max_backoff: Duration,
+    /// `initial_backoff` and `max_backoff`.
+    backoff: Backoff,
     max_elapsed: Duration,
     classifier: C,
     /// Attempts made for the current request (tower clones the policy into each call).
@@ -163,18 +165,16 @@ pub struct RetryPolicy<C = TransientErrors> {
 }
 
 impl<C> RetryPolicy<C> {
-    /// The upper bound of the wait before retry `retry` (1 for the first retry).
+    /// The upper bound of the wait before retry `retry` (1 for the first retry):
+    /// [`Backoff::ceiling`].
     pub fn backoff_ceiling(&self, retry: u32) -> Duration {
-        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
-        self.initial_backoff
-            .checked_mul(factor)
-            .unwrap_or(self.max_backoff)
-            .min(self.max_backoff)
+        self.backoff.ceiling(retry)
     }
 
-    fn backoff(&self, retry: u32) -> Duration {
-        let ceiling = u64::try_from(self.backoff_ceiling(retry).as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(fastrand::u64(0..=ceiling))
+    /// The backoff the waits are drawn from: `initial_backoff` as its base, `max_backoff` as
+    /// its max.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
     }
 }
 
@@ -196,7 +196,7 @@ where
             tracing::warn!(attempts = self.attempts, %error, "giving up: max attempts reached");
             return None;
         }
-        let delay = self.backoff(self.attempts);
+        let delay = self.backoff.delay(self.attempts);
         let elapsed = started.elapsed();
         if elapsed.saturating_add(delay) > self.max_elapsed {
             tracing::warn!(attempts = self.attempts, ?elapsed, %error, "giving up: max elapsed time reached");
@@ -281,8 +281,7 @@ impl RetryLayer {
         Self {
             policy: RetryPolicy {
                 max_attempts: DEFAULT_MAX_ATTEMPTS,
-                initial_backoff: DEFAULT_INITIAL_BACKOFF,
-                max_backoff: DEFAULT_MAX_BACKOFF,
+                backoff: Backoff::new(DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF),
                 max_elapsed: DEFAULT_MAX_ELAPSED,
                 classifier: TransientErrors,
                 attempts: 0,
@@ -303,14 +302,14 @@ impl<C> RetryLayer<C> {
     /// [`max_backoff`](Self::max_backoff) (the doubling saturates: any value works, and
     /// `Duration::MAX` makes every bound max backoff).
     pub fn initial_backoff(mut self, backoff: Duration) -> Self {
-        self.policy.initial_backoff = backoff;
+        self.policy.backoff = Backoff::new(backoff, self.policy.backoff.max());
         self
     }
 
     /// The upper bound of any wait (`Duration::MAX`: none but the doubling's, which
     /// saturates).
     pub fn max_backoff(mut self, backoff: Duration) -> Self {
-        self.policy.max_backoff = backoff;
+        self.policy.backoff = Backoff::new(self.policy.backoff.base(), backoff);
         self
     }
 
@@ -326,16 +325,14 @@ impl<C> RetryLayer<C> {
     pub fn classify<K: Classify>(self, classifier: K) -> RetryLayer<K> {
         let RetryPolicy {
             max_attempts,
-            initial_backoff,
-            max_backoff,
+            backoff,
             max_elapsed,
             ..
         } = self.policy;
         RetryLayer {
             policy: RetryPolicy {
                 max_attempts,
-                initial_backoff,
-                max_backoff,
+                backoff,
                 max_elapsed,
                 classifier,
                 attempts: 0,
@@ -728,6 +725,7 @@ mod tests {
             .collect();
         assert!(ceilings.windows(2).all(|w| w[0] <= w[1]), "{ceilings:?}");
         assert!(ceilings[0] >= Duration::from_secs(1 << 31), "{ceilings:?}");
+        assert_eq!(layer.policy().backoff_ceiling(u32::MAX), Duration::MAX);
         let layer = layer.initial_backoff(Duration::MAX);
         let handler = Flaky::new(2, transient);
         let (result, _) = timed(&mut layer.layer(handler.clone())).await;
