@@ -1,64 +1,38 @@
-//! Exponential backoff with jitter.
+//! The backoff policy of the consumer's reads and listings and of the checkpoint stores'
+//! round trips: [`kinesis_tower_layers::backoff::Backoff`], exponential with full jitter (each
+//! delay is drawn between zero and a ceiling that doubles from the base up to the max), the
+//! same policy as `RetryLayer`'s.
 
-use std::time::Duration;
-
-/// Exponential backoff: `base`, doubling up to `max`, with "equal jitter" (each delay is drawn
-/// uniformly between half the ceiling and the ceiling, so retries of many shards spread out but
-/// never collapse to zero).
-#[derive(Clone, Debug)]
-pub(crate) struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub(crate) fn new(base: Duration, max: Duration) -> Self {
-        Self {
-            base,
-            max,
-            attempt: 0,
-        }
-    }
-
-    /// The delay before the next attempt.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = ceiling / 2;
-        half + half.mul_f64(fastrand::f64())
-    }
-
-    /// Attempts made since the last reset.
-    pub(crate) fn attempts(&self) -> u32 {
-        self.attempt
-    }
-
-    /// Back to the base delay after a success.
-    pub(crate) fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
+pub(crate) use kinesis_tower_layers::backoff::Backoff;
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
+    /// Full jitter: each delay is drawn between zero and a ceiling that doubles from the base
+    /// up to the cap; `reset` starts over from the base.
     #[test]
-    fn grows_to_the_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200));
-        for _ in 0..30 {
-            let d = b.next_delay();
-            assert!(d <= Duration::from_secs(5));
+    fn delays_are_drawn_between_zero_and_a_doubling_ceiling() {
+        let (base, max) = (Duration::from_millis(200), Duration::from_secs(5));
+        let mut lowest = Duration::MAX;
+        for _ in 0..200 {
+            let mut b = Backoff::new(base, max);
+            let first = b.next_delay();
+            assert!(first <= base, "{first:?}");
+            lowest = lowest.min(first);
+            for attempt in 2..=30u32 {
+                let ceiling = base.saturating_mul(1 << (attempt - 1).min(20)).min(max);
+                let d = b.next_delay();
+                assert!(d <= ceiling, "attempt {attempt}: {d:?} over {ceiling:?}");
+            }
+            assert_eq!(b.attempts(), 30);
+            b.reset();
+            assert_eq!(b.attempts(), 0);
+            assert!(b.next_delay() <= base);
         }
-        let late = b.next_delay();
-        assert!(late >= Duration::from_millis(2500), "{late:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(200));
+        // Not "equal jitter", which never goes below half the ceiling.
+        assert!(lowest < base / 4, "{lowest:?}");
     }
 }

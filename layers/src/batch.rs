@@ -37,6 +37,14 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 /// service. A call that flushes hands the due records to the inner service, in order, and
 /// completes when the inner service has handled all of them.
 ///
+/// [`BatchService`]'s `poll_ready` is always Ready: buffering needs nothing from the inner
+/// service. A flushing call takes a clone of the inner service (so it must be `Clone`) and
+/// awaits that clone's `poll_ready` before each batch it hands over. A call that only buffers
+/// therefore neither waits for nor holds what the inner service's readiness reserves (a
+/// `ConcurrencyLimit` permit inside is taken only by the batch about to be handled), and
+/// backpressure comes from the flushing calls, which complete only when every batch they
+/// hand over was handled.
+///
 /// - **Size:** when the buffer reaches `max_records` records or `max_bytes` bytes, it is cut
 ///   into batches of at most `max_records` records and at most `max_bytes` bytes (a single
 ///   record larger than `max_bytes` is a batch alone); every full batch is handed over, one
@@ -168,8 +176,9 @@ impl BatchLayer {
     }
 
     /// How long a record may stay buffered: the first call for its shard at or after this
-    /// long since it was buffered flushes the shard. `Duration::ZERO` flushes on every call
-    /// (only the size limits apply).
+    /// long since it was buffered flushes the shard. `Duration::ZERO` flushes on every call;
+    /// `Duration::MAX` (or any wait too long for the clock) never flushes on time: only the
+    /// size limits and a batch marked [`Batch::end`] hand records over.
     pub fn max_wait(mut self, wait: Duration) -> Self {
         self.max_wait = wait;
         self
@@ -209,7 +218,8 @@ pub enum BatchResponse<R> {
 struct Pending {
     records: Vec<Record>,
     bytes: usize,
-    /// When the oldest buffered record must be handed over; `None` when nothing is buffered.
+    /// When the oldest buffered record must be handed over; `None` when nothing is buffered,
+    /// or when `max_wait` reaches beyond what an [`Instant`] can hold (no deadline).
     deadline: Option<Instant>,
     millis_behind_latest: Option<i64>,
     /// The first `resume_after` of the buffered records (see [`Batch::resume_after`]): goes
@@ -273,7 +283,7 @@ impl<S> BatchService<S> {
             pending.bytes += records.iter().map(Record::size).sum::<usize>();
             if pending.records.is_empty() {
                 pending.records = records;
-                pending.deadline = Some(now + max_wait);
+                pending.deadline = now.checked_add(max_wait);
             } else {
                 pending.records.extend(records);
             }
@@ -307,7 +317,7 @@ impl<S> BatchService<S> {
             pending.records = records.split_off(last_start);
             pending.bytes = last_bytes;
             if last_start >= old_len {
-                pending.deadline = Some(now + max_wait);
+                pending.deadline = now.checked_add(max_wait);
             }
         } else {
             pending.bytes = 0;
@@ -361,17 +371,16 @@ where
     type Error = BoxError;
     type Future = BatchFuture<S>;
 
-    /// Waits for the inner service to be ready, always, even if the next call only buffers.
+    /// Always ready: a call that only buffers needs nothing from the inner service.
     ///
-    /// The flush happens inside `call`, and tower allows calling a service only after its
-    /// `poll_ready` said Ready. So readiness is awaited here, and a flushing call moves the
-    /// ready inner service into its future, leaving a clone for the next call (the
-    /// `std::mem::replace` pattern tower documents); the future awaits its own service's
-    /// readiness again before every further batch. Calls that only buffer keep the ready
-    /// service for the next call. The cost: a call that only buffers also waits while the
-    /// inner service is saturated, which is backpressure the consumer should see anyway.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    /// The inner service's readiness is awaited by the flushing call's future instead, on its
+    /// own clone of the inner service, before each batch it hands over. So a call that only
+    /// buffers never waits for, nor holds, what the inner service's readiness reserves (such
+    /// as a `ConcurrencyLimit` permit), and a shard whose flush is between two batches is not
+    /// stalled by another shard's call that only buffers. Backpressure stays:
+    /// a flushing call completes only when the inner service has handled all of its batches.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, batch: Batch) -> Self::Future {
@@ -381,13 +390,10 @@ where
                 state: State::Buffered,
             };
         }
-        let fresh = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, fresh);
         BatchFuture {
             state: State::Flushing {
-                inner: ready,
+                inner: self.inner.clone(),
                 pieces,
-                ready: true,
                 current: None,
                 batches: 0,
                 records: 0,
@@ -416,8 +422,6 @@ pin_project_lite::pin_project! {
         Flushing {
             inner: S,
             pieces: VecDeque<Batch>,
-            // `inner` is ready for a call (it was when moved in; after a call it is not).
-            ready: bool,
             #[pin]
             current: Option<F>,
             batches: usize,
@@ -448,7 +452,6 @@ where
             StateProj::Flushing {
                 inner,
                 pieces,
-                ready,
                 mut current,
                 batches,
                 records,
@@ -477,15 +480,12 @@ where
                         None => Err(Box::new(PolledAfterCompletion) as BoxError),
                     };
                 }
-                if !*ready {
-                    if let Err(e) = ready!(inner.poll_ready(cx)) {
-                        break Err(e.into());
-                    }
+                if let Err(e) = ready!(inner.poll_ready(cx)) {
+                    break Err(e.into());
                 }
                 let Some(piece) = pieces.pop_front() else {
                     continue;
                 };
-                *ready = false;
                 *records += piece.len();
                 current.set(Some(inner.call(piece)));
             },
@@ -738,6 +738,40 @@ mod tests {
         assert_eq!(inner.seen().len(), 2);
     }
 
+    /// `Duration::MAX` is a wait that never ends: records are handed over by size and at the
+    /// end only, and no deadline computation overflows.
+    #[tokio::test(start_paused = true)]
+    async fn max_wait_of_duration_max_means_no_deadline() {
+        let inner = Inner::new();
+        let mut svc = BatchLayer::new()
+            .max_records(3)
+            .max_wait(Duration::MAX)
+            .layer(inner.clone());
+        let heartbeat = || Batch::empty(SHARD.into(), None);
+        // The first record of an empty buffer starts the wait.
+        assert_eq!(
+            send(&mut svc, batch([1])).await.unwrap(),
+            BatchResponse::Buffered
+        );
+        tokio::time::advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
+        assert_eq!(
+            send(&mut svc, heartbeat()).await.unwrap(),
+            BatchResponse::Buffered
+        );
+        assert!(inner.seen().is_empty());
+        // A full batch goes; the remainder came with this call and starts a new wait.
+        assert_eq!(send(&mut svc, batch(2..=4)).await.unwrap(), flushed(1, 3));
+        assert_eq!(svc.buffered(SHARD), 1);
+        tokio::time::advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
+        assert_eq!(
+            send(&mut svc, heartbeat()).await.unwrap(),
+            BatchResponse::Buffered
+        );
+        let end = Batch::empty(SHARD.into(), Some(BatchEnd::Shutdown));
+        assert_eq!(send(&mut svc, end).await.unwrap(), flushed(1, 1));
+        assert_eq!(inner.seen(), vec![vec![1, 2, 3], vec![4]]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn shards_are_buffered_and_timed_apart() {
         let inner = Inner::new();
@@ -900,6 +934,78 @@ mod tests {
         };
         assert_eq!(of("a"), vec![vec![1, 2], vec![3, 4]]);
         assert_eq!(of("b"), vec![vec![10, 11]]);
+    }
+
+    /// Driven like the consumer's dispatcher (`poll_ready`, then `call`; one call in flight
+    /// per shard, shards concurrently) over `CheckpointLayer` and a `ConcurrencyLimit` of 1:
+    /// shard b's call, which only buffers, must not take the permit that shard a's flush
+    /// needs for its next piece.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_only_buffers_does_not_hold_the_inner_permit() {
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let handler = {
+            let started = started.clone();
+            service_fn(move |b: Batch| {
+                started
+                    .lock()
+                    .unwrap()
+                    .push((b.shard_id.clone(), seqs(&b), Instant::now()));
+                async {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Ok::<_, BoxError>(())
+                }
+            })
+        };
+        let checkpointer = Checkpointer::new(MemoryStore::new(), "ns");
+        let mut svc = ServiceBuilder::new()
+            .layer(
+                BatchLayer::new()
+                    .max_records(2)
+                    .max_wait(Duration::from_secs(3600)),
+            )
+            .layer(CheckpointLayer::new(checkpointer.clone()))
+            .concurrency_limit(1)
+            .service(handler);
+        let t0 = Instant::now();
+        // Shard a: 6 records, handed over as 3 pieces of 2, one after the other.
+        let a = tokio::spawn(svc.ready().await.unwrap().call(batch_of("a", 1..=6)));
+        // Shard b: 1 record, which only buffers.
+        let b = svc.ready().await.unwrap().call(batch_of("b", [10]));
+        assert_eq!(b.await.unwrap(), BatchResponse::Buffered);
+        let b_done = Instant::now();
+        let a = tokio::time::timeout_at(t0 + Duration::from_millis(3_500), a)
+            .await
+            .expect("shard a's flush stalled: its next piece never got the inner permit")
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                a,
+                BatchResponse::Flushed {
+                    batches: 3,
+                    records: 6,
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        assert_eq!(b_done, t0, "a call that only buffers completes at once");
+        let started = started.lock().unwrap().clone();
+        let pieces: Vec<(&str, Vec<u64>, u64)> = started
+            .iter()
+            .map(|(s, q, t)| (&**s, q.clone(), (*t - t0).as_secs()))
+            .collect();
+        assert_eq!(
+            pieces,
+            vec![
+                ("a", vec![1, 2], 0),
+                ("a", vec![3, 4], 1),
+                ("a", vec![5, 6], 2)
+            ]
+        );
+        assert_eq!(checkpointer.get("a").await.unwrap(), checkpointed(6));
+        assert_eq!(checkpointer.get("b").await.unwrap(), None);
+        assert_eq!(svc.buffered("b"), 1);
     }
 
     #[tokio::test(start_paused = true)]

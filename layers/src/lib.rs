@@ -10,7 +10,8 @@
 //! - [`CheckpointLayer`]: checkpoint each batch after the inner service succeeded.
 //! - [`PerRecordLayer`]: run a `Service<Record>` over each batch, in order.
 //! - [`BatchLayer`]: group each shard's records up to max records / max bytes / max wait.
-//! - [`RetryLayer`]: retry failed calls with exponential backoff and full jitter.
+//! - [`RetryLayer`]: retry failed calls with exponential backoff and full jitter
+//!   ([`backoff::Backoff`], the backoff policy of the whole consumer).
 //! - [`MetricsLayer`]: count and time the handler's calls per stream and shard through the
 //!   `metrics` facade; [`metric_names`] lists every metric the library emits.
 //! - [`DeaggregateLayer`]: replace KPL aggregates by their user records ([`kpl`]), with
@@ -21,6 +22,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 mod batch;
 pub mod checkpoint;
 pub mod kpl;

@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 use tower::retry::{Policy, Retry};
 use tower::{Layer, Service};
 
+use crate::backoff::Backoff;
 use crate::checkpoint::StoreError;
 use crate::BoxError;
 
@@ -141,7 +142,8 @@ pub fn is_transient(error: &(dyn StdError + 'static)) -> bool {
 }
 
 /// The retry policy of [`RetryLayer`] (a `tower::retry::Policy`): exponential backoff with
-/// full jitter, bounded by attempts and elapsed time, retrying what the classifier allows.
+/// full jitter ([`Backoff`]), bounded by attempts and elapsed time, retrying what the
+/// classifier allows.
 ///
 /// Retry `n` (1 for the first retry) waits a random time between zero and
 /// `min(max_backoff, initial_backoff * 2^(n-1))` ("full jitter": shards or workers that
@@ -152,8 +154,8 @@ pub fn is_transient(error: &(dyn StdError + 'static)) -> bool {
 #[derive(Clone, Debug)]
 pub struct RetryPolicy<C = TransientErrors> {
     max_attempts: u32,
-    initial_backoff: Duration,
-    max_backoff: Duration,
+    /// `initial_backoff` and `max_backoff`.
+    backoff: Backoff,
     max_elapsed: Duration,
     classifier: C,
     /// Attempts made for the current request (tower clones the policy into each call).
@@ -163,18 +165,16 @@ pub struct RetryPolicy<C = TransientErrors> {
 }
 
 impl<C> RetryPolicy<C> {
-    /// The upper bound of the wait before retry `retry` (1 for the first retry).
+    /// The upper bound of the wait before retry `retry` (1 for the first retry):
+    /// [`Backoff::ceiling`].
     pub fn backoff_ceiling(&self, retry: u32) -> Duration {
-        let factor = 2u32.saturating_pow(retry.saturating_sub(1));
-        self.initial_backoff
-            .checked_mul(factor)
-            .unwrap_or(self.max_backoff)
-            .min(self.max_backoff)
+        self.backoff.ceiling(retry)
     }
 
-    fn backoff(&self, retry: u32) -> Duration {
-        let ceiling = u64::try_from(self.backoff_ceiling(retry).as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(fastrand::u64(0..=ceiling))
+    /// The backoff the waits are drawn from: `initial_backoff` as its base, `max_backoff` as
+    /// its max.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
     }
 }
 
@@ -196,7 +196,7 @@ where
             tracing::warn!(attempts = self.attempts, %error, "giving up: max attempts reached");
             return None;
         }
-        let delay = self.backoff(self.attempts);
+        let delay = self.backoff.delay(self.attempts);
         let elapsed = started.elapsed();
         if elapsed.saturating_add(delay) > self.max_elapsed {
             tracing::warn!(attempts = self.attempts, ?elapsed, %error, "giving up: max elapsed time reached");
@@ -281,8 +281,7 @@ impl RetryLayer {
         Self {
             policy: RetryPolicy {
                 max_attempts: DEFAULT_MAX_ATTEMPTS,
-                initial_backoff: DEFAULT_INITIAL_BACKOFF,
-                max_backoff: DEFAULT_MAX_BACKOFF,
+                backoff: Backoff::new(DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF),
                 max_elapsed: DEFAULT_MAX_ELAPSED,
                 classifier: TransientErrors,
                 attempts: 0,
@@ -299,15 +298,18 @@ impl<C> RetryLayer<C> {
         self
     }
 
-    /// The upper bound of the first retry's wait; it doubles for each further retry.
+    /// The upper bound of the first retry's wait; it doubles for each further retry, up to
+    /// [`max_backoff`](Self::max_backoff) (the doubling saturates: any value works, and
+    /// `Duration::MAX` makes every bound max backoff).
     pub fn initial_backoff(mut self, backoff: Duration) -> Self {
-        self.policy.initial_backoff = backoff;
+        self.policy.backoff = Backoff::new(backoff, self.policy.backoff.max());
         self
     }
 
-    /// The upper bound of any wait.
+    /// The upper bound of any wait (`Duration::MAX`: none but the doubling's, which
+    /// saturates).
     pub fn max_backoff(mut self, backoff: Duration) -> Self {
-        self.policy.max_backoff = backoff;
+        self.policy.backoff = Backoff::new(self.policy.backoff.base(), backoff);
         self
     }
 
@@ -323,16 +325,14 @@ impl<C> RetryLayer<C> {
     pub fn classify<K: Classify>(self, classifier: K) -> RetryLayer<K> {
         let RetryPolicy {
             max_attempts,
-            initial_backoff,
-            max_backoff,
+            backoff,
             max_elapsed,
             ..
         } = self.policy;
         RetryLayer {
             policy: RetryPolicy {
                 max_attempts,
-                initial_backoff,
-                max_backoff,
+                backoff,
                 max_elapsed,
                 classifier,
                 attempts: 0,
@@ -677,6 +677,77 @@ mod tests {
                 i + 1
             );
             assert!(distinct[i].len() > 20, "retry {}: not jittered", i + 1);
+        }
+    }
+
+    /// Calls `svc` with a batch; returns the result and the (virtual) time the call took.
+    async fn timed<S>(svc: &mut S) -> (Result<(), BoxError>, Duration)
+    where
+        S: Service<Batch, Response = (), Error = BoxError>,
+    {
+        let t0 = Instant::now();
+        let result = svc.ready().await.unwrap().call(batch(&[1])).await;
+        (result, t0.elapsed())
+    }
+
+    /// `Duration::MAX` as the first retry's bound: every ceiling is max backoff.
+    #[tokio::test(start_paused = true)]
+    async fn initial_backoff_of_duration_max_is_bounded_by_max_backoff() {
+        let layer = RetryLayer::new()
+            .max_attempts(4)
+            .initial_backoff(Duration::MAX)
+            .max_backoff(Duration::from_secs(2));
+        for retry in [1, 2, 40, u32::MAX] {
+            assert_eq!(
+                layer.policy().backoff_ceiling(retry),
+                Duration::from_secs(2)
+            );
+        }
+        let handler = Flaky::new(3, transient);
+        let (result, took) = timed(&mut layer.layer(handler.clone())).await;
+        result.unwrap();
+        assert_eq!(handler.attempts(), 4);
+        assert!(took <= Duration::from_millis(6_003), "{took:?}");
+    }
+
+    /// `Duration::MAX` as the bound of every wait: the ceilings saturate, and a wait of
+    /// centuries is still a wait (the timer caps it), not a panic.
+    #[tokio::test(start_paused = true)]
+    async fn max_backoff_of_duration_max_saturates() {
+        let layer = RetryLayer::new()
+            .initial_backoff(Duration::from_secs(1))
+            .max_backoff(Duration::MAX)
+            .max_elapsed(Duration::MAX);
+        assert_eq!(layer.policy().backoff_ceiling(3), Duration::from_secs(4));
+        let ceilings: Vec<Duration> = [33, 64, 65, u32::MAX]
+            .into_iter()
+            .map(|retry| layer.policy().backoff_ceiling(retry))
+            .collect();
+        assert!(ceilings.windows(2).all(|w| w[0] <= w[1]), "{ceilings:?}");
+        assert!(ceilings[0] >= Duration::from_secs(1 << 31), "{ceilings:?}");
+        assert_eq!(layer.policy().backoff_ceiling(u32::MAX), Duration::MAX);
+        let layer = layer.initial_backoff(Duration::MAX);
+        let handler = Flaky::new(2, transient);
+        let (result, _) = timed(&mut layer.layer(handler.clone())).await;
+        result.unwrap();
+        assert_eq!(handler.attempts(), 3);
+    }
+
+    /// `Duration::MAX` as the elapsed bound: only max attempts stop the retries, however long
+    /// the waits.
+    #[tokio::test(start_paused = true)]
+    async fn max_elapsed_of_duration_max_leaves_max_attempts_in_charge() {
+        for max_backoff in [Duration::from_secs(10), Duration::MAX] {
+            let handler = Flaky::new(u32::MAX, transient);
+            let mut svc = RetryLayer::new()
+                .max_attempts(6)
+                .initial_backoff(Duration::from_secs(5))
+                .max_backoff(max_backoff)
+                .max_elapsed(Duration::MAX)
+                .layer(handler.clone());
+            let (result, _) = timed(&mut svc).await;
+            assert_eq!(result.unwrap_err().to_string(), "attempt 6 failed");
+            assert_eq!(handler.attempts(), 6);
         }
     }
 

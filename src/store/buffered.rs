@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use kinesis_tower_layers::{Checkpoint, CheckpointStore, SetOutcome, StoreError};
+use tokio::time::Instant;
 
 /// The flush interval unless another is given (the Go library's default).
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -84,6 +85,7 @@ impl<S: CheckpointStore> BufferedStore<S> {
 
     /// Flushes every `interval` instead (call before the store is used). `Duration::ZERO` turns
     /// the interval flush off: writes then only go out on [`flush`](CheckpointStore::flush).
+    /// So does `Duration::MAX`, or any interval too long for the clock to reach.
     pub fn flush_interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
         self
@@ -116,18 +118,42 @@ impl<S: CheckpointStore> BufferedStore<S> {
     }
 }
 
-/// The background flush: ends once the store is dropped.
+/// The background flush: ends once the store is dropped, or at once when `interval` reaches
+/// beyond what an [`Instant`] can hold (a tick that never comes).
+///
+/// Each tick is an interval after the previous one, or after the end of a flush that overran
+/// it. Ticks are computed with checked arithmetic and waited for with `sleep` (which takes
+/// any duration), so no interval, however long, overflows.
 async fn tick<S: CheckpointStore>(store: Weak<Shared<S>>, interval: Duration) {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
     loop {
-        ticks.tick().await;
+        let Some(due) = next_tick(last, interval, Instant::now()) else {
+            return;
+        };
+        // `sleep` caps very long durations: sleep again until the tick is due.
+        loop {
+            let left = due.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left).await;
+        }
+        last = due;
         let Some(shared) = store.upgrade() else {
             return;
         };
         if let Err(error) = shared.flush().await {
             tracing::warn!(%error, "interval flush of buffered checkpoints failed; they stay pending for the next flush");
         }
+    }
+}
+
+/// The tick after the one at `last`: an interval later, or an interval after `now` when that
+/// has passed already; `None` when it is beyond what an [`Instant`] can hold.
+fn next_tick(last: Instant, interval: Duration, now: Instant) -> Option<Instant> {
+    match last.checked_add(interval)? {
+        due if due >= now => Some(due),
+        _ => now.checked_add(interval),
     }
 }
 
@@ -345,6 +371,39 @@ mod tests {
         store.flush().await.unwrap();
         assert_eq!(shared.get("ns", "a").await.unwrap(), Some(at(50)));
         assert_eq!(store.get("ns", "a").await.unwrap(), Some(at(50)));
+    }
+
+    /// `Duration::MAX` is an interval that never elapses: no interval flush, and no panic in
+    /// the background flush (driven here, in the test's task, so that a panic fails the test).
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_interval_of_duration_max_never_ticks() {
+        let store = BufferedStore::new(FaultyStore::new()).flush_interval(Duration::MAX);
+        assert_eq!(store.interval(), Duration::MAX);
+        store.set("ns", "a", at(1)).await.unwrap();
+        let day = Duration::from_secs(24 * 3600);
+        let ticker = tick(Arc::downgrade(&store.shared), store.interval());
+        let _ = tokio::time::timeout(day, ticker).await;
+        tokio::time::sleep(day).await;
+        assert_eq!(store.inner().writes(), 0);
+        assert_eq!(store.pending(), 1);
+        store.flush().await.unwrap();
+        assert_eq!(store.inner().writes(), 1);
+        assert_eq!(
+            store.inner().memory().get("ns", "a").await.unwrap(),
+            Some(at(1))
+        );
+    }
+
+    #[test]
+    fn the_next_tick_keeps_the_cadence_delays_after_an_overrun_and_saturates() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        // On time: an interval after the last tick, whenever the flush ended.
+        assert_eq!(next_tick(t0, second, t0 + ms(300)), Some(t0 + second));
+        // A flush that overran the tick: an interval after its end.
+        assert_eq!(next_tick(t0, second, t0 + ms(1_500)), Some(t0 + ms(2_500)));
+        assert_eq!(next_tick(t0, Duration::MAX, t0), None);
     }
 
     #[tokio::test(start_paused = true)]

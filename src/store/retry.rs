@@ -1,5 +1,6 @@
 //! Bounded retries of a store's round trips: transient errors are tried again a few times with
-//! backoff, then surface with their context.
+//! backoff, then surface with their context. This is the one retry loop around a store round
+//! trip; its waits follow the project's backoff policy ([`Backoff`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -14,7 +15,9 @@ const BASE_DELAY: Duration = Duration::from_millis(25);
 const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Runs `op` until it succeeds, fails with an error that is not retryable, or has been tried
-/// [`ATTEMPTS`] times; waits with exponential backoff and full jitter between tries.
+/// [`ATTEMPTS`] times. Between tries it waits as [`Backoff`] says, exponential with full
+/// jitter: a random time between zero and a ceiling that starts at `BASE_DELAY` and doubles
+/// per try (25, 50, then 100 ms), capped at `MAX_DELAY`.
 pub(crate) async fn with_retries<T, F, Fut>(
     backend: &'static str,
     operation: &'static str,
@@ -84,6 +87,31 @@ mod tests {
         })
         .await;
         assert_eq!(result.unwrap(), 2);
+    }
+
+    /// The waits are full jitter: between zero and a ceiling that doubles from the base.
+    #[tokio::test(start_paused = true)]
+    async fn waits_are_drawn_between_zero_and_a_doubling_ceiling() {
+        let mut lowest = Duration::MAX;
+        for _ in 0..100 {
+            let calls = std::sync::Mutex::new(Vec::new());
+            let _ = with_retries("test", "set", || {
+                calls.lock().unwrap().push(tokio::time::Instant::now());
+                async { Err::<(), _>(failure(true)) }
+            })
+            .await;
+            let calls = calls.into_inner().unwrap();
+            assert_eq!(calls.len() as u32, ATTEMPTS);
+            for (retry, gap) in calls.windows(2).map(|w| w[1] - w[0]).enumerate() {
+                let ceiling = BASE_DELAY * (1 << retry);
+                // The timer has millisecond ticks: a wait may end up to 1 ms late.
+                assert!(gap <= ceiling + Duration::from_millis(1), "{gap:?}");
+                if retry == 0 {
+                    lowest = lowest.min(gap);
+                }
+            }
+        }
+        assert!(lowest < BASE_DELAY / 4, "{lowest:?}");
     }
 
     #[tokio::test(start_paused = true)]
