@@ -1303,7 +1303,10 @@ async fn skip_checkpoint_on_a_closed_shards_last_record_holds_the_children_until
     let run = Running::start(&consumer, skipping_handler(&consumer, &seen));
     wait_for(Duration::from_secs(10), || seen.of("p").len() == 2).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
-    assert!(seen.of("c").is_empty(), "child started before its parent's end was durable");
+    assert!(
+        seen.of("c").is_empty(),
+        "child started before its parent's end was durable"
+    );
     let first = kinesis.records("p")[0].checkpoint();
     assert_eq!(store.snapshot(consumer.namespace()).get("p"), Some(&first));
     consumer
@@ -1318,7 +1321,11 @@ async fn skip_checkpoint_on_a_closed_shards_last_record_holds_the_children_until
     wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
     run.stop().await.unwrap();
     let order = seen.order.lock().unwrap().clone();
-    assert_eq!(order.last().unwrap().0.as_str(), "c", "children after the parent");
+    assert_eq!(
+        order.last().unwrap().0.as_str(),
+        "c",
+        "children after the parent"
+    );
 }
 
 /// An expired LATEST iterator, renewed before any record was read, starts a margin before our
@@ -1611,7 +1618,10 @@ async fn skip_checkpoint_on_the_last_record_holds_when_the_shard_end_batch_is_em
     kinesis.add_shard("c", &["p"]);
     kinesis.put("c", "k", "child");
     tokio::time::sleep(Duration::from_secs(60)).await;
-    assert!(seen.of("c").is_empty(), "child started before its parent's end was durable");
+    assert!(
+        seen.of("c").is_empty(),
+        "child started before its parent's end was durable"
+    );
     run.stop().await.unwrap();
     let first = kinesis.records("p")[0].checkpoint();
     assert_eq!(
@@ -1801,5 +1811,5 @@ async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_u
 }
 
 mod filter;
-mod restarts;
 mod long_runs;
+mod restarts;

@@ -153,12 +153,18 @@ impl Ord for Checkpoint {
             (ShardEnd, _) => Ordering::Greater,
             (_, ShardEnd) => Ordering::Less,
             (StartedAt { sequence_number: a }, StartedAt { sequence_number: b }) => a.cmp(b),
-            (StartedAt { sequence_number: a }, Sequence { sequence_number: b, .. }) => {
-                a.cmp(b).then(Ordering::Less)
-            }
-            (Sequence { sequence_number: a, .. }, StartedAt { sequence_number: b }) => {
-                a.cmp(b).then(Ordering::Greater)
-            }
+            (
+                StartedAt { sequence_number: a },
+                Sequence {
+                    sequence_number: b, ..
+                },
+            ) => a.cmp(b).then(Ordering::Less),
+            (
+                Sequence {
+                    sequence_number: a, ..
+                },
+                StartedAt { sequence_number: b },
+            ) => a.cmp(b).then(Ordering::Greater),
             (
                 Sequence {
                     sequence_number: a,
@@ -235,7 +241,12 @@ mod tests {
         let started = Checkpoint::StartedAt {
             sequence_number: "42".parse().unwrap(),
         };
-        for c in [cp("0", None), cp("42", Some(7)), started, Checkpoint::ShardEnd] {
+        for c in [
+            cp("0", None),
+            cp("42", Some(7)),
+            started,
+            Checkpoint::ShardEnd,
+        ] {
             assert_eq!(Checkpoint::from_sort_key(&c.sort_key()).unwrap(), c);
         }
         for bad in ["", "s1b", "x", &format!("s{}c", "0".repeat(128))] {
@@ -246,7 +257,9 @@ mod tests {
     fn arb_checkpoint() -> impl Strategy<Value = Checkpoint> {
         prop_oneof![
             Just(Checkpoint::ShardEnd),
-            "[0-9]{1,128}".prop_map(|s| Checkpoint::StartedAt { sequence_number: s.parse().unwrap() }),
+            "[0-9]{1,128}".prop_map(|s| Checkpoint::StartedAt {
+                sequence_number: s.parse().unwrap()
+            }),
             ("[0-9]{1,128}", proptest::option::of(any::<u64>())).prop_map(|(s, sub)| cp(&s, sub)),
         ]
     }

@@ -1,9 +1,9 @@
 //! Discovery: listing the stream's shards (every page, with retries) and checking the first
 //! listing against the start position.
 
+use crate::backoff::Backoff;
 use crate::consumer::handle::Shared;
 use crate::consumer::settings::StartPosition;
-use crate::backoff::Backoff;
 use crate::kinesis::{timed, KinesisError, ShardDescription};
 use crate::Error;
 

@@ -317,7 +317,10 @@ mod tests {
     }
 
     fn pairs(ready: Vec<ShardStart>) -> Vec<(ShardId, Fallback)> {
-        ready.into_iter().map(|s| (s.shard_id, s.fallback)).collect()
+        ready
+            .into_iter()
+            .map(|s| (s.shard_id, s.fallback))
+            .collect()
     }
 
     #[test]

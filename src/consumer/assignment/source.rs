@@ -213,13 +213,16 @@ impl Source {
     /// store holds their end, written by whoever read them.
     async fn finish_parents_read_elsewhere(&mut self) -> Result<(), Error> {
         for parent in self.lineage.parents_read_elsewhere() {
-            let stored = self.shared.checkpointer.get(&parent).await.map_err(|source| {
-                Error::Store {
+            let stored = self
+                .shared
+                .checkpointer
+                .get(&parent)
+                .await
+                .map_err(|source| Error::Store {
                     stream: self.shared.settings.stream.stream_name().to_owned(),
                     shard: Some(parent.to_string()),
                     source: Box::new(source),
-                }
-            })?;
+                })?;
             if stored == Some(Checkpoint::ShardEnd) {
                 self.lineage.finish(&parent, true);
                 let _ = self.assignments.send(Assignment::Ended(parent));

@@ -27,13 +27,13 @@ use tracing::Instrument;
 
 pub(crate) use call::{Dispatch, Erased};
 
-use super::assignment::{spawn_source, Assignment, Feedback, Revocation, SourceEvent, ShardStart};
+use super::assignment::{spawn_source, Assignment, Feedback, Revocation, ShardStart, SourceEvent};
 use super::handle::Shared;
 use super::reader::{
     BufferPermit, PollingReader, ReaderEvent, ReaderOutput, ShardBuffer, ShardReader,
 };
-use call::{tracked, Completed, Failure};
 use crate::Error;
+use call::{tracked, Completed, Failure};
 
 /// The final store flush gets at least this long, whatever the drain timeout.
 const MIN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -230,7 +230,10 @@ impl Dispatcher {
         self.tasks.abort_all();
         self.dispatchable.clear();
         for (shard, lane) in self.lanes.iter_mut() {
-            let revoked = lane.queue.iter().any(|(b, _)| b.end == Some(BatchEnd::Revoked));
+            let revoked = lane
+                .queue
+                .iter()
+                .any(|(b, _)| b.end == Some(BatchEnd::Revoked));
             lane.queue.clear();
             lane.scheduled = false;
             if graceful || revoked {
@@ -239,8 +242,10 @@ impl Dispatcher {
                 } else {
                     BatchEnd::Shutdown
                 };
-                lane.queue
-                    .push_back((Batch::empty(shard.clone(), Some(end)), BufferPermit::default()));
+                lane.queue.push_back((
+                    Batch::empty(shard.clone(), Some(end)),
+                    BufferPermit::default(),
+                ));
                 if !lane.in_flight {
                     lane.scheduled = true;
                     self.dispatchable.push_back(shard.clone());

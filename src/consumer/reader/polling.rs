@@ -121,7 +121,10 @@ impl Reader {
             .set(&self.shard, started)
             .await
             .map_err(|e| self.store_error(e))?;
-        checkpointer.flush().await.map_err(|e| self.store_error(e))?;
+        checkpointer
+            .flush()
+            .await
+            .map_err(|e| self.store_error(e))?;
         tracing::debug!(%started, "start position recorded");
         Ok(())
     }
@@ -298,8 +301,7 @@ impl Reader {
                     tracing::info!("shard closed and fully read");
                     self.metrics.shard_read();
                     if !page.child_shards.is_empty() {
-                        self.output
-                            .send(ReaderEvent::Children(page.child_shards));
+                        self.output.send(ReaderEvent::Children(page.child_shards));
                     }
                     batch.end = Some(BatchEnd::ShardEnd);
                     self.output.send(ReaderEvent::Batch { batch, permit });

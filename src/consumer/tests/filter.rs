@@ -70,7 +70,10 @@ async fn a_filter_chooses_the_shards_and_a_revoked_shard_finishes_flushes_and_st
         &consumer,
         CheckpointLayer::new(consumer.checkpointer()).layer(handler),
     );
-    wait_for(Duration::from_secs(10), || seen.of(&shard_name(0)).len() == 6).await;
+    wait_for(Duration::from_secs(10), || {
+        seen.of(&shard_name(0)).len() == 6
+    })
+    .await;
     // The revoked shard's first batch is in flight (held); its reader has fetched ahead.
     wait_for(Duration::from_secs(10), || {
         kinesis.get_records_calls(&revoked_shard) >= 2
@@ -80,7 +83,10 @@ async fn a_filter_chooses_the_shards_and_a_revoked_shard_finishes_flushes_and_st
     revoke.send(Assignment::Revoke(revocation)).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let calls = kinesis.get_records_calls(&revoked_shard);
-    assert!(seen.of(&revoked_shard).is_empty(), "the in-flight batch is still held");
+    assert!(
+        seen.of(&revoked_shard).is_empty(),
+        "the in-flight batch is still held"
+    );
     gate.add_permits(100);
     tokio::time::timeout(Duration::from_secs(10), done)
         .await
@@ -95,7 +101,9 @@ async fn a_filter_chooses_the_shards_and_a_revoked_shard_finishes_flushes_and_st
     );
     // Its checkpoint was flushed to the store behind the buffer.
     assert_eq!(
-        memory.snapshot(consumer.namespace()).get(revoked_shard.as_str()),
+        memory
+            .snapshot(consumer.namespace())
+            .get(revoked_shard.as_str()),
         Some(&Checkpoint::at(first_two[1]))
     );
     // Its reader stopped.
@@ -116,10 +124,7 @@ async fn chosen_shards_are_the_only_ones_read() {
     for shard in 0..3 {
         kinesis.put(&shard_name(shard), "k", "v");
     }
-    let consumer = builder(&kinesis)
-        .shards([shard_name(1)])
-        .build()
-        .unwrap();
+    let consumer = builder(&kinesis).shards([shard_name(1)]).build().unwrap();
     let seen = Seen::default();
     let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(10), || seen.count() == 1).await;

@@ -34,7 +34,10 @@ async fn restart_resumes_where_the_first_run_started(start: StartPosition) {
         &consumer,
         CheckpointLayer::new(consumer.checkpointer()).layer(failing_first_batch(&seen)),
     );
-    wait_for(Duration::from_secs(5), || kinesis.get_records_calls("p") > 0).await;
+    wait_for(Duration::from_secs(5), || {
+        kinesis.get_records_calls("p") > 0
+    })
+    .await;
     let first = kinesis.put("p", "k", "first");
     let outcome = tokio::time::timeout(Duration::from_secs(10), run.task)
         .await
@@ -55,7 +58,11 @@ async fn restart_resumes_where_the_first_run_started(start: StartPosition) {
     );
     wait_for(Duration::from_secs(20), || seen.of("c").len() == 1).await;
     run.stop().await.unwrap();
-    assert_eq!(seen.of("p"), vec![first, second], "the parent from where it started");
+    assert_eq!(
+        seen.of("p"),
+        vec![first, second],
+        "the parent from where it started"
+    );
     assert_eq!(seen.of("c"), vec![child]);
 }
 
@@ -124,9 +131,12 @@ async fn a_stored_shard_end_for_an_open_shard_is_an_error_naming_it() {
         .set(consumer.namespace(), &shard_name(0), Checkpoint::ShardEnd)
         .await
         .unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), consumer.run(Seen::default().handler()))
-        .await
-        .expect("run ends");
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        consumer.run(Seen::default().handler()),
+    )
+    .await
+    .expect("run ends");
     let error = outcome.unwrap_err();
     assert!(
         matches!(&error, Error::EndedShardIsOpen { shard, namespace, .. }
@@ -134,7 +144,10 @@ async fn a_stored_shard_end_for_an_open_shard_is_an_error_naming_it() {
         "{error:?}"
     );
     assert!(!error.is_retryable());
-    assert!(error.to_string().contains("app_name"), "says what to do: {error}");
+    assert!(
+        error.to_string().contains("app_name"),
+        "says what to do: {error}"
+    );
 }
 
 /// A store read that fails is retried by the store (once per failure), not again by the reader
@@ -183,9 +196,12 @@ async fn a_failing_checkpoint_read_is_tried_once_by_the_consumer() {
     let kinesis = MemoryKinesis::with_shards(1);
     let store = Arc::new(FailingGets::default());
     let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(60), consumer.run(Seen::default().handler()))
-        .await
-        .expect("run ends");
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        consumer.run(Seen::default().handler()),
+    )
+    .await
+    .expect("run ends");
     assert!(matches!(outcome, Err(Error::Store { .. })), "{outcome:?}");
     assert_eq!(store.gets.load(Ordering::SeqCst), 1);
 }
@@ -213,8 +229,7 @@ async fn more_records_than_asked_are_clamped_and_nothing_is_lost() {
             stream: &'a crate::kinesis::StreamRef,
             shard_id: &'a ShardId,
             position: IteratorPosition,
-        ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>>
-        {
+        ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>> {
             self.0.get_shard_iterator(stream, shard_id, position)
         }
         fn get_records<'a>(
@@ -257,7 +272,11 @@ async fn more_records_than_asked_are_clamped_and_nothing_is_lost() {
     wait_for(Duration::from_secs(60), || seen.count() == 100).await;
     run.stop().await.unwrap();
     assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
-    assert!(largest.load(Ordering::SeqCst) <= 10, "a batch of {} records", largest.load(Ordering::SeqCst));
+    assert!(
+        largest.load(Ordering::SeqCst) <= 10,
+        "a batch of {} records",
+        largest.load(Ordering::SeqCst)
+    );
 }
 
 /// With `records()`, a closed shard's children come only after its last record was committed
@@ -280,7 +299,10 @@ async fn records_children_wait_until_the_parents_last_record_is_committed() {
     }
     assert_eq!(records[1].sequence_number, last);
     let early = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
-    assert!(early.is_err(), "a child record came before the parent's end was committed: {early:?}");
+    assert!(
+        early.is_err(),
+        "a child record came before the parent's end was committed: {early:?}"
+    );
     stream.checkpointer().commit_all(&records).await.unwrap();
     let child = tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
@@ -341,7 +363,10 @@ async fn a_child_does_not_start_when_its_parents_end_cannot_be_flushed() {
     kinesis.close_shard("p");
     kinesis.add_shard("c", &["p"]);
     kinesis.put("c", "k", "child");
-    let consumer = builder(&kinesis).store(FlushFails::default()).build().unwrap();
+    let consumer = builder(&kinesis)
+        .store(FlushFails::default())
+        .build()
+        .unwrap();
     let seen = Seen::default();
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
@@ -351,5 +376,8 @@ async fn a_child_does_not_start_when_its_parents_end_cannot_be_flushed() {
     .expect("run ends");
     assert!(matches!(outcome, Err(Error::Store { .. })), "{outcome:?}");
     assert_eq!(seen.of("p").len(), 1);
-    assert!(seen.of("c").is_empty(), "the child started before its parent's end was durable");
+    assert!(
+        seen.of("c").is_empty(),
+        "the child started before its parent's end was durable"
+    );
 }
