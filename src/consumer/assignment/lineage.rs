@@ -18,11 +18,24 @@ pub(crate) enum Fallback {
     Skip,
 }
 
+/// How a finished shard was read by this consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// Not read (skipped: closed before the start position).
+    No,
+    /// Read in this run from the start position (no checkpoint): its children start at the
+    /// same position in time (TRIM_HORIZON, or the start timestamp).
+    FromStart,
+    /// Read from a checkpoint (an earlier run started it), or by someone else: its children
+    /// start at TRIM_HORIZON, so nothing written after the earlier start is lost.
+    Resumed,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Waiting,
     Started,
-    Finished { read: bool },
+    Finished(Read),
 }
 
 #[derive(Debug)]
@@ -96,7 +109,7 @@ impl Lineage {
             .flat_map(|e| e.description.parents().cloned())
             .collect();
         self.shards.retain(|id, entry| {
-            !(matches!(entry.state, State::Finished { .. })
+            !(matches!(entry.state, State::Finished(_))
                 && entry.listed
                 && !entry.in_latest_listing
                 && !needed.contains(id))
@@ -193,7 +206,7 @@ impl Lineage {
                 .description
                 .parents()
                 .all(|p| match self.shards.get(p) {
-                    Some(parent) => matches!(parent.state, State::Finished { .. }),
+                    Some(parent) => matches!(parent.state, State::Finished(_)),
                     None => entry.listed,
                 });
             if parents_done {
@@ -213,17 +226,25 @@ impl Lineage {
     }
 
     fn fallback(&self, entry: &Entry) -> Fallback {
-        // A time is a position in every shard: children and shards found later start there
-        // too (as the KCL does), not at TRIM_HORIZON, which would deliver records from before it.
+        let parent_read = |how: Read| {
+            entry.description.parents().any(|p| {
+                self.shards
+                    .get(p)
+                    .is_some_and(|parent| parent.state == State::Finished(how))
+            })
+        };
+        // A time is a position in every shard: children of a shard read from it, and shards
+        // found later, start there too (as the KCL does), not at TRIM_HORIZON, which would
+        // deliver records from before it. A parent resumed from a checkpoint was started by
+        // an earlier run, maybe at an earlier time: its children start at TRIM_HORIZON.
         if let StartPosition::AtTimestamp(t) = &self.start {
-            return Fallback::Read(IteratorPosition::AtTimestamp(*t));
+            return if parent_read(Read::Resumed) {
+                Fallback::Read(IteratorPosition::TrimHorizon)
+            } else {
+                Fallback::Read(IteratorPosition::AtTimestamp(*t))
+            };
         }
-        let parent_was_read = entry.description.parents().any(|p| {
-            self.shards
-                .get(p)
-                .is_some_and(|parent| parent.state == State::Finished { read: true })
-        });
-        if entry.late || parent_was_read {
+        if entry.late || parent_read(Read::FromStart) || parent_read(Read::Resumed) {
             return Fallback::Read(IteratorPosition::TrimHorizon);
         }
         let id = &entry.description.shard_id;
@@ -281,11 +302,11 @@ impl Lineage {
         seen
     }
 
-    /// Marks a shard finished; `read` says whether this consumer read it (or had a checkpoint
-    /// in it), which makes its children start at TRIM_HORIZON.
-    pub(crate) fn finish(&mut self, shard: &ShardId, read: bool) {
+    /// Marks a shard finished; `read` says how this consumer read it, which decides where its
+    /// children start.
+    pub(crate) fn finish(&mut self, shard: &ShardId, read: Read) {
         if let Some(entry) = self.shards.get_mut(shard) {
-            entry.state = State::Finished { read };
+            entry.state = State::Finished(read);
         }
     }
 
@@ -294,7 +315,7 @@ impl Lineage {
     pub(crate) fn is_finished(&self, shard: &str) -> bool {
         self.shards
             .get(shard)
-            .is_some_and(|e| matches!(e.state, State::Finished { .. }))
+            .is_some_and(|e| matches!(e.state, State::Finished(_)))
     }
 }
 
@@ -334,9 +355,9 @@ mod tests {
         let ready = l.take_ready();
         assert_eq!(ids(&ready), vec!["a", "b"]);
         assert!(l.take_ready().is_empty());
-        l.finish(&"a".into(), true);
+        l.finish(&"a".into(), Read::FromStart);
         assert!(l.take_ready().is_empty(), "c must wait for b too");
-        l.finish(&"b".into(), true);
+        l.finish(&"b".into(), Read::FromStart);
         let ready = l.take_ready();
         assert_eq!(
             pairs(ready),
@@ -350,7 +371,7 @@ mod tests {
         let mut l = Lineage::new(StartPosition::Latest);
         l.merge_listing(vec![shard("p", &[], true), shard("c", &["p"], false)]);
         assert_eq!(pairs(l.take_ready()), vec![("p".into(), Fallback::Skip)]);
-        l.finish(&"p".into(), false);
+        l.finish(&"p".into(), Read::No);
         assert_eq!(
             pairs(l.take_ready()),
             vec![("c".into(), Fallback::Read(IteratorPosition::Latest))]
@@ -372,7 +393,7 @@ mod tests {
             shard("c2", &["p"], false),
         ]);
         assert!(l.take_ready().is_empty(), "children wait for p");
-        l.finish(&"p".into(), true);
+        l.finish(&"p".into(), Read::FromStart);
         let ready = l.take_ready();
         assert_eq!(ids(&ready), vec!["c1", "c2"]);
         assert!(ready
@@ -400,9 +421,9 @@ mod tests {
             shard_id: "m".into(),
             parent_shards: vec!["a".into(), "b".into()],
         }]);
-        l.finish(&"a".into(), true);
+        l.finish(&"a".into(), Read::FromStart);
         assert!(l.take_ready().is_empty());
-        l.finish(&"b".into(), true);
+        l.finish(&"b".into(), Read::FromStart);
         assert_eq!(ids(&l.take_ready()), vec!["m"]);
     }
 
@@ -426,7 +447,7 @@ mod tests {
                 ("o".into(), Fallback::Read(IteratorPosition::TrimHorizon))
             ]
         );
-        l.finish(&"p".into(), false);
+        l.finish(&"p".into(), Read::No);
         assert_eq!(
             pairs(l.take_ready()),
             vec![(
@@ -445,7 +466,7 @@ mod tests {
             pairs(l.take_ready()),
             vec![("p".into(), Fallback::Read(IteratorPosition::AtTimestamp(t)))]
         );
-        l.finish(&"p".into(), true);
+        l.finish(&"p".into(), Read::FromStart);
         assert_eq!(
             pairs(l.take_ready()),
             vec![("c".into(), Fallback::Read(IteratorPosition::AtTimestamp(t)))],
@@ -464,6 +485,20 @@ mod tests {
     }
 
     #[test]
+    fn children_of_a_shard_resumed_from_an_earlier_runs_start_begin_at_trim_horizon() {
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let mut l = Lineage::new(StartPosition::AtTimestamp(t));
+        l.merge_listing(vec![shard("p", &[], true), shard("c", &["p"], false)]);
+        l.take_ready();
+        // p had a checkpoint: an earlier run, with an earlier timestamp maybe, started it.
+        l.finish(&"p".into(), Read::Resumed);
+        assert_eq!(
+            pairs(l.take_ready()),
+            vec![("c".into(), Fallback::Read(IteratorPosition::TrimHorizon))]
+        );
+    }
+
+    #[test]
     fn finished_shards_that_expired_are_forgotten_over_many_generations() {
         let mut l = Lineage::new(StartPosition::TrimHorizon);
         l.merge_listing(vec![shard("g0", &[], false)]);
@@ -475,7 +510,7 @@ mod tests {
                 shard(&parent, &[], true),
                 shard(&child, &[parent.as_str()], false),
             ]);
-            l.finish(&parent.as_str().into(), true);
+            l.finish(&parent.as_str().into(), Read::FromStart);
             let ready = l.take_ready();
             assert_eq!(ids(&ready), vec![child.as_str()]);
             assert!(l.len() <= 3, "generation {g}: {} shards kept", l.len());

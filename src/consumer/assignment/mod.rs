@@ -22,7 +22,7 @@ use futures::StreamExt;
 use kinesis_tower_layers::ShardId;
 use tokio::sync::oneshot;
 
-pub(crate) use lineage::Fallback;
+pub(crate) use lineage::{Fallback, Read};
 pub(crate) use source::{spawn_source, Feedback, SourceEvent};
 
 /// A stream of assignment events, what an [`AssignmentFilter`] takes and returns.

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use super::discovery::{check_start_shard, list_shards};
-use super::lineage::Lineage;
+use super::lineage::{Lineage, Read};
 use super::{Assignment, Assignments};
 use crate::consumer::handle::Shared;
 use crate::kinesis::{ChildShard, KinesisError, ShardDescription};
@@ -29,9 +29,8 @@ pub(crate) enum Feedback {
     /// The consumer took the shard's start (it passed the assignment filter).
     Reading(ShardId),
     /// The shard is finished (its `ShardEnd` is durable, or it needed no reading); `read` says
-    /// whether this consumer read it or had a checkpoint in it (its children then start at
-    /// TRIM_HORIZON).
-    Finished { shard: ShardId, read: bool },
+    /// how this consumer read it, which decides where its children start.
+    Finished { shard: ShardId, read: Read },
     /// The consumer stopped reading the shard (revoked) before its end: whoever reads it next
     /// writes its end, which its children then wait for in the store.
     Released(ShardId),
@@ -224,7 +223,7 @@ impl Source {
                     source: Box::new(source),
                 })?;
             if stored == Some(Checkpoint::ShardEnd) {
-                self.lineage.finish(&parent, true);
+                self.lineage.finish(&parent, Read::Resumed);
                 let _ = self.assignments.send(Assignment::Ended(parent));
             }
         }

@@ -27,7 +27,9 @@ use tracing::Instrument;
 
 pub(crate) use call::{Dispatch, Erased};
 
-use super::assignment::{spawn_source, Assignment, Feedback, Revocation, ShardStart, SourceEvent};
+use super::assignment::{
+    spawn_source, Assignment, Feedback, Read, Revocation, ShardStart, SourceEvent,
+};
 use super::handle::Shared;
 use super::reader::{
     BufferPermit, PollingReader, ReaderEvent, ReaderOutput, ShardBuffer, ShardReader,
@@ -49,6 +51,8 @@ struct Lane {
     last_heartbeat: Option<Instant>,
     /// The heartbeat the shard's layers asked for.
     wake: Wake,
+    /// The reader resumed from a stored checkpoint.
+    resumed: bool,
     /// Stops the shard's reader.
     reader: AbortHandle,
     /// Revoked: the reader is stopped, the `Revoked` batch is queued; these wait for it.
@@ -61,7 +65,7 @@ enum Phase {
     Draining { deadline: Instant },
 }
 
-type Flushed = BoxFuture<'static, (ShardId, Result<(), StoreError>)>;
+type Flushed = BoxFuture<'static, (ShardId, Read, Result<(), StoreError>)>;
 
 /// Everything `run` knows between two events.
 struct Dispatcher {
@@ -165,8 +169,8 @@ where
             Some((shard, event)) = reader_events.recv(), if !draining => d.reader_event(shard, event),
             Some(event) = source_events.recv(), if !draining => d.source_event(event),
             Some(assignment) = assignments.next(), if !draining => d.assignment(assignment),
-            Some((shard, flushed)) = d.endings.next(), if !d.endings.is_empty() && !draining => {
-                d.ended_durably(shard, flushed);
+            Some((shard, read, flushed)) = d.endings.next(), if !d.endings.is_empty() && !draining => {
+                d.ended_durably(shard, read, flushed);
             }
             Some(revocations) = d.released.next(), if !d.released.is_empty() => {
                 revocations.into_iter().for_each(Revocation::complete);
@@ -318,8 +322,13 @@ impl Dispatcher {
         let stream = self.stream.clone();
         match result {
             Ok(()) if end == Some(BatchEnd::ShardEnd) => {
-                self.lanes.remove(&shard);
-                self.await_durable_end(shard);
+                let resumed = self.lanes.remove(&shard).is_some_and(|lane| lane.resumed);
+                let read = if resumed {
+                    Read::Resumed
+                } else {
+                    Read::FromStart
+                };
+                self.await_durable_end(shard, read);
             }
             Ok(()) if end == Some(BatchEnd::Revoked) => {
                 if let Some(lane) = self.lanes.remove(&shard) {
@@ -351,7 +360,7 @@ impl Dispatcher {
     /// A closed shard's last batch was handled: once its `ShardEnd` is written (at once with
     /// `CheckpointLayer`; when the last record is committed with `records()`) and flushed, its
     /// children may start. Until then they wait, as the KCL's do.
-    fn await_durable_end(&mut self, shard: ShardId) {
+    fn await_durable_end(&mut self, shard: ShardId, read: Read) {
         let checkpointer = self.shared.checkpointer.clone();
         if checkpointer.pending_shard_end(&shard) {
             tracing::info!(stream = %self.stream, %shard,
@@ -363,16 +372,16 @@ impl Dispatcher {
         self.endings.push(Box::pin(async move {
             written.await;
             let flushed = checkpointer.flush().await;
-            (shard, flushed)
+            (shard, read, flushed)
         }));
     }
 
     /// A closed shard's end is durable: the source may start its children.
-    fn ended_durably(&mut self, shard: ShardId, flushed: Result<(), StoreError>) {
+    fn ended_durably(&mut self, shard: ShardId, read: Read, flushed: Result<(), StoreError>) {
         self.ending.remove(&shard);
         match flushed {
             Ok(()) => {
-                let _ = self.feedback.send(Feedback::Finished { shard, read: true });
+                let _ = self.feedback.send(Feedback::Finished { shard, read });
             }
             Err(source) => {
                 let stream = self.stream.clone();
@@ -435,6 +444,7 @@ impl Dispatcher {
                 last_delivered: None,
                 last_heartbeat: None,
                 wake: Wake::new(),
+                resumed: false,
                 reader,
                 revocations: Vec::new(),
             },
@@ -474,6 +484,11 @@ impl Dispatcher {
     fn reader_event(&mut self, shard: ShardId, event: ReaderEvent) {
         match event {
             ReaderEvent::Batch { batch, permit } => self.queue(batch, permit),
+            ReaderEvent::Resumed => {
+                if let Some(lane) = self.lanes.get_mut(&shard) {
+                    lane.resumed = true;
+                }
+            }
             ReaderEvent::Children(children) => {
                 let _ = self.feedback.send(Feedback::Children(children));
             }
@@ -512,7 +527,8 @@ impl Dispatcher {
                 }
                 Some(_) => {}
                 None => {
-                    let _ = self.feedback.send(Feedback::Finished { shard, read: true });
+                    let read = Read::Resumed;
+                    let _ = self.feedback.send(Feedback::Finished { shard, read });
                 }
             },
             SourceEvent::LineageSize(size) => {

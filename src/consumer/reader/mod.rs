@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use kinesis_tower_layers::{Batch, ShardId};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::assignment::ShardStart;
+use super::assignment::{Read, ShardStart};
 use crate::kinesis::ChildShard;
 use crate::Error;
 pub(crate) use buffer::{BufferPermit, ShardBuffer};
@@ -24,9 +24,10 @@ pub(crate) enum ReaderEvent {
     Batch { batch: Batch, permit: BufferPermit },
     /// A closed shard's children, reported before its last batch.
     Children(Vec<ChildShard>),
-    /// The shard needs no reading: its checkpoint says it ended, or it is skipped. `read` says
-    /// whether this consumer had read it (it had a checkpoint).
-    AlreadyFinished { read: bool },
+    /// The reader resumes from a stored checkpoint (an earlier run started the shard).
+    Resumed,
+    /// The shard needs no reading: its checkpoint says it ended, or it is skipped.
+    AlreadyFinished { read: Read },
     /// An error that retrying will not fix.
     Failed(Error),
     /// Kinesis says the shard does not exist: expired, or the stream is gone. `Error` is what to

@@ -11,7 +11,7 @@ use super::buffer::ShardBuffer;
 use super::metrics::ReaderMetrics;
 use super::{ReaderEvent, ReaderOutput, ShardReader};
 use crate::backoff::Backoff;
-use crate::consumer::assignment::{Fallback, ShardStart};
+use crate::consumer::assignment::{Fallback, Read, ShardStart};
 use crate::consumer::handle::Shared;
 use crate::kinesis::{timed, IteratorPosition, KinesisError, KinesisErrorKind};
 use crate::Error;
@@ -170,14 +170,17 @@ impl Reader {
         let from_checkpoint = matches!(stored, Some(Some(_)));
         let mut position = match (stored, start.fallback) {
             (Some(Some(position)), _) => position,
-            (Some(None), _) => return self.already_finished(true),
-            (None, Fallback::Skip) => return self.already_finished(false),
+            (Some(None), _) => return self.already_finished(Read::Resumed),
+            (None, Fallback::Skip) => return self.already_finished(Read::No),
             (None, Fallback::Read(position)) => position,
         };
         // Without a checkpoint, a start that depends on when it happens is recorded before
         // the first record goes out (TRIM_HORIZON is the same position at every start).
         let mut start_to_record = !from_checkpoint && position != IteratorPosition::TrimHorizon;
         tracing::info!(?position, from_checkpoint, "reading shard");
+        if from_checkpoint {
+            self.output.send(ReaderEvent::Resumed);
+        }
         let (mut iterator, opened_at) = self.iterator(position).await?;
         if position == IteratorPosition::Latest {
             // Anchor LATEST in time: if the iterator expires before a record is read, the new
@@ -311,8 +314,8 @@ impl Reader {
         }
     }
 
-    fn already_finished(&self, read: bool) -> Result<(), Stop> {
-        tracing::debug!(read, "shard needs no reading");
+    fn already_finished(&self, read: Read) -> Result<(), Stop> {
+        tracing::debug!(?read, "shard needs no reading");
         self.output.send(ReaderEvent::AlreadyFinished { read });
         Ok(())
     }
