@@ -258,14 +258,11 @@ impl CheckpointStore for DynamoDbStore {
                 );
             }
             if let Checkpoint::Sequence {
-                sub_sequence_number,
+                sub_sequence_number: Some(sub),
                 ..
             } = checkpoint
             {
-                if let Some(sub) = sub_sequence_number {
-                    request =
-                        request.item("sub_sequence_number", AttributeValue::N(sub.to_string()));
-                }
+                request = request.item("sub_sequence_number", AttributeValue::N(sub.to_string()));
             }
             match request.send().await {
                 Ok(_) => Ok(SetOutcome::Advanced),

@@ -109,10 +109,10 @@ impl Lineage {
             .flat_map(|e| e.description.parents().cloned())
             .collect();
         self.shards.retain(|id, entry| {
-            !(matches!(entry.state, State::Finished(_))
+            let expired = matches!(entry.state, State::Finished(_))
                 && entry.listed
-                && !entry.in_latest_listing
-                && !needed.contains(id))
+                && !entry.in_latest_listing;
+            !expired || needed.contains(id)
         });
         let shards = &self.shards;
         self.order.retain(|id| shards.contains_key(id));
