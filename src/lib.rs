@@ -6,6 +6,10 @@
 //! - drives a `tower::Service<Batch>` with each shard's batches, in order:
 //!   [`Consumer::run`] / [`Consumer::run_until`].
 //!
+//! Which shards a consumer reads is decided by a stream of [`assignment`] events (a shard may
+//! start, ended, is taken away) passed through an [`assignment::AssignmentFilter`]: every
+//! shard by default, chosen shards with [`ConsumerBuilder::shards`], or a filter of your own.
+//!
 //! Processing is composed from `tower` layers: [`layers::CheckpointLayer`] records progress in
 //! a [`layers::CheckpointStore`] after the handler succeeded, [`layers::PerRecordLayer`] runs a
 //! per-record handler, [`layers::MetricsLayer`] counts and times the handler's calls (the

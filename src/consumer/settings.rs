@@ -6,11 +6,19 @@ use kinesis_tower_layers::{SequenceNumber, ShardId};
 
 use crate::kinesis::StreamRef;
 
-/// Where a shard without a checkpoint starts reading, at the consumer's first start.
+/// Where a shard without a checkpoint starts reading.
 ///
-/// Only shards present at start-up use it. A shard discovered later, and the child of any shard
-/// this consumer read, starts at `TRIM_HORIZON` when it has no checkpoint, so no record written
-/// before it was discovered is lost.
+/// It applies only where a shard has no checkpoint: a shard with one resumes from it, whatever
+/// the start position says. Before a shard that started from `Latest`, a timestamp or a sequence
+/// number hands over its first record, the consumer writes [`Checkpoint::StartedAt`] for it
+/// (durably), so a restart resumes at that record rather than at a new `LATEST` or a new
+/// timestamp: nothing delivered and not checkpointed is skipped.
+///
+/// A shard discovered after start-up, and the child of a shard this consumer read, starts at
+/// `TRIM_HORIZON` when it has no checkpoint (at the timestamp, with `AtTimestamp`), so no record
+/// written before it was discovered is lost.
+///
+/// [`Checkpoint::StartedAt`]: kinesis_tower_layers::Checkpoint::StartedAt
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum StartPosition {
@@ -20,10 +28,12 @@ pub enum StartPosition {
     Latest,
     /// The oldest record kept in each shard; closed parents are read before their children.
     TrimHorizon,
-    /// The first record at or after this time, in each shard.
+    /// The first record at or after this time, in each shard, and in the children of shards
+    /// read from it.
     AtTimestamp(SystemTime),
     /// One shard starts at this record. Its ancestors are not read; every other shard starts at
-    /// `TRIM_HORIZON`.
+    /// `TRIM_HORIZON`. The shard must be listed while it has no checkpoint; once it has one,
+    /// it may expire without stopping restarts.
     AtSequenceNumber {
         /// The shard the sequence number belongs to.
         shard_id: ShardId,
