@@ -101,6 +101,19 @@ impl Running {
         Self { stop, task }
     }
 
+    /// Runs `service` under a `CheckpointLayer` of the consumer's checkpointer.
+    fn checkpointed<S>(consumer: &Consumer, service: S) -> Self
+    where
+        S: tower::Service<Batch, Response = ()> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        Self::start(
+            consumer,
+            CheckpointLayer::new(consumer.checkpointer()).layer(service),
+        )
+    }
+
     /// Asks for a graceful shutdown and returns what `run_until` returned.
     async fn stop(self) -> Result<(), Error> {
         self.stop.cancel();
@@ -934,6 +947,8 @@ struct Faulty {
     hanging_get_records: Arc<AtomicU64>,
     /// Records GetRecords returned, per shard.
     served: Arc<Mutex<HashMap<ShardId, u64>>>,
+    /// GetRecords answers up to 10,000 records, whatever the limit asked.
+    ignores_limit: bool,
 }
 
 impl Faulty {
@@ -1036,6 +1051,7 @@ impl crate::kinesis::KinesisApi for Faulty {
             if self.is_gone(shard_id) {
                 return Err(not_found("GetRecords", shard_id));
             }
+            let limit = if self.ignores_limit { 10_000 } else { limit };
             let page = self
                 .inner
                 .get_records(stream, shard_id, iterator, limit)

@@ -6,14 +6,29 @@ use async_trait::async_trait;
 
 use super::{Checkpoint, CheckpointStore, MemoryStore, SetOutcome, StoreError};
 
-/// A [`MemoryStore`] that counts the writes it takes, fails them while told to (with a
-/// retryable [`StoreError::Backend`] from back-end `faulty`), and runs a hook on each write.
+/// A [`MemoryStore`] that counts the reads and writes it takes, fails writes, reads or flushes
+/// while told to (with a retryable [`StoreError::Backend`] from back-end `faulty`), and runs a
+/// hook on each write.
 #[derive(Default)]
 pub struct FaultyStore {
     inner: MemoryStore,
     writes: AtomicUsize,
+    reads: AtomicUsize,
     failing: AtomicBool,
+    failing_reads: AtomicBool,
+    failing_flushes: AtomicBool,
     on_write: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+fn failure(operation: &'static str, namespace: Option<&str>, shard_id: Option<&str>) -> StoreError {
+    StoreError::Backend {
+        backend: "faulty",
+        operation,
+        namespace: namespace.map(str::to_owned),
+        shard_id: shard_id.map(str::to_owned),
+        retryable: true,
+        source: format!("{operation} is failing").into(),
+    }
 }
 
 impl FaultyStore {
@@ -33,6 +48,21 @@ impl FaultyStore {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// From now on, fails (`true`) or answers (`false`) every read.
+    pub fn fail_reads(&self, failing: bool) {
+        self.failing_reads.store(failing, Ordering::SeqCst);
+    }
+
+    /// From now on, fails (`true`) or completes (`false`) every flush.
+    pub fn fail_flushes(&self, failing: bool) {
+        self.failing_flushes.store(failing, Ordering::SeqCst);
+    }
+
+    /// Reads asked for so far (failed ones counted).
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+
     /// Writes taken so far (failed ones not counted).
     pub fn writes(&self) -> usize {
         self.writes.load(Ordering::SeqCst)
@@ -47,6 +77,10 @@ impl FaultyStore {
 #[async_trait]
 impl CheckpointStore for FaultyStore {
     async fn get(&self, namespace: &str, shard_id: &str) -> Result<Option<Checkpoint>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if self.failing_reads.load(Ordering::SeqCst) {
+            return Err(failure("get", Some(namespace), Some(shard_id)));
+        }
         self.inner.get(namespace, shard_id).await
     }
 
@@ -60,20 +94,16 @@ impl CheckpointStore for FaultyStore {
             hook();
         }
         if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::Backend {
-                backend: "faulty",
-                operation: "set",
-                namespace: Some(namespace.to_owned()),
-                shard_id: Some(shard_id.to_owned()),
-                retryable: true,
-                source: "writes are failing".into(),
-            });
+            return Err(failure("set", Some(namespace), Some(shard_id)));
         }
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.set(namespace, shard_id, checkpoint).await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
+        if self.failing_flushes.load(Ordering::SeqCst) {
+            return Err(failure("flush", None, None));
+        }
         self.inner.flush().await
     }
 

@@ -66,10 +66,7 @@ async fn a_filter_chooses_the_shards_and_a_revoked_shard_finishes_flushes_and_st
             }
         })
     };
-    let run = Running::start(
-        &consumer,
-        CheckpointLayer::new(consumer.checkpointer()).layer(handler),
-    );
+    let run = Running::checkpointed(&consumer, handler);
     wait_for(Duration::from_secs(10), || {
         seen.of(&shard_name(0)).len() == 6
     })

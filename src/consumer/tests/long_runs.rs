@@ -18,10 +18,7 @@ async fn ten_thousand_generations_of_resharding_keep_memory_flat() {
         .build()
         .unwrap();
     let seen = Seen::default();
-    let run = Running::start(
-        &consumer,
-        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
-    );
+    let run = Running::checkpointed(&consumer, seen.handler());
     for g in 0..GENERATIONS {
         let (shard, child) = (format!("g{g}"), format!("g{}", g + 1));
         kinesis.put(&shard, "k", "v");

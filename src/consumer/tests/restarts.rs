@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::store::BufferedStore;
+use kinesis_tower_layers::checkpoint::testing::FaultyStore;
 
 fn failing_first_batch(
     seen: &Seen,
@@ -32,10 +33,7 @@ async fn restart_resumes_where_the_first_run_started(start: impl Fn() -> StartPo
         .build()
         .unwrap();
     let seen = Seen::default();
-    let run = Running::start(
-        &consumer,
-        CheckpointLayer::new(consumer.checkpointer()).layer(failing_first_batch(&seen)),
-    );
+    let run = Running::checkpointed(&consumer, failing_first_batch(&seen));
     wait_for(Duration::from_secs(5), || {
         kinesis.get_records_calls("p") > 0
     })
@@ -59,10 +57,7 @@ async fn restart_resumes_where_the_first_run_started(start: impl Fn() -> StartPo
         .build()
         .unwrap();
     let seen = Seen::default();
-    let run = Running::start(
-        &consumer,
-        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
-    );
+    let run = Running::checkpointed(&consumer, seen.handler());
     wait_for(Duration::from_secs(20), || seen.of("c").len() == 1).await;
     run.stop().await.unwrap();
     assert_eq!(
@@ -113,20 +108,14 @@ async fn a_sequence_start_position_is_not_checked_again_once_its_shard_has_a_che
         .build()
         .unwrap();
     let seen = Seen::default();
-    let run = Running::start(
-        &consumer,
-        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
-    );
+    let run = Running::checkpointed(&consumer, seen.handler());
     wait_for(Duration::from_secs(10), || seen.count() == 1).await;
     run.stop().await.unwrap();
     // The shard is split, and later expires.
     kinesis.close_shard("p");
     kinesis.add_shard("c", &["p"]);
     api.expire("p");
-    let run = Running::start(
-        &consumer,
-        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
-    );
+    let run = Running::checkpointed(&consumer, seen.handler());
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!run.task.is_finished(), "{:?}", run.task.await);
     run.stop().await.unwrap();
@@ -167,47 +156,9 @@ async fn a_stored_shard_end_for_an_open_shard_is_an_error_naming_it() {
 /// around it.
 #[tokio::test(start_paused = true)]
 async fn a_failing_checkpoint_read_is_tried_once_by_the_consumer() {
-    #[derive(Default)]
-    struct FailingGets {
-        gets: AtomicU64,
-    }
-    #[async_trait::async_trait]
-    impl CheckpointStore for FailingGets {
-        async fn get(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
-            self.gets.fetch_add(1, Ordering::SeqCst);
-            Err(kinesis_tower_layers::StoreError::Backend {
-                backend: "test",
-                operation: "get",
-                namespace: None,
-                shard_id: None,
-                retryable: true,
-                source: "down".into(),
-            })
-        }
-        async fn set(
-            &self,
-            _: &str,
-            _: &str,
-            _: Checkpoint,
-        ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
-            Ok(kinesis_tower_layers::SetOutcome::Advanced)
-        }
-        async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
-            Ok(())
-        }
-        async fn list(
-            &self,
-            _: &str,
-        ) -> Result<Vec<(String, Checkpoint)>, kinesis_tower_layers::StoreError> {
-            Ok(Vec::new())
-        }
-    }
     let kinesis = MemoryKinesis::with_shards(1);
-    let store = Arc::new(FailingGets::default());
+    let store = Arc::new(FaultyStore::new());
+    store.fail_reads(true);
     let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
     let outcome = tokio::time::timeout(
         Duration::from_secs(60),
@@ -216,57 +167,21 @@ async fn a_failing_checkpoint_read_is_tried_once_by_the_consumer() {
     .await
     .expect("run ends");
     assert!(matches!(outcome, Err(Error::Store { .. })), "{outcome:?}");
-    assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+    assert_eq!(store.reads(), 1);
 }
 
 /// A source that answers more records than asked cannot overrun the buffer: the reader keeps
 /// what it asked for and reads on after it, losing nothing.
 #[tokio::test(start_paused = true)]
 async fn more_records_than_asked_are_clamped_and_nothing_is_lost() {
-    #[derive(Clone)]
-    struct Generous(MemoryKinesis);
-    impl crate::kinesis::KinesisApi for Generous {
-        fn list_shards<'a>(
-            &'a self,
-            stream: &'a crate::kinesis::StreamRef,
-            next_token: Option<&'a str>,
-            max_results: Option<i32>,
-        ) -> futures::future::BoxFuture<
-            'a,
-            Result<crate::kinesis::ShardPage, crate::kinesis::KinesisError>,
-        > {
-            self.0.list_shards(stream, next_token, max_results)
-        }
-        fn get_shard_iterator<'a>(
-            &'a self,
-            stream: &'a crate::kinesis::StreamRef,
-            shard_id: &'a ShardId,
-            position: IteratorPosition,
-        ) -> futures::future::BoxFuture<'a, Result<String, crate::kinesis::KinesisError>> {
-            self.0.get_shard_iterator(stream, shard_id, position)
-        }
-        fn get_records<'a>(
-            &'a self,
-            stream: &'a crate::kinesis::StreamRef,
-            shard_id: &'a ShardId,
-            iterator: &'a str,
-            _limit: i32,
-        ) -> futures::future::BoxFuture<
-            'a,
-            Result<crate::kinesis::RecordsPage, crate::kinesis::KinesisError>,
-        > {
-            // Ignores the limit.
-            self.0.get_records(stream, shard_id, iterator, 10_000)
-        }
-    }
     let kinesis = MemoryKinesis::with_shards(1);
     for i in 0..100 {
         kinesis.put(&shard_name(0), &format!("k{i}"), "v");
     }
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(Generous(kinesis.clone())))
-        .stream_name("test-stream")
-        .start_position(StartPosition::TrimHorizon)
+    let mut api = Faulty::new(&kinesis);
+    api.ignores_limit = true;
+    let consumer = api
+        .consumer()
         .max_records_per_call(10)
         .buffer_records(10)
         .build()
@@ -334,52 +249,15 @@ async fn records_children_wait_until_the_parents_last_record_is_committed() {
 /// starting and ends the run.
 #[tokio::test(start_paused = true)]
 async fn a_child_does_not_start_when_its_parents_end_cannot_be_flushed() {
-    #[derive(Default)]
-    struct FlushFails(MemoryStore);
-    #[async_trait::async_trait]
-    impl CheckpointStore for FlushFails {
-        async fn get(
-            &self,
-            n: &str,
-            s: &str,
-        ) -> Result<Option<Checkpoint>, kinesis_tower_layers::StoreError> {
-            self.0.get(n, s).await
-        }
-        async fn set(
-            &self,
-            n: &str,
-            s: &str,
-            c: Checkpoint,
-        ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
-            self.0.set(n, s, c).await
-        }
-        async fn flush(&self) -> Result<(), kinesis_tower_layers::StoreError> {
-            Err(kinesis_tower_layers::StoreError::Backend {
-                backend: "test",
-                operation: "flush",
-                namespace: None,
-                shard_id: None,
-                retryable: true,
-                source: "down".into(),
-            })
-        }
-        async fn list(
-            &self,
-            n: &str,
-        ) -> Result<Vec<(String, Checkpoint)>, kinesis_tower_layers::StoreError> {
-            self.0.list(n).await
-        }
-    }
     let kinesis = MemoryKinesis::default();
     kinesis.add_shard("p", &[]);
     kinesis.put("p", "k", "parent");
     kinesis.close_shard("p");
     kinesis.add_shard("c", &["p"]);
     kinesis.put("c", "k", "child");
-    let consumer = builder(&kinesis)
-        .store(FlushFails::default())
-        .build()
-        .unwrap();
+    let store = FaultyStore::new();
+    store.fail_flushes(true);
+    let consumer = builder(&kinesis).store(store).build().unwrap();
     let seen = Seen::default();
     let outcome = tokio::time::timeout(
         Duration::from_secs(30),
