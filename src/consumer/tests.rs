@@ -1827,5 +1827,6 @@ async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_u
 }
 
 mod filter;
+mod layers;
 mod long_runs;
 mod restarts;
