@@ -2,59 +2,43 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use futures::Stream;
 use kinesis_tower_layers::{Batch, BoxError, Checkpointer, Record};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tower::Service;
 
-use super::dispatch::{self, Erased};
+use super::dispatch::{self, Dispatch};
 use super::handle::Shared;
+use super::reader::BufferPermit as Permit;
 use crate::Error;
 
-type Handoff = (Batch, oneshot::Sender<()>);
+type Handoff = (Batch, Permit);
 
-/// The service `records()` runs: hands each batch to the stream and completes once the stream
-/// has yielded all of it, so the shard's buffer room is returned only then (backpressure), and
-/// a shard's next batch (or its children) comes only after.
-struct HandoffService {
+/// What `records()` runs instead of a service: each batch goes to the stream with its buffer
+/// room, which is returned once the stream has yielded the batch's records (backpressure). The
+/// call completes at once: the stream keeps each shard's order, and a closed shard's children
+/// wait for its last record to be committed anyway, so there is nothing to wait for.
+struct ToStream {
     tx: mpsc::UnboundedSender<Handoff>,
 }
 
-impl HandoffService {
-    fn new() -> (Self, mpsc::UnboundedReceiver<Handoff>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx }, rx)
-    }
-}
-
-impl Service<Batch> for HandoffService {
-    type Response = ();
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<(), BoxError>>;
-
+impl Dispatch for ToStream {
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, batch: Batch) -> Self::Future {
-        if batch.is_empty() {
-            return Box::pin(async { Ok(()) });
+    fn call(&mut self, batch: Batch, permit: Permit) -> BoxFuture<'static, Result<(), BoxError>> {
+        if !batch.is_empty() {
+            // If the stream is gone, nobody reads these records: nothing is lost, as stream
+            // users checkpoint what they processed themselves.
+            let _ = self.tx.send((batch, permit));
         }
-        let (done, yielded) = oneshot::channel();
-        // If the stream is gone, nobody reads these records: nothing is lost, as stream users
-        // checkpoint what they processed themselves.
-        let _ = self.tx.send((batch, done));
-        Box::pin(async move {
-            let _ = yielded.await;
-            Ok(())
-        })
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 
@@ -71,7 +55,8 @@ impl Service<Batch> for HandoffService {
 /// [`Consumer::records`]: crate::Consumer::records
 pub struct RecordStream {
     rx: mpsc::UnboundedReceiver<Handoff>,
-    current: Option<(std::vec::IntoIter<Record>, oneshot::Sender<()>)>,
+    /// The batch being yielded, with its buffer room.
+    current: Option<(std::vec::IntoIter<Record>, Permit)>,
     task: Option<JoinHandle<Result<(), Error>>>,
     stream: String,
     checkpointer: Checkpointer,
@@ -90,12 +75,12 @@ impl std::fmt::Debug for RecordStream {
 impl RecordStream {
     /// Spawns a run that hands every batch to the stream (on the current tokio runtime).
     pub(crate) fn spawn(shared: Arc<Shared>) -> Self {
-        let (service, rx) = HandoffService::new();
+        let (tx, rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
         let stream = shared.settings.stream.stream_name().to_owned();
         let checkpointer = shared.checkpointer.clone();
         let stop = shutdown.clone().cancelled_owned();
-        let task = tokio::spawn(dispatch::run(shared, Box::new(Erased(service)), stop));
+        let task = tokio::spawn(dispatch::run(shared, Box::new(ToStream { tx }), stop));
         Self {
             rx,
             current: None,
@@ -145,13 +130,12 @@ impl Stream for RecordStream {
                 if let Some(record) = records.next() {
                     return Poll::Ready(Some(Ok(record)));
                 }
-                if let Some((_, done)) = this.current.take() {
-                    let _ = done.send(());
-                }
+                // Every record of the batch was yielded: its buffer room goes back.
+                this.current = None;
             }
             match this.rx.poll_recv(cx) {
-                Poll::Ready(Some((batch, done))) => {
-                    this.current = Some((batch.records.into_iter(), done));
+                Poll::Ready(Some((batch, permit))) => {
+                    this.current = Some((batch.records.into_iter(), permit));
                 }
                 Poll::Ready(None) => {
                     let Some(task) = this.task.as_mut() else {

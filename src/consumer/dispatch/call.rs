@@ -32,9 +32,17 @@ pub(crate) struct Completed {
 /// holds `S::Future`s across awaits, the compiler cannot prove the future `Send` for services
 /// whose impls require `E: Into<BoxError>` (tower's `Timeout`, among others), and users could
 /// not spawn a run inside an `async` block. Erased, `run` needs no such proof.
+///
+/// A call takes the batch's buffer room (`permit`) with it: a service holds it until the batch
+/// was handled (a slow handler stops its shard's reader), `records()` until the stream has
+/// yielded the batch's records.
 pub(crate) trait Dispatch: Send {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>;
-    fn call(&mut self, batch: Batch) -> BoxFuture<'static, Result<(), BoxError>>;
+    fn call(
+        &mut self,
+        batch: Batch,
+        permit: BufferPermit,
+    ) -> BoxFuture<'static, Result<(), BoxError>>;
 }
 
 /// Erases a `Service<Batch>` into a [`Dispatch`].
@@ -50,25 +58,30 @@ where
         self.0.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, batch: Batch) -> BoxFuture<'static, Result<(), BoxError>> {
+    fn call(
+        &mut self,
+        batch: Batch,
+        permit: BufferPermit,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
         let future = self.0.call(batch);
-        Box::pin(async move { future.await.map(drop).map_err(Into::into) })
+        Box::pin(async move {
+            let result = future.await.map(drop).map_err(Into::into);
+            drop(permit);
+            result
+        })
     }
 }
 
-/// A call in flight: the service's future and the batch's buffer room, held until it completes.
-/// For a closed shard's last batch, once the call succeeded, the shard's end is recorded
-/// (`Checkpointer::shard_ended`) before its children may start.
+/// A call in flight. For a closed shard's last batch, once the call succeeded, the shard's end
+/// is recorded (`Checkpointer::shard_ended`) before its children may start.
 pub(crate) async fn tracked(
     future: BoxFuture<'static, Result<(), BoxError>>,
-    permit: BufferPermit,
     shard: ShardId,
     end: Option<BatchEnd>,
     (first, last): (Option<String>, Option<String>),
     shard_end: Option<(Checkpointer, Option<Checkpoint>)>,
 ) -> Completed {
     let mut result = future.await.map_err(Failure::Handler);
-    drop(permit);
     if let (Ok(()), Some((checkpointer, last_delivered))) = (&result, shard_end) {
         result = checkpointer
             .shard_ended(&shard, last_delivered)

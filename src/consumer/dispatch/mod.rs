@@ -296,15 +296,8 @@ impl Dispatcher {
         }
         let shard_end = (end == Some(BatchEnd::ShardEnd))
             .then(|| (self.shared.checkpointer.clone(), lane.last_delivered));
-        let future = service.call(batch);
-        Some(tracked(
-            future,
-            permit,
-            shard,
-            end,
-            (first, last),
-            shard_end,
-        ))
+        let future = service.call(batch, permit);
+        Some(tracked(future, shard, end, (first, last), shard_end))
     }
 
     /// A call finished.
