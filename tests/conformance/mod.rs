@@ -26,6 +26,7 @@ macro_rules! suite {
                 refusal_is_enforced_by_the_backing_store,
                 sequence_numbers_compare_numerically_up_to_128_digits,
                 sub_sequence_numbers_order_within_a_record,
+                a_recorded_start_is_before_any_progress_in_its_record,
                 shard_end_is_final,
                 namespaces_are_isolated,
                 list_returns_the_namespace_sorted,
@@ -292,6 +293,59 @@ where
     assert_eq!(
         reopened(&make).await.get(&ns, SHARD).await.unwrap(),
         Some(at_sub(next, u64::MAX))
+    );
+}
+
+/// `Checkpoint::StartedAt` (where a shard started, nothing processed) survives a reopen, is
+/// passed by any progress in its record, and never moves a checkpoint back.
+pub async fn a_recorded_start_is_before_any_progress_in_its_record<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn CheckpointStore>>,
+{
+    let store = make().await;
+    let ns = ns("started");
+    let s = "49590338271490256608559692538361571095921575989136588898";
+    let started = Checkpoint::StartedAt {
+        sequence_number: seq(s),
+    };
+    assert_eq!(
+        store.set(&ns, SHARD, started).await.unwrap(),
+        SetOutcome::Advanced
+    );
+    store.flush().await.unwrap();
+    assert_eq!(
+        reopened(&make).await.get(&ns, SHARD).await.unwrap(),
+        Some(started)
+    );
+    // The first user record of the started record is progress past it.
+    assert_eq!(
+        store.set(&ns, SHARD, at_sub(s, 0)).await.unwrap(),
+        SetOutcome::Advanced
+    );
+    store.flush().await.unwrap();
+    assert_eq!(
+        store.set(&ns, SHARD, started).await.unwrap(),
+        SetOutcome::NotAdvanced
+    );
+    store.flush().await.unwrap();
+    assert_eq!(
+        reopened(&make).await.get(&ns, SHARD).await.unwrap(),
+        Some(at_sub(s, 0))
+    );
+    // A start at a later record is after the whole of an earlier one.
+    let next = "49590338271490256608559692538361571095921575989136588899";
+    let later = Checkpoint::StartedAt {
+        sequence_number: seq(next),
+    };
+    assert_eq!(
+        store.set(&ns, SHARD, later).await.unwrap(),
+        SetOutcome::Advanced
+    );
+    store.flush().await.unwrap();
+    assert_eq!(
+        reopened(&make).await.get(&ns, SHARD).await.unwrap(),
+        Some(later)
     );
 }
 

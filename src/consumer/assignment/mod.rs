@@ -44,6 +44,9 @@ pub enum Assignment {
     /// Stop reading the shard: its reader stops, its in-flight batch finishes, it gets a last
     /// batch marked [`BatchEnd::Revoked`](kinesis_tower_layers::BatchEnd::Revoked) (so
     /// buffering layers flush), and the store is flushed; then [`RevocationDone`] resolves.
+    /// What its reader had fetched and not yet handed over is dropped: whoever reads the shard
+    /// next reads it again from the checkpoint. To read the shard here again later, a filter
+    /// sends its [`ShardStart`] again (keep a clone of the one it let through).
     Revoke(Revocation),
 }
 
