@@ -40,6 +40,14 @@ use call::{tracked, Completed, Failure};
 /// The final store flush gets at least this long, whatever the drain timeout.
 const MIN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a closed shard's end may wait for its last record to be checkpointed before the
+/// consumer warns that its children are held back.
+const SHARD_END_PATIENCE: Duration = Duration::from_secs(30);
+
+fn pin_boxed<F: Future + Send + 'static>(future: F) -> BoxFuture<'static, F::Output> {
+    Box::pin(future)
+}
+
 struct Lane {
     queue: VecDeque<(Batch, BufferPermit)>,
     in_flight: bool,
@@ -355,15 +363,22 @@ impl Dispatcher {
     /// children may start. Until then they wait, as the KCL's do.
     fn await_durable_end(&mut self, shard: ShardId, read: Read) {
         let checkpointer = self.shared.checkpointer.clone();
-        if checkpointer.pending_shard_end(&shard) {
-            tracing::info!(stream = %self.stream, %shard,
-                "shard read to its end; its children start once its last record is checkpointed \
-                 (CheckpointLayer, or a commit of the records)");
-        }
-        let written = checkpointer.shard_end_written(&shard);
+        let stream = self.stream.clone();
+        let mut written = pin_boxed(checkpointer.shard_end_written(&shard));
         self.ending.insert(shard.clone());
         self.endings.push(Box::pin(async move {
-            written.await;
+            // Waiting is normal for a moment (a stream user commits what it processed); a
+            // long wait means nothing checkpoints this consumer's records: say so, loudly.
+            if tokio::time::timeout(SHARD_END_PATIENCE, &mut written)
+                .await
+                .is_err()
+            {
+                tracing::warn!(%stream, %shard,
+                    "shard read to its end {SHARD_END_PATIENCE:?} ago, but its last record is not \
+                     checkpointed: its children wait until it is. Add CheckpointLayer to the \
+                     service given to run, or commit the records you processed");
+                written.await;
+            }
             let flushed = checkpointer.flush().await;
             (shard, read, flushed)
         }));

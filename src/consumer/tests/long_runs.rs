@@ -130,3 +130,50 @@ async fn an_end_never_committed_is_forgotten_when_the_run_ends() {
     stream.shutdown().await.unwrap();
     assert_eq!(consumer.checkpointer().pending_shard_ends(), 0);
 }
+
+/// A run without `CheckpointLayer` over a closed shard: its children are held back (its end
+/// is never checkpointed), and the consumer says so, naming the shard and the fix.
+#[tokio::test(start_paused = true)]
+async fn children_held_back_by_an_unchecked_end_are_reported() {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "parent");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "child");
+    let consumer = builder(&kinesis).build().unwrap();
+    let seen = Seen::default();
+    let run = Running::start(&consumer, seen.handler());
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    run.stop().await.unwrap();
+    assert!(seen.of("c").is_empty());
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("children wait")
+            && logs.contains("shard=p")
+            && logs.contains("CheckpointLayer"),
+        "{logs}"
+    );
+}
