@@ -4,7 +4,7 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use kinesis_tower_layers::{
-    Batch, BatchEnd, BoxError, Checkpoint, Checkpointer, ShardId, StoreError,
+    Batch, BatchEnd, BoxError, Checkpoint, Checkpointer, SequenceNumber, ShardId, StoreError,
 };
 use tower::Service;
 
@@ -21,8 +21,9 @@ pub(crate) enum Failure {
 pub(crate) struct Completed {
     pub(crate) shard: ShardId,
     pub(crate) end: Option<BatchEnd>,
-    pub(crate) first: Option<String>,
-    pub(crate) last: Option<String>,
+    /// The batch's first and last sequence numbers, for the error if it failed.
+    pub(crate) first: Option<SequenceNumber>,
+    pub(crate) last: Option<SequenceNumber>,
     pub(crate) result: Result<(), Failure>,
 }
 
@@ -78,7 +79,7 @@ pub(crate) async fn tracked(
     future: BoxFuture<'static, Result<(), BoxError>>,
     shard: ShardId,
     end: Option<BatchEnd>,
-    (first, last): (Option<String>, Option<String>),
+    (first, last): (Option<SequenceNumber>, Option<SequenceNumber>),
     shard_end: Option<(Checkpointer, Option<Checkpoint>)>,
 ) -> Completed {
     let mut result = future.await.map_err(Failure::Handler);

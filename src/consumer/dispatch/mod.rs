@@ -297,8 +297,8 @@ impl Dispatcher {
         lane.in_flight = true;
         batch.wake = lane.wake.clone();
         let end = batch.end;
-        let first = batch.records.first().map(|r| r.sequence_number.to_string());
-        let last = batch.records.last().map(|r| r.sequence_number.to_string());
+        let first = batch.records.first().map(|r| r.sequence_number);
+        let last = batch.records.last().map(|r| r.sequence_number);
         if let Some(record) = batch.records.last() {
             lane.last_delivered = Some(record.checkpoint());
         }
@@ -342,8 +342,8 @@ impl Dispatcher {
                 self.fail(Error::Handler {
                     stream,
                     shard: shard.to_string(),
-                    first_sequence_number: first,
-                    last_sequence_number: last,
+                    first_sequence_number: first.map(|s| s.to_string()),
+                    last_sequence_number: last.map(|s| s.to_string()),
                     source,
                 });
             }
