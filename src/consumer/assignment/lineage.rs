@@ -304,10 +304,22 @@ impl Lineage {
 
     /// Marks a shard finished; `read` says how this consumer read it, which decides where its
     /// children start.
-    pub(crate) fn finish(&mut self, shard: &ShardId, read: Read) {
-        if let Some(entry) = self.shards.get_mut(shard) {
-            entry.state = State::Finished(read);
+    ///
+    /// True when it was not finished before (the first word on its end).
+    pub(crate) fn finish(&mut self, shard: &ShardId, read: Read) -> bool {
+        match self.shards.get_mut(shard) {
+            Some(entry) if !matches!(entry.state, State::Finished(_)) => {
+                entry.state = State::Finished(read);
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// Whether the consumer reads `shard` (its start passed the filter, and it was not
+    /// released since).
+    pub(crate) fn is_read_here(&self, shard: &ShardId) -> bool {
+        self.shards.get(shard).is_some_and(|e| e.read_here)
     }
 
     /// Whether the shard is finished.
@@ -355,9 +367,9 @@ mod tests {
         let ready = l.take_ready();
         assert_eq!(ids(&ready), vec!["a", "b"]);
         assert!(l.take_ready().is_empty());
-        l.finish(&"a".into(), Read::FromStart);
+        assert!(l.finish(&"a".into(), Read::FromStart));
         assert!(l.take_ready().is_empty(), "c must wait for b too");
-        l.finish(&"b".into(), Read::FromStart);
+        assert!(l.finish(&"b".into(), Read::FromStart));
         let ready = l.take_ready();
         assert_eq!(
             pairs(ready),
@@ -371,7 +383,7 @@ mod tests {
         let mut l = Lineage::new(StartPosition::Latest);
         l.merge_listing(vec![shard("p", &[], true), shard("c", &["p"], false)]);
         assert_eq!(pairs(l.take_ready()), vec![("p".into(), Fallback::Skip)]);
-        l.finish(&"p".into(), Read::No);
+        assert!(l.finish(&"p".into(), Read::No));
         assert_eq!(
             pairs(l.take_ready()),
             vec![("c".into(), Fallback::Read(IteratorPosition::Latest))]
@@ -393,7 +405,7 @@ mod tests {
             shard("c2", &["p"], false),
         ]);
         assert!(l.take_ready().is_empty(), "children wait for p");
-        l.finish(&"p".into(), Read::FromStart);
+        assert!(l.finish(&"p".into(), Read::FromStart));
         let ready = l.take_ready();
         assert_eq!(ids(&ready), vec!["c1", "c2"]);
         assert!(ready
@@ -421,9 +433,9 @@ mod tests {
             shard_id: "m".into(),
             parent_shards: vec!["a".into(), "b".into()],
         }]);
-        l.finish(&"a".into(), Read::FromStart);
+        assert!(l.finish(&"a".into(), Read::FromStart));
         assert!(l.take_ready().is_empty());
-        l.finish(&"b".into(), Read::FromStart);
+        assert!(l.finish(&"b".into(), Read::FromStart));
         assert_eq!(ids(&l.take_ready()), vec!["m"]);
     }
 
@@ -447,7 +459,7 @@ mod tests {
                 ("o".into(), Fallback::Read(IteratorPosition::TrimHorizon))
             ]
         );
-        l.finish(&"p".into(), Read::No);
+        assert!(l.finish(&"p".into(), Read::No));
         assert_eq!(
             pairs(l.take_ready()),
             vec![(
@@ -466,7 +478,7 @@ mod tests {
             pairs(l.take_ready()),
             vec![("p".into(), Fallback::Read(IteratorPosition::AtTimestamp(t)))]
         );
-        l.finish(&"p".into(), Read::FromStart);
+        assert!(l.finish(&"p".into(), Read::FromStart));
         assert_eq!(
             pairs(l.take_ready()),
             vec![("c".into(), Fallback::Read(IteratorPosition::AtTimestamp(t)))],
@@ -491,7 +503,7 @@ mod tests {
         l.merge_listing(vec![shard("p", &[], true), shard("c", &["p"], false)]);
         l.take_ready();
         // p had a checkpoint: an earlier run, with an earlier timestamp maybe, started it.
-        l.finish(&"p".into(), Read::Resumed);
+        assert!(l.finish(&"p".into(), Read::Resumed));
         assert_eq!(
             pairs(l.take_ready()),
             vec![("c".into(), Fallback::Read(IteratorPosition::TrimHorizon))]
@@ -510,7 +522,7 @@ mod tests {
                 shard(&parent, &[], true),
                 shard(&child, &[parent.as_str()], false),
             ]);
-            l.finish(&parent.as_str().into(), Read::FromStart);
+            assert!(l.finish(&parent.as_str().into(), Read::FromStart));
             let ready = l.take_ready();
             assert_eq!(ids(&ready), vec![child.as_str()]);
             assert!(l.len() <= 3, "generation {g}: {} shards kept", l.len());

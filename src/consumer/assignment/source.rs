@@ -39,6 +39,11 @@ pub(crate) enum Feedback {
     /// Kinesis says the shard does not exist: expired, or something is wrong. `error` is what
     /// to report if a listing still shows it.
     Gone { shard: ShardId, error: Error },
+    /// The store says the shard ended, but the listing its start came from showed it open.
+    /// `error` is what to report if a listing started now still shows it open (a stream
+    /// re-created under the same name); if it shows it closed, the shard is finished (someone
+    /// read it to its end since that listing).
+    EndedWhileListedOpen { shard: ShardId, error: Error },
 }
 
 /// What the source tells the consumer besides assignments.
@@ -72,6 +77,7 @@ pub(crate) fn spawn_source(shared: Arc<Shared>, tasks: &mut JoinSet<()>) -> Sour
         assignments: assignments_tx,
         events: events_tx,
         gone: HashMap::new(),
+        ended_open: HashMap::new(),
         listings_started: 0,
     };
     tasks.spawn(source.run(feedback_rx));
@@ -93,6 +99,9 @@ struct Source {
     /// when it was reported: only a listing started after that can tell whether the shard
     /// expired (it ends) or something is wrong (fatal); one in flight may predate the expiry.
     gone: HashMap<ShardId, (Error, u64)>,
+    /// Shards whose stored end contradicts the listing their start came from, decided like
+    /// `gone` by the next listing.
+    ended_open: HashMap<ShardId, (Error, u64)>,
     listings_started: u64,
 }
 
@@ -110,18 +119,20 @@ impl Source {
                 let shared = self.shared.clone();
                 listing.push(Box::pin(async move { list_shards(&shared).await }));
             }
+            let mut listed = None;
             tokio::select! {
                 message = feedback.recv() => match message {
                     Some(message) => wanted |= self.feedback(message),
                     // The consumer stopped.
                     None => return,
                 },
-                Some(result) = listing.next(), if !listing.is_empty() => {
-                    if !self.listed(result).await {
-                        return;
-                    }
-                }
+                Some(result) = listing.next(), if !listing.is_empty() => listed = Some(result),
                 _ = refresh.tick() => wanted = true,
+            }
+            if let Some(result) = listed {
+                if !self.listed(result, &mut feedback).await {
+                    return;
+                }
             }
             self.start_ready();
         }
@@ -135,8 +146,7 @@ impl Source {
                 false
             }
             Feedback::Finished { shard, read } => {
-                self.lineage.finish(&shard, read);
-                let _ = self.assignments.send(Assignment::Ended(shard));
+                self.finish(shard, read);
                 // Its children may be listed by now.
                 true
             }
@@ -152,6 +162,18 @@ impl Source {
                 self.gone.insert(shard, (error, self.listings_started));
                 true
             }
+            Feedback::EndedWhileListedOpen { shard, error } => {
+                self.ended_open
+                    .insert(shard, (error, self.listings_started));
+                true
+            }
+        }
+    }
+
+    /// Marks a shard finished and says so downstream, once.
+    fn finish(&mut self, shard: ShardId, read: Read) {
+        if self.lineage.finish(&shard, read) {
+            let _ = self.assignments.send(Assignment::Ended(shard));
         }
     }
 
@@ -163,7 +185,11 @@ impl Source {
     }
 
     /// A listing finished; false when the source has failed and stops.
-    async fn listed(&mut self, result: Listing) -> bool {
+    async fn listed(
+        &mut self,
+        result: Listing,
+        feedback: &mut mpsc::UnboundedReceiver<Feedback>,
+    ) -> bool {
         let listing = match result {
             Ok(Ok(listing)) => listing,
             Ok(Err(error)) => return self.fail(error),
@@ -198,8 +224,26 @@ impl Source {
             // Expired: the consumer ends it after what was fetched, then reports it finished.
             let _ = self.events.send(SourceEvent::Expired(shard));
         }
+        let decided: Vec<ShardId> = self
+            .ended_open
+            .iter()
+            .filter(|(_, (_, at))| *at < self.listings_started)
+            .map(|(shard, _)| shard.clone())
+            .collect();
+        for shard in decided {
+            let Some((error, _)) = self.ended_open.remove(&shard) else {
+                continue;
+            };
+            let open = listing
+                .iter()
+                .any(|s| s.shard_id == shard && !s.is_closed());
+            if open {
+                return self.fail(error);
+            }
+            self.finish(shard, Read::Resumed);
+        }
         self.lineage.merge_listing(listing);
-        if let Err(error) = self.finish_parents_read_elsewhere().await {
+        if let Err(error) = self.finish_parents_read_elsewhere(feedback).await {
             return self.fail(error);
         }
         let _ = self
@@ -210,7 +254,11 @@ impl Source {
 
     /// Parents this consumer does not read (the filter dropped them) are finished once the
     /// store holds their end, written by whoever read them.
-    async fn finish_parents_read_elsewhere(&mut self) -> Result<(), Error> {
+    async fn finish_parents_read_elsewhere(
+        &mut self,
+        feedback: &mut mpsc::UnboundedReceiver<Feedback>,
+    ) -> Result<(), Error> {
+        let mut ended = Vec::new();
         for parent in self.lineage.parents_read_elsewhere() {
             let stored = self
                 .shared
@@ -223,8 +271,18 @@ impl Source {
                     source: Box::new(source),
                 })?;
             if stored == Some(Checkpoint::ShardEnd) {
-                self.lineage.finish(&parent, Read::Resumed);
-                let _ = self.assignments.send(Assignment::Ended(parent));
+                ended.push(parent);
+            }
+        }
+        // The consumer says it reads a shard before it reads any of it: what it said while the
+        // store was read is in the queue now. A shard it reads ends here when its end is
+        // durable, not when a buffered store shows it pending.
+        while let Ok(message) = feedback.try_recv() {
+            self.feedback(message);
+        }
+        for parent in ended {
+            if !self.lineage.is_read_here(&parent) {
+                self.finish(parent, Read::Resumed);
             }
         }
         Ok(())

@@ -65,6 +65,8 @@ struct Lane {
     reader: AbortHandle,
     /// Revoked: the reader is stopped, the `Revoked` batch is queued; these wait for it.
     revocations: Vec<Revocation>,
+    /// A start that came while the shard was being revoked: read it again once released.
+    restart: Option<ShardStart>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -323,17 +325,24 @@ impl Dispatcher {
         let stream = self.stream.clone();
         match result {
             Ok(()) if end == Some(BatchEnd::ShardEnd) => {
-                let resumed = self.lanes.remove(&shard).is_some_and(|lane| lane.resumed);
-                let read = if resumed {
+                let Some(lane) = self.lanes.remove(&shard) else {
+                    return;
+                };
+                let read = if lane.resumed {
                     Read::Resumed
                 } else {
                     Read::FromStart
                 };
+                // Revoked while its last batch was in flight: the shard is done all the same.
+                self.complete_after_flush(lane.revocations);
                 self.await_durable_end(shard, read);
             }
             Ok(()) if end == Some(BatchEnd::Revoked) => {
                 if let Some(lane) = self.lanes.remove(&shard) {
                     self.release(shard, lane.revocations);
+                    if let Some(start) = lane.restart {
+                        self.start(start);
+                    }
                 }
             }
             Ok(()) => self.schedule(&shard),
@@ -407,6 +416,14 @@ impl Dispatcher {
     fn release(&mut self, shard: ShardId, revocations: Vec<Revocation>) {
         self.shared.checkpointer.forget_ended(&shard);
         let _ = self.feedback.send(Feedback::Released(shard));
+        self.complete_after_flush(revocations);
+    }
+
+    /// Completes `revocations` once the store has been flushed.
+    fn complete_after_flush(&mut self, revocations: Vec<Revocation>) {
+        if revocations.is_empty() {
+            return;
+        }
         let checkpointer = self.shared.checkpointer.clone();
         let stream = self.stream.clone();
         self.released.push(Box::pin(async move {
@@ -429,7 +446,16 @@ impl Dispatcher {
     /// Starts a reader for the shard.
     fn start(&mut self, start: ShardStart) {
         let shard = start.shard_id.clone();
-        if self.phase != Phase::Running || self.lanes.contains_key(&shard) {
+        if self.phase != Phase::Running || self.ending.contains(&shard) {
+            // Stopping; or the shard was read to its end and its end is on its way to the
+            // store: reading it again would find nothing.
+            return;
+        }
+        if let Some(lane) = self.lanes.get_mut(&shard) {
+            if !lane.revocations.is_empty() {
+                // Being revoked: read it again once released.
+                lane.restart = Some(start);
+            }
             return;
         }
         let settings = &self.shared.settings;
@@ -455,6 +481,7 @@ impl Dispatcher {
                 resumed: false,
                 reader,
                 revocations: Vec::new(),
+                restart: None,
             },
         );
         let _ = self.feedback.send(Feedback::Reading(shard));
@@ -466,9 +493,11 @@ impl Dispatcher {
     fn revoke(&mut self, revocation: Revocation) {
         let shard = revocation.shard_id.clone();
         let Some(lane) = self.lanes.get_mut(&shard) else {
-            revocation.complete();
+            // Not read here, or read to its end already: done once what it wrote is flushed.
+            self.complete_after_flush(vec![revocation]);
             return;
         };
+        lane.restart = None;
         tracing::info!(stream = %self.stream, %shard, "shard revoked; finishing its in-flight work");
         lane.reader.abort();
         lane.revocations.push(revocation);
@@ -508,6 +537,14 @@ impl Dispatcher {
             ReaderEvent::Failed(error) => {
                 tracing::error!(stream = %self.stream, %shard, %error, "shard reader failed; stopping");
                 self.fail(error);
+            }
+            ReaderEvent::EndedWhileListedOpen(error) => {
+                tracing::warn!(stream = %self.stream, %shard, %error, "stored end of a shard listed open; checking the listing again");
+                if self.lanes.remove(&shard).is_some() {
+                    let _ = self
+                        .feedback
+                        .send(Feedback::EndedWhileListedOpen { shard, error });
+                }
             }
             ReaderEvent::Gone(error) => {
                 tracing::warn!(stream = %self.stream, %shard, %error, "shard not found; checking whether it expired");

@@ -30,6 +30,9 @@ pub(crate) enum ReaderEvent {
     AlreadyFinished { read: Read },
     /// An error that retrying will not fix.
     Failed(Error),
+    /// The store says the shard ended, but the listing its start came from showed it open:
+    /// `Error` is what to report if the next listing still does.
+    EndedWhileListedOpen(Error),
     /// Kinesis says the shard does not exist: expired, or the stream is gone. `Error` is what to
     /// report if a listing still shows the shard.
     Gone(Error),

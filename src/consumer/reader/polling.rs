@@ -160,11 +160,15 @@ impl Reader {
             )
         });
         if checkpoint == Some(Checkpoint::ShardEnd) && start.listed_open {
-            return Err(Stop::Failed(Error::EndedShardIsOpen {
-                stream: self.stream_name().to_owned(),
-                namespace: self.shared.checkpointer.namespace().to_owned(),
-                shard: self.shard.to_string(),
-            }));
+            // Wrong, unless the shard closed (and was read to its end elsewhere) since the
+            // listing the start came from: the next listing decides.
+            self.output
+                .send(ReaderEvent::EndedWhileListedOpen(Error::EndedShardIsOpen {
+                    stream: self.stream_name().to_owned(),
+                    namespace: self.shared.checkpointer.namespace().to_owned(),
+                    shard: self.shard.to_string(),
+                }));
+            return Ok(());
         }
         let stored = checkpoint.map(resume_position);
         let from_checkpoint = matches!(stored, Some(Some(_)));

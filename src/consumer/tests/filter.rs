@@ -160,3 +160,178 @@ async fn a_chosen_child_waits_for_a_parent_read_elsewhere_to_end_in_the_store() 
     run.stop().await.unwrap();
     assert!(seen.of("p").is_empty());
 }
+
+/// Passes every event, and keeps a copy of each for the test.
+fn recording(
+    seen: Arc<StdMutex<Vec<String>>>,
+) -> impl Fn(Assignments) -> Assignments + Send + Sync + 'static {
+    move |events: Assignments| -> Assignments {
+        let seen = seen.clone();
+        events
+            .inspect(move |event| {
+                let kind = match event {
+                    Assignment::Start(_) => "start",
+                    Assignment::Ended(_) => "ended",
+                    _ => "other",
+                };
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{kind} {}", event.shard_id()));
+            })
+            .boxed()
+    }
+}
+
+/// On a restart where a parent ended in an earlier run, the filter hears of its end once,
+/// even when the store shows the end before the consumer took the parent's start (here the
+/// filter holds that start for a second, across several listings).
+#[tokio::test(start_paused = true)]
+async fn a_shards_end_is_told_once() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "v");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "v");
+    let store = Arc::new(MemoryStore::new());
+    let events = Arc::new(StdMutex::new(Vec::new()));
+    let record = recording(events.clone());
+    let hold_p = move |events: Assignments| -> Assignments {
+        record(events)
+            .then(|event| async move {
+                if matches!(&event, Assignment::Start(s) if s.shard_id().as_str() == "p") {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                event
+            })
+            .boxed()
+    };
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .shard_refresh_interval(Duration::from_millis(100))
+        .assignment_filter(hold_p)
+        .build()
+        .unwrap();
+    store
+        .set(consumer.namespace(), "p", Checkpoint::ShardEnd)
+        .await
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::checkpointed(&consumer, seen.handler());
+    wait_for(Duration::from_secs(10), || seen.of("c").len() == 1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    run.stop().await.unwrap();
+    let events = events.lock().unwrap().clone();
+    let ended_p = events.iter().filter(|e| *e == "ended p").count();
+    assert_eq!(ended_p, 1, "{events:?}");
+}
+
+/// A start held back by the filter while its shard closed and was read to its end elsewhere:
+/// the stored end is right after all (the next listing shows the shard closed), not an error.
+#[tokio::test(start_paused = true)]
+async fn a_held_start_of_a_shard_that_ended_meanwhile_is_finished_not_an_error() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    let store = Arc::new(MemoryStore::new());
+    let (release, released) = tokio::sync::watch::channel(false);
+    let hold_p = move |events: Assignments| -> Assignments {
+        let released = released.clone();
+        events
+            .then(move |event| {
+                let mut released = released.clone();
+                async move {
+                    if matches!(&event, Assignment::Start(s) if s.shard_id().as_str() == "p") {
+                        let _ = released.wait_for(|r| *r).await;
+                    }
+                    event
+                }
+            })
+            .boxed()
+    };
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .assignment_filter(hold_p)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::checkpointed(&consumer, seen.handler());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Meanwhile p is split, and another worker reads it to its end.
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    let child = kinesis.put("c", "k", "child");
+    store
+        .set(consumer.namespace(), "p", Checkpoint::ShardEnd)
+        .await
+        .unwrap();
+    release.send(true).unwrap();
+    wait_for(Duration::from_secs(60), || {
+        run.task.is_finished() || seen.of("c").len() == 1
+    })
+    .await;
+    assert!(
+        !run.task.is_finished(),
+        "the run ended: {:?}",
+        run.task.await
+    );
+    run.stop().await.unwrap();
+    assert_eq!(seen.of("c"), vec![child]);
+}
+
+/// Revoked, then assigned again before the revocation finished (a lease that flaps): the
+/// shard is read again once released, from its checkpoint.
+#[tokio::test(start_paused = true)]
+async fn a_shard_assigned_again_while_being_revoked_is_read_again() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    let shard = shard_name(0);
+    kinesis.put(&shard, "k", "first");
+    let (tx, rx) = mpsc::unbounded_channel::<Assignment>();
+    let starts = Arc::new(StdMutex::new(Vec::new()));
+    let filter = {
+        let rx = StdMutex::new(Some(rx));
+        let starts = starts.clone();
+        move |events: Assignments| -> Assignments {
+            let starts = starts.clone();
+            let events = events.inspect(move |event| {
+                if let Assignment::Start(start) = event {
+                    starts.lock().unwrap().push(start.clone());
+                }
+            });
+            let mut rx = rx.lock().unwrap().take().expect("one run");
+            stream::select(events, stream::poll_fn(move |cx| rx.poll_recv(cx))).boxed()
+        }
+    };
+    let consumer = builder(&kinesis).assignment_filter(filter).build().unwrap();
+    let seen = Seen::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (seen, gate) = (seen.clone(), gate.clone());
+        service_fn(move |batch: Batch| {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            async move {
+                if batch.end == Some(BatchEnd::Revoked) {
+                    // The revocation's last batch takes a while.
+                    gate.acquire().await.unwrap().forget();
+                }
+                seen.take(&batch);
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    let run = Running::checkpointed(&consumer, handler);
+    wait_for(Duration::from_secs(10), || seen.count() == 1).await;
+    let (revocation, done) = Revocation::new(shard.as_str());
+    tx.send(Assignment::Revoke(revocation)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = starts.lock().unwrap()[0].clone();
+    tx.send(Assignment::Start(start)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.add_permits(10);
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("revocation completes");
+    let second = kinesis.put(&shard, "k", "second");
+    wait_for(Duration::from_secs(10), || seen.count() == 2).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of(&shard)[1], second);
+}
