@@ -56,6 +56,9 @@ enum FirstRun {
     /// The handler hangs on its first batch and the process dies: nothing is flushed at the
     /// end, so only what was made durable before the first record went out survives.
     Crashes,
+    /// The process dies before any record was put: only the start in time, made durable when
+    /// the shard was opened, survives.
+    DiesBeforeAnyRecord,
 }
 
 /// `start` gives the start position at each start, as a program computes it when it starts
@@ -105,7 +108,11 @@ async fn scenario(
     });
     // Records put once the first run is reading (LATEST starts at the tip).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seen.distinct().is_empty() {
+    if first_run == FirstRun::DiesBeforeAnyRecord {
+        // Reading, with nothing to read yet.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    while first_run != FirstRun::DiesBeforeAnyRecord && seen.distinct().is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the first run never got a record"
@@ -113,7 +120,7 @@ async fn scenario(
         put(&client, &stream, &["a1", "a2", "a3"]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    if first_run == FirstRun::Crashes {
+    if first_run != FirstRun::Fails {
         run.abort();
         let _ = run.await;
     } else {
@@ -209,6 +216,20 @@ async fn latest_crash_and_restart_on_a_buffered_store_loses_nothing() {
         Arc::new(buffered),
         || StartPosition::Latest,
         FirstRun::Crashes,
+    )
+    .await;
+}
+
+/// The first run dies before any record arrived; records come while nothing runs, and the shard
+/// is split: the restart (at a new LATEST) reads them all, the parent before its children.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_crash_before_any_record_on_a_buffered_store_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let buffered = BufferedStore::new(sqlite(&dir).await).flush_interval(Duration::from_secs(3600));
+    scenario(
+        Arc::new(buffered),
+        || StartPosition::Latest,
+        FirstRun::DiesBeforeAnyRecord,
     )
     .await;
 }

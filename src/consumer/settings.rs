@@ -9,16 +9,18 @@ use crate::kinesis::StreamRef;
 /// Where a shard without a checkpoint starts reading.
 ///
 /// It applies only where a shard has no checkpoint: a shard with one resumes from it, whatever
-/// the start position says. Before a shard that started from `Latest`, a timestamp or a sequence
-/// number hands over its first record, the consumer writes [`Checkpoint::StartedAt`] for it
-/// (durably), so a restart resumes at that record rather than at a new `LATEST` or a new
-/// timestamp: nothing delivered and not checkpointed is skipped.
+/// the start position says. A shard opened at `Latest` or a timestamp first writes (durably)
+/// [`Checkpoint::StartedAtTime`], and before its first record goes out (also after a
+/// sequence-number start) [`Checkpoint::StartedAt`] of that record, so a restart resumes where
+/// the first run started rather than at a new `LATEST` or a new timestamp: nothing put since is
+/// skipped, even if the first run stopped before its first record.
 ///
 /// A shard discovered after start-up, and the child of a shard this consumer read, starts at
 /// `TRIM_HORIZON` when it has no checkpoint (at the timestamp, with `AtTimestamp`), so no record
 /// written before it was discovered is lost.
 ///
 /// [`Checkpoint::StartedAt`]: kinesis_tower_layers::Checkpoint::StartedAt
+/// [`Checkpoint::StartedAtTime`]: kinesis_tower_layers::Checkpoint::StartedAtTime
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum StartPosition {

@@ -64,6 +64,8 @@ impl Columns {
                 (Some(sequence_number.to_string()), None, false)
             }
             Checkpoint::ShardEnd => (None, None, true),
+            // Where reading started, by time: only the sort key says it.
+            _ => (None, None, false),
         };
         Self {
             sort_key: checkpoint.sort_key(),

@@ -247,6 +247,8 @@ impl CheckpointStore for SqliteStore {
                 (Some(sequence_number.to_string()), None, false)
             }
             Checkpoint::ShardEnd => (None, None, true),
+            // Where reading started, by time: only the sort key says it.
+            _ => (None, None, false),
         };
         let sort_key = checkpoint.sort_key();
         let result = with_retries("sqlite", "set", || async {

@@ -296,14 +296,15 @@ where
     );
 }
 
-/// `Checkpoint::StartedAt` (where a shard started, nothing processed) survives a reopen, is
-/// passed by any progress in its record, and never moves a checkpoint back.
+/// `Checkpoint::StartedAt` and `StartedAtTime` (where a shard started, nothing processed)
+/// survive a reopen, are passed by any progress, and never move a checkpoint back.
 pub async fn a_recorded_start_is_before_any_progress_in_its_record<F, Fut>(make: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Arc<dyn CheckpointStore>>,
 {
     let store = make().await;
+    let fresh = ns("started-in-time");
     let ns = ns("started");
     let s = "49590338271490256608559692538361571095921575989136588898";
     let started = Checkpoint::StartedAt {
@@ -332,6 +333,27 @@ where
     assert_eq!(
         reopened(&make).await.get(&ns, SHARD).await.unwrap(),
         Some(at_sub(s, 0))
+    );
+    // A start in time is before any start at a record: it does not move a checkpoint back.
+    let in_time = Checkpoint::StartedAtTime {
+        timestamp_millis: 1_700_000_000_000,
+    };
+    assert_eq!(
+        store.set(&ns, SHARD, in_time).await.unwrap(),
+        SetOutcome::NotAdvanced
+    );
+    assert_eq!(
+        store.set(&fresh, SHARD, in_time).await.unwrap(),
+        SetOutcome::Advanced
+    );
+    assert_eq!(
+        store.set(&fresh, SHARD, started).await.unwrap(),
+        SetOutcome::Advanced
+    );
+    store.flush().await.unwrap();
+    assert_eq!(
+        reopened(&make).await.get(&fresh, SHARD).await.unwrap(),
+        Some(started)
     );
     // A start at a later record is after the whole of an earlier one.
     let next = "49590338271490256608559692538361571095921575989136588899";

@@ -109,14 +109,12 @@ impl Reader {
             .map_err(|e| self.store_error(e))
     }
 
-    /// Makes where this shard started durable before its first record is handed over, so a
-    /// restart resumes there instead of at a start position that has moved on (`LATEST`, a
-    /// timestamp) and skipping what came in meanwhile.
-    async fn record_start(&self, first: &Record) -> Result<(), Error> {
+    /// Makes where this shard started durable (before anything is read, by time; before its
+    /// first record is handed over, at that record), so a restart resumes there instead of at a
+    /// start position that has moved on (`LATEST`, a timestamp) and skipping what came in
+    /// meanwhile.
+    async fn record_start(&self, started: Checkpoint) -> Result<(), Error> {
         let checkpointer = &self.shared.checkpointer;
-        let started = Checkpoint::StartedAt {
-            sequence_number: first.sequence_number,
-        };
         checkpointer
             .set(&self.shard, started)
             .await
@@ -178,9 +176,12 @@ impl Reader {
             (None, Fallback::Skip) => return self.already_finished(Read::No),
             (None, Fallback::Read(position)) => position,
         };
-        // Without a checkpoint, a start that depends on when it happens is recorded before
-        // the first record goes out (TRIM_HORIZON is the same position at every start).
-        let mut start_to_record = !from_checkpoint && position != IteratorPosition::TrimHorizon;
+        // Without a record-precise start, a start that depends on when it happens is recorded
+        // at its first record before that goes out (TRIM_HORIZON is the same position at every
+        // start; a start in time was recorded when the iterator opened, this narrows it).
+        let started_at_record = checkpoint
+            .is_some_and(|c| c.is_progress() || matches!(c, Checkpoint::StartedAt { .. }));
+        let mut start_to_record = !started_at_record && position != IteratorPosition::TrimHorizon;
         tracing::info!(?position, from_checkpoint, "reading shard");
         if from_checkpoint {
             self.output.send(ReaderEvent::Resumed);
@@ -195,6 +196,16 @@ impl Reader {
                 .checked_sub(LATEST_ANCHOR_MARGIN)
                 .unwrap_or(opened_at);
             position = IteratorPosition::AtTimestamp(anchor);
+        }
+        if !from_checkpoint {
+            if let IteratorPosition::AtTimestamp(at) = position {
+                // Where a start in time began is durable before anything is read: a run that
+                // stops before its first record leaves it too.
+                self.record_start(Checkpoint::StartedAtTime {
+                    timestamp_millis: millis_since_epoch(at),
+                })
+                .await?;
+            }
         }
 
         let shared = self.shared.clone();
@@ -282,7 +293,10 @@ impl Reader {
 
             if start_to_record {
                 if let Some(first) = page.records.first() {
-                    self.record_start(first).await?;
+                    self.record_start(Checkpoint::StartedAt {
+                        sequence_number: first.sequence_number,
+                    })
+                    .await?;
                     start_to_record = false;
                 }
             }
@@ -364,6 +378,9 @@ fn resume_position(checkpoint: Checkpoint) -> Option<IteratorPosition> {
         Checkpoint::StartedAt { sequence_number } => {
             Some(IteratorPosition::AtSequenceNumber(sequence_number))
         }
+        Checkpoint::StartedAtTime { timestamp_millis } => Some(IteratorPosition::AtTimestamp(
+            SystemTime::UNIX_EPOCH + Duration::from_millis(timestamp_millis),
+        )),
         Checkpoint::Sequence {
             sequence_number,
             sub_sequence_number: None,
@@ -375,5 +392,13 @@ fn resume_position(checkpoint: Checkpoint) -> Option<IteratorPosition> {
             sequence_number,
             sub_sequence_number: Some(_),
         } => Some(IteratorPosition::AtSequenceNumber(sequence_number)),
+        // A kind this version does not know: read the whole shard rather than skip any of it.
+        _ => Some(IteratorPosition::TrimHorizon),
     }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn millis_since_epoch(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -272,3 +272,38 @@ async fn a_child_does_not_start_when_its_parents_end_cannot_be_flushed() {
         "the child started before its parent's end was durable"
     );
 }
+
+/// A shard started at LATEST that read nothing before the process died: where it started is
+/// durable all the same (in time), so the records put since, and the children of a split made
+/// while nothing ran (after their parent), all come after the restart.
+#[tokio::test(start_paused = true)]
+async fn a_latest_start_that_read_nothing_before_a_crash_is_durable_too() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    let store =
+        Arc::new(BufferedStore::new(MemoryStore::new()).flush_interval(Duration::from_secs(3600)));
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .start_position(StartPosition::Latest)
+        .build()
+        .unwrap();
+    let run = Running::checkpointed(&consumer, Seen::default().handler());
+    wait_for(Duration::from_secs(5), || {
+        kinesis.get_records_calls("p") > 1
+    })
+    .await;
+    // The process dies: no drain, no final flush.
+    run.task.abort();
+    let _ = run.task.await;
+    let put_while_down = kinesis.put("p", "k", "while down");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    let child = kinesis.put("c", "k", "child");
+
+    let seen = Seen::default();
+    let run = Running::checkpointed(&consumer, seen.handler());
+    wait_for(Duration::from_secs(20), || seen.of("c").len() == 1).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of("p"), vec![put_while_down]);
+    assert_eq!(seen.of("c"), vec![child]);
+}
