@@ -95,6 +95,17 @@ impl Lineage {
             }
         }
         self.listed_once = true;
+        // A shard this consumer does not read (the filter dropped or revoked it) that left the
+        // listing has expired: nothing of it is left to read, so its children may start.
+        for entry in self.shards.values_mut() {
+            if entry.state == State::Started
+                && !entry.read_here
+                && entry.listed
+                && !entry.in_latest_listing
+            {
+                entry.state = State::Finished(Read::Resumed);
+            }
+        }
         self.prune();
     }
 
@@ -527,6 +538,19 @@ mod tests {
             assert_eq!(ids(&ready), vec![child.as_str()]);
             assert!(l.len() <= 3, "generation {g}: {} shards kept", l.len());
         }
+    }
+
+    #[test]
+    fn a_parent_read_elsewhere_that_expired_lets_its_children_start() {
+        let mut l = Lineage::new(StartPosition::TrimHorizon);
+        l.merge_listing(vec![shard("p", &[], true), shard("c", &["p"], false)]);
+        assert_eq!(ids(&l.take_ready()), vec!["p"]);
+        // The filter dropped p's start; p expires before anyone's ShardEnd reached the store.
+        l.merge_listing(vec![shard("c", &["p"], false)]);
+        assert_eq!(
+            pairs(l.take_ready()),
+            vec![("c".into(), Fallback::Read(IteratorPosition::TrimHorizon))]
+        );
     }
 
     #[test]

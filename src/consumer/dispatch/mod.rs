@@ -385,7 +385,9 @@ impl Dispatcher {
                 tracing::warn!(%stream, %shard,
                     "shard read to its end {SHARD_END_PATIENCE:?} ago, but its last record is not \
                      checkpointed: its children wait until it is. Add CheckpointLayer to the \
-                     service given to run, or commit the records you processed");
+                     service given to run, or commit the records you processed (a checkpoint at \
+                     the last user record of a KPL aggregate does not cover the aggregate: keep \
+                     CheckpointLayer outside DeaggregateLayer)");
                 written.await;
             }
             let flushed = checkpointer.flush().await;
