@@ -129,6 +129,17 @@ fn sequences(kinesis: &MemoryKinesis, shard: &str) -> Vec<SequenceNumber> {
         .collect()
 }
 
+/// Shard `p`, closed, with one record, and its child `c` with one record.
+fn closed_parent_with_child() -> MemoryKinesis {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    kinesis.put("p", "k", "parent");
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    kinesis.put("c", "k", "child");
+    kinesis
+}
+
 /// Polls `cond` every 10 ms of (paused) time until it holds; panics after `limit`.
 async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;

@@ -134,12 +134,7 @@ async fn chosen_shards_are_the_only_ones_read() {
 /// A chosen child whose parent is read elsewhere starts once the parent's end is in the store.
 #[tokio::test(start_paused = true)]
 async fn a_chosen_child_waits_for_a_parent_read_elsewhere_to_end_in_the_store() {
-    let kinesis = MemoryKinesis::default();
-    kinesis.add_shard("p", &[]);
-    kinesis.put("p", "k", "parent");
-    kinesis.close_shard("p");
-    kinesis.add_shard("c", &["p"]);
-    kinesis.put("c", "k", "child");
+    let kinesis = closed_parent_with_child();
     let store = Arc::new(MemoryStore::new());
     let consumer = builder(&kinesis)
         .store_arc(store.clone())

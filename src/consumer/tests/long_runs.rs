@@ -157,12 +157,7 @@ async fn children_held_back_by_an_unchecked_end_are_reported() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let kinesis = MemoryKinesis::default();
-    kinesis.add_shard("p", &[]);
-    kinesis.put("p", "k", "parent");
-    kinesis.close_shard("p");
-    kinesis.add_shard("c", &["p"]);
-    kinesis.put("c", "k", "child");
+    let kinesis = closed_parent_with_child();
     let consumer = builder(&kinesis).build().unwrap();
     let seen = Seen::default();
     let run = Running::start(&consumer, seen.handler());

@@ -249,12 +249,7 @@ async fn records_children_wait_until_the_parents_last_record_is_committed() {
 /// starting and ends the run.
 #[tokio::test(start_paused = true)]
 async fn a_child_does_not_start_when_its_parents_end_cannot_be_flushed() {
-    let kinesis = MemoryKinesis::default();
-    kinesis.add_shard("p", &[]);
-    kinesis.put("p", "k", "parent");
-    kinesis.close_shard("p");
-    kinesis.add_shard("c", &["p"]);
-    kinesis.put("c", "k", "child");
+    let kinesis = closed_parent_with_child();
     let store = FaultyStore::new();
     store.fail_flushes(true);
     let consumer = builder(&kinesis).store(store).build().unwrap();
