@@ -45,7 +45,9 @@ impl Dispatch for ToStream {
 /// Every shard's records, merged into one stream; what [`Consumer::records`] returns.
 ///
 /// Records of one shard come in shard order; children of a closed shard come after all of the
-/// parent's records. The stream ends with an error item if the consumer fails (missing stream,
+/// parent's records, once its last record was committed (until then the parent's end is not in
+/// the store, and a restart would read its tail again). The stream ends with an error item if
+/// the consumer fails (missing stream,
 /// denied access...), or ends when [`shutdown`](RecordStream::shutdown) is called. Commit
 /// progress with the [`Checkpointer`] from [`RecordStream::checkpointer`].
 ///
