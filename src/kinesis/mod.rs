@@ -1,7 +1,7 @@
 //! The narrow slice of the Kinesis API the consumer uses, as a trait.
 //!
 //! [`KinesisApi`] is implemented for `aws_sdk_kinesis::Client`; with the `test-util` feature an
-//! in-memory implementation with fault injection ([`memory::MemoryKinesis`]) is available for
+//! in-memory implementation with fault injection (`memory::MemoryKinesis`) is available for
 //! unit tests and benches.
 
 #[cfg(any(test, feature = "test-util"))]
