@@ -888,11 +888,15 @@ mod tests {
         assert_eq!(store.snapshot("ns").len(), 1);
     }
 
-    /// The inner service's readiness is awaited before each of its calls: a ConcurrencyLimit
-    /// of 1 inside holds a second shard's flush until the first one is done.
-    #[tokio::test(start_paused = true)]
-    async fn inner_readiness_is_awaited_before_every_inner_call() {
-        let started = Arc::new(Mutex::new(Vec::new()));
+    /// What [`one_second_handler`] was called with: shard, sequence numbers, when.
+    type Started = Arc<Mutex<Vec<(ShardId, Vec<u64>, Instant)>>>;
+
+    /// A handler that takes 1 s per call and records each call.
+    fn one_second_handler() -> (
+        Started,
+        impl Service<Batch, Response = (), Error = BoxError, Future = impl Send> + Clone,
+    ) {
+        let started: Started = Arc::default();
         let handler = {
             let started = started.clone();
             service_fn(move |b: Batch| {
@@ -906,6 +910,14 @@ mod tests {
                 }
             })
         };
+        (started, handler)
+    }
+
+    /// The inner service's readiness is awaited before each of its calls: a ConcurrencyLimit
+    /// of 1 inside holds a second shard's flush until the first one is done.
+    #[tokio::test(start_paused = true)]
+    async fn inner_readiness_is_awaited_before_every_inner_call() {
+        let (started, handler) = one_second_handler();
         let mut svc = ServiceBuilder::new()
             .layer(BatchLayer::new().max_records(2))
             .concurrency_limit(1)
@@ -942,20 +954,7 @@ mod tests {
     /// needs for its next piece.
     #[tokio::test(start_paused = true)]
     async fn a_call_that_only_buffers_does_not_hold_the_inner_permit() {
-        let started = Arc::new(Mutex::new(Vec::new()));
-        let handler = {
-            let started = started.clone();
-            service_fn(move |b: Batch| {
-                started
-                    .lock()
-                    .unwrap()
-                    .push((b.shard_id.clone(), seqs(&b), Instant::now()));
-                async {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    Ok::<_, BoxError>(())
-                }
-            })
-        };
+        let (started, handler) = one_second_handler();
         let checkpointer = Checkpointer::new(MemoryStore::new(), "ns");
         let mut svc = ServiceBuilder::new()
             .layer(

@@ -21,12 +21,17 @@ fn failing_first_batch(
     })
 }
 
+/// A buffered store that writes only when flushed: what was not flushed is lost with the
+/// process.
+fn never_flushing_store() -> Arc<BufferedStore<MemoryStore>> {
+    Arc::new(BufferedStore::new(MemoryStore::new()).flush_interval(Duration::from_secs(3600)))
+}
+
 /// `start` gives the start position at each start, as a program computes it when it starts.
 async fn restart_resumes_where_the_first_run_started(start: impl Fn() -> StartPosition) {
     let kinesis = MemoryKinesis::default();
     kinesis.add_shard("p", &[]);
-    let store =
-        Arc::new(BufferedStore::new(MemoryStore::new()).flush_interval(Duration::from_secs(3600)));
+    let store = never_flushing_store();
     let consumer = builder(&kinesis)
         .store_arc(store.clone())
         .start_position(start())
@@ -275,8 +280,7 @@ async fn a_child_does_not_start_when_its_parents_end_cannot_be_flushed() {
 async fn a_latest_start_that_read_nothing_before_a_crash_is_durable_too() {
     let kinesis = MemoryKinesis::default();
     kinesis.add_shard("p", &[]);
-    let store =
-        Arc::new(BufferedStore::new(MemoryStore::new()).flush_interval(Duration::from_secs(3600)));
+    let store = never_flushing_store();
     let consumer = builder(&kinesis)
         .store_arc(store.clone())
         .start_position(StartPosition::Latest)
