@@ -112,17 +112,20 @@ impl Reader {
     /// Makes where this shard started durable (before anything is read, by time; before its
     /// first record is handed over, at that record), so a restart resumes there instead of at a
     /// start position that has moved on (`LATEST`, a timestamp) and skipping what came in
-    /// meanwhile.
-    async fn record_start(&self, started: Checkpoint) -> Result<(), Error> {
+    /// meanwhile. `flush: false` when a durable start in time covers the shard already (the
+    /// record-precise start then only narrows it, and may wait for the store's own flush).
+    async fn record_start(&self, started: Checkpoint, flush: bool) -> Result<(), Error> {
         let checkpointer = &self.shared.checkpointer;
         checkpointer
             .set(&self.shard, started)
             .await
             .map_err(|e| self.store_error(e))?;
-        checkpointer
-            .flush()
-            .await
-            .map_err(|e| self.store_error(e))?;
+        if flush {
+            checkpointer
+                .flush()
+                .await
+                .map_err(|e| self.store_error(e))?;
+        }
         tracing::debug!(%started, "start position recorded");
         Ok(())
     }
@@ -182,6 +185,8 @@ impl Reader {
         let started_at_record = checkpoint
             .is_some_and(|c| c.is_progress() || matches!(c, Checkpoint::StartedAt { .. }));
         let mut start_to_record = !started_at_record && position != IteratorPosition::TrimHorizon;
+        // A start in time is durable already (stored, or recorded below).
+        let mut started_in_time = matches!(checkpoint, Some(Checkpoint::StartedAtTime { .. }));
         tracing::info!(?position, from_checkpoint, "reading shard");
         if from_checkpoint {
             self.output.send(ReaderEvent::Resumed);
@@ -201,10 +206,11 @@ impl Reader {
             if let IteratorPosition::AtTimestamp(at) = position {
                 // Where a start in time began is durable before anything is read: a run that
                 // stops before its first record leaves it too.
-                self.record_start(Checkpoint::StartedAtTime {
+                let started = Checkpoint::StartedAtTime {
                     timestamp_millis: millis_since_epoch(at),
-                })
-                .await?;
+                };
+                self.record_start(started, true).await?;
+                started_in_time = true;
             }
         }
 
@@ -293,10 +299,10 @@ impl Reader {
 
             if start_to_record {
                 if let Some(first) = page.records.first() {
-                    self.record_start(Checkpoint::StartedAt {
+                    let started = Checkpoint::StartedAt {
                         sequence_number: first.sequence_number,
-                    })
-                    .await?;
+                    };
+                    self.record_start(started, !started_in_time).await?;
                     start_to_record = false;
                 }
             }
