@@ -15,10 +15,11 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kinesis_tower::layers::{
-    Batch, BatchLayer, BoxError, CheckpointLayer, Checkpointer, MemoryStore, Record, RetryLayer,
-    SequenceNumber, ShardId,
-};
+use kinesis_tower::batch::BatchLayer;
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::retry::RetryLayer;
+use kinesis_tower::store::MemoryStore;
+use kinesis_tower::{Batch, BoxError, Checkpointer, Record, SequenceNumber, ShardId};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 const BATCHES: usize = 100;

@@ -24,8 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kinesis_tower::layers::{CheckpointStore, MemoryStore};
+use kinesis_tower::store::MemoryStore;
 use kinesis_tower::store::{DynamoDbStore, MySqlStore, PostgresStore, RedisStore};
+use kinesis_tower::CheckpointStore;
 use kinesis_tower::{Checkpoint, SequenceNumber};
 
 const SHARDS: usize = 64;

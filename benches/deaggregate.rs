@@ -19,10 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use kinesis_tower::layers::kpl::{
-    deaggregate_into, Aggregator, DeaggregateService, DIGEST_LEN, MAGIC,
-};
-use kinesis_tower::layers::{Batch, Record, SequenceNumber, ShardId};
+use kinesis_tower::kpl::{deaggregate_into, Aggregator, DeaggregateService, DIGEST_LEN, MAGIC};
+use kinesis_tower::{Batch, Record, SequenceNumber, ShardId};
 use md5::{Digest, Md5};
 
 const AGGREGATES: usize = 10_000;

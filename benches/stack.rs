@@ -25,10 +25,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kinesis_tower::batch::BatchLayer;
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
-use kinesis_tower::layers::{
-    Aggregator, BatchLayer, CheckpointLayer, DeaggregateLayer, MetricsLayer, RetryLayer,
-};
+use kinesis_tower::kpl::{Aggregator, DeaggregateLayer};
+use kinesis_tower::metrics::MetricsLayer;
+use kinesis_tower::retry::RetryLayer;
 use support::memory::{bare_get_records, consumer, runtime, STREAM};
 use tower::ServiceBuilder;
 

@@ -22,7 +22,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer, CheckpointStore};
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::{Batch, BoxError, CheckpointStore};
 use kinesis_tower::{Consumer, StartPosition};
 use tower::{service_fn, ServiceBuilder};
 

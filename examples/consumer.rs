@@ -28,8 +28,10 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kinesis_tower::layers::{BoxError, CheckpointLayer, PerRecordLayer};
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::per_record::PerRecordLayer;
 use kinesis_tower::store::SqliteStore;
+use kinesis_tower::BoxError;
 use kinesis_tower::{Consumer, Record, ShardId, StartPosition};
 use tower::{service_fn, ServiceBuilder};
 use tracing_subscriber::EnvFilter;

@@ -12,8 +12,8 @@
 #[path = "support/printing.rs"]
 mod printing;
 
-use kinesis_tower::layers::BoxError;
 use kinesis_tower::store::PostgresStore;
+use kinesis_tower::BoxError;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {

@@ -13,8 +13,8 @@
 #[path = "support/printing.rs"]
 mod printing;
 
-use kinesis_tower::layers::BoxError;
 use kinesis_tower::store::RedisStore;
+use kinesis_tower::BoxError;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {

@@ -35,8 +35,9 @@
 
 use std::process::ExitCode;
 
-use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer, Processed};
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::PostgresStore;
+use kinesis_tower::{Batch, BoxError, Processed};
 use kinesis_tower::{Consumer, StartPosition};
 use tower::{service_fn, ServiceBuilder};
 

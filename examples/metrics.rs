@@ -22,8 +22,10 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer, MetricsLayer};
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::metrics::MetricsLayer;
 use kinesis_tower::{metric_names, Consumer, StartPosition};
+use kinesis_tower::{Batch, BoxError};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tower::{service_fn, ServiceBuilder};
 

@@ -13,7 +13,7 @@
 //! exponential backoff, up to `--max-attempts` times (default 10).
 //!
 //! With `--aggregate N`, lines are packed N at a time into KPL aggregates
-//! (`kinesis_tower::layers::Aggregator`; fewer when 1 MiB is reached first), each put as one
+//! (`kinesis_tower::kpl::Aggregator`; fewer when 1 MiB is reached first), each put as one
 //! Kinesis record under its first line's partition key. Consumers read them back as single
 //! lines with `DeaggregateLayer`.
 //!
@@ -34,7 +34,7 @@ use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
-use kinesis_tower::layers::kpl::{Aggregate, Aggregator};
+use kinesis_tower::kpl::{Aggregate, Aggregator};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 /// PutRecords limits (per request, and per record: data + partition key).

@@ -10,16 +10,17 @@
 //! start, ended, is taken away) passed through an [`assignment::AssignmentFilter`]: every
 //! shard by default, chosen shards with [`ConsumerBuilder::shards`], or a filter of your own.
 //!
-//! Processing is composed from `tower` layers: [`layers::CheckpointLayer`] records progress in
-//! a [`layers::CheckpointStore`] after the handler succeeded, [`layers::PerRecordLayer`] runs a
-//! per-record handler, [`layers::MetricsLayer`] counts and times the handler's calls (the
+//! Processing is composed from `tower` layers: [`checkpoint::CheckpointLayer`] records progress in
+//! a [`CheckpointStore`] after the handler succeeded, [`per_record::PerRecordLayer`] runs a
+//! per-record handler, [`metrics::MetricsLayer`] counts and times the handler's calls (the
 //! readers and checkpoints report their own metrics; [`metric_names`] lists them all), and
 //! tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer`
 //! stack with them.
 //!
 //! ```no_run
 //! use kinesis_tower::{Consumer, StartPosition};
-//! use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer};
+//! use kinesis_tower::{Batch, BoxError};
+//! use kinesis_tower::checkpoint::CheckpointLayer;
 //! use tower::{service_fn, ServiceBuilder};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -45,7 +46,6 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod backoff;
 mod consumer;
 mod error;
 pub mod kinesis;
@@ -54,10 +54,15 @@ pub mod store;
 pub use consumer::assignment;
 pub use consumer::{Consumer, ConsumerBuilder, RecordStream, StartPosition};
 pub use error::Error;
-pub use kinesis_tower_layers as layers;
-pub use kinesis_tower_layers::metric_names;
+
+// The vocabulary: what a handler receives and answers, and where progress is kept.
 pub use kinesis_tower_layers::{
-    Batch, BatchEnd, Checkpoint, Checkpointer, Record, SequenceNumber, ShardId,
+    Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, Checkpointer, InvalidSequenceNumber,
+    Processed, Record, SequenceNumber, ShardId, StoreError, Wake,
+};
+// One module per layer (its Layer, Service, future and errors), as in tower-http.
+pub use kinesis_tower_layers::{
+    backoff, batch, checkpoint, kpl, metric_names, metrics, per_record, retry,
 };
 
 // The README's examples use every store.

@@ -5,11 +5,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kinesis_tower::batch::BatchLayer;
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
-use kinesis_tower::layers::{
-    Batch, BatchEnd, BatchLayer, BoxError, Checkpoint, CheckpointLayer, CheckpointStore,
-    MemoryStore, RetryLayer, SequenceNumber, Transient,
-};
+use kinesis_tower::retry::{RetryLayer, Transient};
+use kinesis_tower::store::MemoryStore;
+use kinesis_tower::{Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, SequenceNumber};
 use kinesis_tower::{Consumer, ConsumerBuilder, Error, StartPosition};
 use tokio_util::sync::CancellationToken;
 use tower::{service_fn, ServiceBuilder};

@@ -7,13 +7,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kinesis_tower::batch::BatchLayer;
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::kinesis::memory::MemoryKinesis;
-use kinesis_tower::layers::kpl::Aggregator;
-use kinesis_tower::layers::{
-    Batch, BatchLayer, BoxError, Checkpoint, CheckpointLayer, CheckpointStore, DeaggregateLayer,
-    MemoryStore, RetryLayer, Transient,
-};
+use kinesis_tower::kpl::Aggregator;
+use kinesis_tower::kpl::DeaggregateLayer;
+use kinesis_tower::retry::{RetryLayer, Transient};
 use kinesis_tower::store::BufferedStore;
+use kinesis_tower::store::MemoryStore;
+use kinesis_tower::{Batch, BoxError, Checkpoint, CheckpointStore};
 use kinesis_tower::{Consumer, Error, StartPosition};
 use tokio_util::sync::CancellationToken;
 use tower::{service_fn, ServiceBuilder};

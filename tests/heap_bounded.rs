@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kinesis_tower::kinesis::memory::MemoryKinesis;
-use kinesis_tower::layers::{Batch, BoxError};
+use kinesis_tower::{Batch, BoxError};
 use kinesis_tower::{Consumer, Record, StartPosition};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;

@@ -13,8 +13,8 @@ use std::process::Command;
 
 use aws_smithy_types::base64;
 use bytes::Bytes;
-use kinesis_tower::layers::kpl::{deaggregate, Aggregator};
-use kinesis_tower::layers::{Record, SequenceNumber, ShardId};
+use kinesis_tower::kpl::{deaggregate, Aggregator};
+use kinesis_tower::{Record, SequenceNumber, ShardId};
 use serde_json::{json, Value};
 
 fn repo() -> PathBuf {

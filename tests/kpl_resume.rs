@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
 use futures::FutureExt;
-use kinesis_tower::layers::kpl::Aggregator;
-use kinesis_tower::layers::{
-    BoxError, CheckpointLayer, CheckpointStore, DeaggregateLayer, MemoryStore, Processed,
-};
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::kpl::Aggregator;
+use kinesis_tower::kpl::DeaggregateLayer;
+use kinesis_tower::store::MemoryStore;
 use kinesis_tower::{Batch, Checkpoint, Consumer, StartPosition};
+use kinesis_tower::{BoxError, CheckpointStore, Processed};
 use tokio::time::Instant;
 use tower::{service_fn, ServiceBuilder};
 

@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer, MetricsLayer};
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::metrics::MetricsLayer;
 use kinesis_tower::{metric_names, Consumer, StartPosition};
+use kinesis_tower::{Batch, BoxError};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -20,9 +20,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore};
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::SqliteStore;
 use kinesis_tower::{Batch, Checkpoint, Consumer, SequenceNumber, ShardId, StartPosition};
+use kinesis_tower::{BoxError, CheckpointStore};
 use tokio_util::sync::CancellationToken;
 use tower::{service_fn, Layer};
 
@@ -115,7 +116,7 @@ impl Recorder {
         consumer: &Consumer,
     ) -> impl tower::Service<
         Batch,
-        Response = kinesis_tower::layers::Processed,
+        Response = kinesis_tower::Processed,
         Error = BoxError,
         Future = impl Send,
     > + Send

@@ -16,10 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kinesis_tower::layers::{
-    Aggregator, Batch, BatchLayer, BoxError, CheckpointLayer, Checkpointer, DeaggregateLayer,
-    MemoryStore, MetricsLayer, Record, RetryLayer, SequenceNumber, ShardId,
-};
+use kinesis_tower::batch::BatchLayer;
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::kpl::{Aggregator, DeaggregateLayer};
+use kinesis_tower::metrics::MetricsLayer;
+use kinesis_tower::retry::RetryLayer;
+use kinesis_tower::store::MemoryStore;
+use kinesis_tower::{Batch, BoxError, Checkpointer, Record, SequenceNumber, ShardId};
 use tower::{service_fn, Service, ServiceBuilder};
 
 struct Counting;

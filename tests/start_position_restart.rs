@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_kinesis::Client;
-use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore};
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::{BufferedStore, SqliteStore};
 use kinesis_tower::{Batch, Consumer, Error, StartPosition};
+use kinesis_tower::{BoxError, CheckpointStore};
 use tokio_util::sync::CancellationToken;
 use tower::{service_fn, Layer};
 

@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use kinesis_tower::layers::{CheckpointStore, MemoryStore};
 use kinesis_tower::store::BufferedStore;
+use kinesis_tower::store::MemoryStore;
+use kinesis_tower::CheckpointStore;
 
 type Registry = Mutex<HashMap<String, Arc<MemoryStore>>>;
 

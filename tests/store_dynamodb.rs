@@ -20,9 +20,9 @@ use std::time::Duration;
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, KeyType};
 use aws_sdk_dynamodb::Client;
-use kinesis_tower::layers::{CheckpointStore, StoreError};
 use kinesis_tower::store::DynamoDbStore;
 use kinesis_tower::Checkpoint;
+use kinesis_tower::{CheckpointStore, StoreError};
 
 fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL_DYNAMODB")
@@ -298,7 +298,8 @@ async fn an_item_not_written_by_the_store_is_corrupt_not_missing() {
 /// last record, and a second run delivers nothing again.
 #[tokio::test]
 async fn a_consumer_on_the_buffered_store_checkpoints_everything_by_the_end_of_its_run() {
-    use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer};
+    use kinesis_tower::checkpoint::CheckpointLayer;
+    use kinesis_tower::{Batch, BoxError};
     use kinesis_tower::{Consumer, StartPosition};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio_util::sync::CancellationToken;

@@ -5,8 +5,8 @@
 mod conformance;
 mod sql_common;
 
-use kinesis_tower::layers::CheckpointStore;
 use kinesis_tower::store::{MySqlStore, SetOutcome};
+use kinesis_tower::CheckpointStore;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
 use sql_common::{at, fresh, unique_table, SqlStore};

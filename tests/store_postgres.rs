@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore, Processed};
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::{PostgresStore, SetOutcome};
 use kinesis_tower::{Batch, Checkpoint, Consumer, SequenceNumber, StartPosition};
+use kinesis_tower::{BoxError, CheckpointStore, Processed};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tower::{service_fn, Layer};
 

@@ -20,9 +20,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore, StoreError};
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::RedisStore;
 use kinesis_tower::{Batch, Checkpoint, Consumer, StartPosition};
+use kinesis_tower::{BoxError, CheckpointStore, StoreError};
 use tokio_util::sync::CancellationToken;
 use tower::{service_fn, Layer};
 
@@ -347,7 +348,7 @@ async fn a_server_busy_in_a_script_is_a_retryable_error_and_the_store_recovers()
     assert_eq!(s.get("ns", "shardId-1").await.unwrap(), Some(at("5", None)));
     assert_eq!(
         s.set("ns", "shardId-1", at("6", None)).await.unwrap(),
-        kinesis_tower::layers::SetOutcome::Advanced
+        kinesis_tower::checkpoint::SetOutcome::Advanced
     );
 }
 

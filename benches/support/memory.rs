@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
 use kinesis_tower::kinesis::{IteratorPosition, KinesisApi, StreamRef};
-use kinesis_tower::layers::MemoryStore;
+use kinesis_tower::store::MemoryStore;
 use kinesis_tower::{Consumer, ConsumerBuilder, ShardId, StartPosition};
 
 /// The stream name the benches give the in-memory Kinesis.

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use kinesis_tower::layers::{Batch, BoxError, CheckpointLayer, Checkpointer};
+use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::Consumer;
+use kinesis_tower::{Batch, BoxError, Checkpointer};
 use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service};
 

@@ -1,7 +1,9 @@
 //! What the `consumer_<store>` examples share: run a consumer that
 //! prints every record, checkpointing each batch in the given store, until Ctrl-C.
 
-use kinesis_tower::layers::{BoxError, CheckpointLayer, CheckpointStore, PerRecordLayer};
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::per_record::PerRecordLayer;
+use kinesis_tower::{BoxError, CheckpointStore};
 use kinesis_tower::{Consumer, Record, StartPosition};
 use tower::{service_fn, ServiceBuilder};
 

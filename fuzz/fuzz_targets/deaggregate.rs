@@ -3,7 +3,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use kinesis_tower_layers::kpl::{deaggregate, MAGIC};
+use kinesis_tower_layers::{kpl::{deaggregate, MAGIC}};
 use kinesis_tower_layers::{Record, SequenceNumber, ShardId};
 use libfuzzer_sys::fuzz_target;
 use md5::{Digest, Md5};

@@ -1,7 +1,7 @@
 //! [`Backoff`]: exponential backoff with full jitter, the one backoff policy of the consumer's
 //! reads and listings, of the checkpoint stores' round trips, and of [`RetryLayer`].
 //!
-//! [`RetryLayer`]: crate::RetryLayer
+//! [`RetryLayer`]: crate::retry::RetryLayer
 
 use std::time::Duration;
 

@@ -55,7 +55,7 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 ///   deadline of its oldest buffered record, everything buffered is handed over.
 /// - **End:** a batch marked [`Batch::end`] hands over everything buffered plus its own
 ///   records; the last batch handed over carries the `end` marker (an empty batch if nothing
-///   was buffered), so a [`CheckpointLayer`](crate::CheckpointLayer) inside records
+///   was buffered), so a [`CheckpointLayer`](crate::checkpoint::CheckpointLayer) inside records
 ///   `ShardEnd` and the consumer learns that the shard is done only after the buffer was
 ///   handled.
 ///
@@ -83,7 +83,7 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 ///
 /// # Where it goes
 ///
-/// Outside [`CheckpointLayer`](crate::CheckpointLayer): the checkpoint layer then only sees
+/// Outside [`CheckpointLayer`](crate::checkpoint::CheckpointLayer): the checkpoint layer then only sees
 /// records about to be handled, so a checkpoint never covers a buffered record. The
 /// [`BatchResponse`] is not a [`Processed`](crate::Processed), so the wrong order (checkpoint
 /// outside batching) does not compile. Not inside a retry layer either: [`BatchService`] is
@@ -96,9 +96,9 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 ///
 /// ```
 /// use std::time::Duration;
-/// use kinesis_tower_layers::{
-///     Batch, BatchLayer, BoxError, CheckpointLayer, Checkpointer, MemoryStore,
-/// };
+/// use kinesis_tower_layers::{Batch, BoxError, Checkpointer, MemoryStore};
+/// use kinesis_tower_layers::batch::BatchLayer;
+/// use kinesis_tower_layers::checkpoint::CheckpointLayer;
 /// use tower::{service_fn, ServiceBuilder};
 ///
 /// let checkpointer = Checkpointer::new(MemoryStore::new(), "my-app/orders");
@@ -124,9 +124,9 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 /// are only buffered.
 ///
 /// ```compile_fail
-/// use kinesis_tower_layers::{
-///     Batch, BatchLayer, BoxError, CheckpointLayer, Checkpointer, MemoryStore,
-/// };
+/// use kinesis_tower_layers::{Batch, BoxError, Checkpointer, MemoryStore};
+/// use kinesis_tower_layers::batch::BatchLayer;
+/// use kinesis_tower_layers::checkpoint::CheckpointLayer;
 /// use tower::{service_fn, ServiceBuilder};
 ///
 /// fn run<S: tower::Service<Batch>>(_service: S) {}
@@ -432,11 +432,6 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// A [`BatchFuture`] was polled after it completed.
-#[derive(Debug, thiserror::Error)]
-#[error("BatchFuture polled after it completed; poll a service's future only until it is ready")]
-pub struct PolledAfterCompletion;
-
 impl<S> Future for BatchFuture<S>
 where
     S: Service<Batch>,
@@ -448,7 +443,7 @@ where
         let mut state = self.project().state;
         let output = match state.as_mut().project() {
             StateProj::Buffered => Ok(BatchResponse::Buffered),
-            StateProj::Done => Err(Box::new(PolledAfterCompletion) as BoxError),
+            StateProj::Done => panic!("BatchFuture polled after completion"),
             StateProj::Flushing {
                 inner,
                 pieces,
@@ -477,7 +472,8 @@ where
                             records: *records,
                             last,
                         }),
-                        None => Err(Box::new(PolledAfterCompletion) as BoxError),
+                        // A flush has at least one piece, so one response.
+                        None => unreachable!("a flush hands over at least one batch"),
                     };
                 }
                 if let Err(e) = ready!(inner.poll_ready(cx)) {
@@ -498,7 +494,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BatchEnd, Checkpoint, CheckpointLayer, Checkpointer, MemoryStore, SequenceNumber};
+    use crate::checkpoint::CheckpointLayer;
+    use crate::{BatchEnd, Checkpoint, Checkpointer, MemoryStore, SequenceNumber};
     use bytes::Bytes;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};

@@ -16,11 +16,11 @@
 //! | `kinesis_read_throttles_total` | counter | answers | reader | GetRecords and GetShardIterator answers that said the shard's read limit was exceeded (ProvisionedThroughputExceeded) |
 //! | `kinesis_iterator_refreshes_total` | counter | iterators | reader | expired shard iterators renewed (after the last record read) |
 //! | `kinesis_millis_behind_latest` | gauge | milliseconds | reader | how far the shard's reader is behind the tip of the shard, from the last GetRecords answer |
-//! | `kinesis_handler_calls_total` | counter | calls | [`MetricsLayer`](crate::MetricsLayer) | calls of the inner service with at least one record |
-//! | `kinesis_handler_records_total` | counter | records | [`MetricsLayer`](crate::MetricsLayer) | records of calls that succeeded |
-//! | `kinesis_handler_bytes_total` | counter | bytes | [`MetricsLayer`](crate::MetricsLayer) | data + partition key bytes of calls that succeeded |
-//! | `kinesis_handler_duration_seconds` | histogram | seconds | [`MetricsLayer`](crate::MetricsLayer) | time from call to answer of calls with records, succeeded or failed |
-//! | `kinesis_handler_errors_total` | counter | calls | [`MetricsLayer`](crate::MetricsLayer) | calls that failed, empty batches included |
+//! | `kinesis_handler_calls_total` | counter | calls | [`MetricsLayer`](crate::metrics::MetricsLayer) | calls of the inner service with at least one record |
+//! | `kinesis_handler_records_total` | counter | records | [`MetricsLayer`](crate::metrics::MetricsLayer) | records of calls that succeeded |
+//! | `kinesis_handler_bytes_total` | counter | bytes | [`MetricsLayer`](crate::metrics::MetricsLayer) | data + partition key bytes of calls that succeeded |
+//! | `kinesis_handler_duration_seconds` | histogram | seconds | [`MetricsLayer`](crate::metrics::MetricsLayer) | time from call to answer of calls with records, succeeded or failed |
+//! | `kinesis_handler_errors_total` | counter | calls | [`MetricsLayer`](crate::metrics::MetricsLayer) | calls that failed, empty batches included |
 //! | `kinesis_checkpoints_written_total` | counter | writes | [`Checkpointer`](crate::Checkpointer) | checkpoint writes that moved a shard's checkpoint forward (for buffered stores: accepted for the next flush) |
 //! | `kinesis_checkpoint_duration_seconds` | histogram | seconds | [`Checkpointer`](crate::Checkpointer) | time of each checkpoint write to the store, succeeded or failed |
 //! | `kinesis_checkpoint_errors_total` | counter | writes | [`Checkpointer`](crate::Checkpointer) | checkpoint writes the store failed |

@@ -24,16 +24,17 @@ use crate::record::{Batch, ShardId};
 /// sees the shard, then kept: a call costs a map lookup, a clock read and a few atomic adds,
 /// and allocates nothing. Install the recorder before the first batch.
 ///
-/// Where it sits decides what it measures. Outermost (above [`BatchLayer`](crate::BatchLayer)),
+/// Where it sits decides what it measures. Outermost (above [`BatchLayer`](crate::batch::BatchLayer)),
 /// it counts the records the consumer delivers and the errors that end the run, but a call that
 /// only buffers records returns at once and counts as handled, and a flush set off by an empty
 /// batch (a heartbeat) is not timed. Just inside `BatchLayer` (above
-/// [`CheckpointLayer`](crate::CheckpointLayer)), each call is a batch the handler really
+/// [`CheckpointLayer`](crate::checkpoint::CheckpointLayer)), each call is a batch the handler really
 /// handles: the latency histogram is then the handling (with retries) and the checkpoint
 /// write. Use one of the two: two `MetricsLayer`s of one stream add to the same series.
 ///
 /// ```
-/// use kinesis_tower_layers::{Batch, BoxError, MetricsLayer};
+/// use kinesis_tower_layers::{Batch, BoxError};
+/// use kinesis_tower_layers::metrics::MetricsLayer;
 /// use tower::{service_fn, ServiceBuilder};
 ///
 /// let service = ServiceBuilder::new()

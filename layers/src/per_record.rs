@@ -30,27 +30,27 @@ impl PerRecordLayer {
 }
 
 impl<S> Layer<S> for PerRecordLayer {
-    type Service = PerRecord<S>;
+    type Service = PerRecordService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        PerRecord { inner }
+        PerRecordService { inner }
     }
 }
 
 /// The [`Service`] made by [`PerRecordLayer`].
 #[derive(Clone, Debug)]
-pub struct PerRecord<S> {
+pub struct PerRecordService<S> {
     inner: S,
 }
 
-impl<S> PerRecord<S> {
+impl<S> PerRecordService<S> {
     /// Wraps a per-record service.
     pub fn new(inner: S) -> Self {
         Self { inner }
     }
 }
 
-impl<S> Service<Batch> for PerRecord<S>
+impl<S> Service<Batch> for PerRecordService<S>
 where
     S: Service<Record> + Clone + Send + 'static,
     S::Response: Into<Processed>,

@@ -124,7 +124,7 @@ pub enum BatchEnd {
 /// The consumer also delivers empty batches: a last batch marked with [`Batch::end`] when the
 /// shard ends, is revoked, or the consumer shuts down; and an empty heartbeat when a poll of the
 /// shard returned nothing and a layer asked for one through [`Batch::wake`] (so time-based
-/// layers such as [`BatchLayer`](crate::BatchLayer) flush without a background task), or
+/// layers such as [`BatchLayer`](crate::batch::BatchLayer) flush without a background task), or
 /// always, when the consumer's `heartbeat_interval` is set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
@@ -141,7 +141,7 @@ pub struct Batch {
     /// aggregate is read again from its start, and its user records at or before this
     /// checkpoint were already processed.
     ///
-    /// [`DeaggregateLayer`](crate::DeaggregateLayer) drops those user records and clears the
+    /// [`DeaggregateLayer`](crate::kpl::DeaggregateLayer) drops those user records and clears the
     /// field; without it they are delivered again (at least once). Layers that merge batches
     /// keep the first `Some` of the batches they merge; layers that split one keep it on the
     /// first part.
@@ -153,7 +153,7 @@ pub struct Batch {
 
 /// A shard's heartbeat request, shared between the consumer and the layers of one shard.
 ///
-/// A layer that keeps records back until a deadline (like [`BatchLayer`](crate::BatchLayer))
+/// A layer that keeps records back until a deadline (like [`BatchLayer`](crate::batch::BatchLayer))
 /// calls [`request`](Wake::request) with that deadline on the batches it receives; the consumer
 /// then delivers an empty batch for the shard when a poll of it finds nothing at or after that
 /// moment, so the layer is called again and can flush. Nothing asked, no heartbeat: services

@@ -28,7 +28,7 @@ pub const DEFAULT_MAX_ELAPSED: Duration = Duration::from_secs(30);
 
 /// Decides whether an error is worth another attempt.
 ///
-/// Implemented by [`TransientErrors`] (the default) and by any
+/// Implemented by [`DefaultClassifier`] (the default) and by any
 /// `Fn(&BoxError) -> bool + Clone + Send + Sync + 'static` closure.
 pub trait Classify: Clone + Send + Sync + 'static {
     /// True when the call that failed with `error` should be made again.
@@ -47,9 +47,9 @@ where
 /// The default classifier: retries the errors that say they are transient (see
 /// [`is_transient`]), and nothing else.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct TransientErrors;
+pub struct DefaultClassifier;
 
-impl Classify for TransientErrors {
+impl Classify for DefaultClassifier {
     fn is_retryable(&self, error: &BoxError) -> bool {
         is_transient(&**error)
     }
@@ -60,7 +60,8 @@ impl Classify for TransientErrors {
 /// It displays as the error it wraps and is otherwise transparent.
 ///
 /// ```
-/// use kinesis_tower_layers::{is_transient, BoxError, Transient};
+/// use kinesis_tower_layers::BoxError;
+/// use kinesis_tower_layers::retry::{is_transient, Transient};
 ///
 /// let e: BoxError = Transient::new("warehouse busy").into();
 /// assert!(is_transient(&*e));
@@ -152,7 +153,7 @@ pub fn is_transient(error: &(dyn StdError + 'static)) -> bool {
 /// than `max_elapsed` after the first one started. The error returned is then the last one,
 /// unchanged.
 #[derive(Clone, Debug)]
-pub struct RetryPolicy<C = TransientErrors> {
+pub struct RetryPolicy<C = DefaultClassifier> {
     max_attempts: u32,
     /// `initial_backoff` and `max_backoff`.
     backoff: Backoff,
@@ -219,23 +220,23 @@ where
 /// A [`Layer`] that retries failed calls of the inner service: exponential backoff with full
 /// jitter, at most [`max_attempts`](RetryLayer::max_attempts) attempts, no new attempt after
 /// [`max_elapsed`](RetryLayer::max_elapsed), and only errors the classifier calls
-/// retryable (default: [`TransientErrors`]; see [`is_transient`] and [`Transient`]).
+/// retryable (default: [`DefaultClassifier`]; see [`is_transient`] and [`Transient`]).
 ///
 /// Built on `tower::retry::Retry` with [`RetryPolicy`]. Each attempt gets a clone of the
 /// request: a [`Batch`](crate::Batch) clones cheaply (`Bytes` data, shared keys). Between
 /// attempts the inner service's `poll_ready` is awaited again. The inner service must be
 /// `Clone`; its errors are boxed.
 ///
-/// Put it *inside* [`CheckpointLayer`](crate::CheckpointLayer): the checkpoint layer then sees
+/// Put it *inside* [`CheckpointLayer`](crate::checkpoint::CheckpointLayer): the checkpoint layer then sees
 /// only the final outcome (one checkpoint write after the attempt that succeeded, none if
 /// every attempt failed), and a transient checkpoint-store error is not answered by handling
 /// the batch again.
 ///
 /// ```
 /// use std::time::Duration;
-/// use kinesis_tower_layers::{
-///     Batch, BoxError, CheckpointLayer, Checkpointer, MemoryStore, RetryLayer, Transient,
-/// };
+/// use kinesis_tower_layers::{Batch, BoxError, Checkpointer, MemoryStore};
+/// use kinesis_tower_layers::checkpoint::CheckpointLayer;
+/// use kinesis_tower_layers::retry::{RetryLayer, Transient};
 /// use tower::{service_fn, ServiceBuilder};
 ///
 /// let checkpointer = Checkpointer::new(MemoryStore::new(), "my-app/orders");
@@ -263,7 +264,7 @@ where
 /// # drop(layer);
 /// ```
 #[derive(Clone, Debug)]
-pub struct RetryLayer<C = TransientErrors> {
+pub struct RetryLayer<C = DefaultClassifier> {
     policy: RetryPolicy<C>,
 }
 
@@ -283,7 +284,7 @@ impl RetryLayer {
                 max_attempts: DEFAULT_MAX_ATTEMPTS,
                 backoff: Backoff::new(DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF),
                 max_elapsed: DEFAULT_MAX_ELAPSED,
-                classifier: TransientErrors,
+                classifier: DefaultClassifier,
                 attempts: 0,
                 started: None,
             },
@@ -360,7 +361,7 @@ impl<S, C: Clone> Layer<S> for RetryLayer<C> {
 /// An inner service with its errors boxed: what [`RetryService`] wraps in `tower`'s `Retry`,
 /// so that classifiers see a [`BoxError`] whatever the inner service's error type.
 #[derive(Clone, Debug)]
-pub struct BoxErrors<S>(S);
+struct BoxErrors<S>(S);
 
 impl<S, Req> Service<Req> for BoxErrors<S>
 where
@@ -382,7 +383,7 @@ where
 
 /// The [`Service`] made by [`RetryLayer`].
 #[derive(Clone, Debug)]
-pub struct RetryService<S, C = TransientErrors> {
+pub struct RetryService<S, C = DefaultClassifier> {
     inner: Retry<RetryPolicy<C>, BoxErrors<S>>,
 }
 
@@ -393,9 +394,33 @@ impl<S, C> RetryService<S, C> {
     }
 }
 
-/// The future of [`RetryService`]: `tower`'s retry future over the boxed-error inner service.
-pub type RetryFuture<S, C, Req> =
-    tower::retry::future::ResponseFuture<RetryPolicy<C>, BoxErrors<S>, Req>;
+pin_project_lite::pin_project! {
+    /// The response future of [`RetryService`].
+    pub struct RetryFuture<S, C, Req>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+        C: Classify,
+        Req: Clone,
+    {
+        #[pin]
+        inner: tower::retry::future::ResponseFuture<RetryPolicy<C>, BoxErrors<S>, Req>,
+    }
+}
+
+impl<S, C, Req> std::future::Future for RetryFuture<S, C, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify,
+    Req: Clone,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
 
 impl<S, C, Req> Service<Req> for RetryService<S, C>
 where
@@ -413,7 +438,9 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        self.inner.call(req)
+        RetryFuture {
+            inner: self.inner.call(req),
+        }
     }
 }
 
@@ -421,7 +448,8 @@ where
 mod tests {
     use super::*;
     use crate::checkpoint::testing::FaultyStore;
-    use crate::{Batch, CheckpointLayer, Checkpointer, Record, SequenceNumber, ShardId};
+    use crate::checkpoint::CheckpointLayer;
+    use crate::{Batch, Checkpointer, Record, SequenceNumber, ShardId};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
     use tower::{service_fn, ServiceBuilder, ServiceExt};
@@ -627,7 +655,11 @@ mod tests {
         ];
         for (error, expected) in cases {
             assert_eq!(is_transient(&*error), expected, "{error:?}");
-            assert_eq!(TransientErrors.is_retryable(&error), expected, "{error:?}");
+            assert_eq!(
+                DefaultClassifier.is_retryable(&error),
+                expected,
+                "{error:?}"
+            );
         }
     }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The most digits a Kinesis sequence number may have.
-pub const MAX_DIGITS: usize = 128;
+pub(crate) const MAX_DIGITS: usize = 128;
 
 /// A Kinesis sequence number.
 ///
@@ -49,6 +49,9 @@ impl InvalidSequenceNumber {
 }
 
 impl SequenceNumber {
+    /// The most digits a Kinesis sequence number may have: 128.
+    pub const MAX_DIGITS: usize = MAX_DIGITS;
+
     /// Parses a decimal sequence number; leading zeros are accepted and dropped.
     pub fn parse(input: &str) -> Result<Self, InvalidSequenceNumber> {
         if input.is_empty() {
@@ -121,6 +124,18 @@ impl Ord for SequenceNumber {
 impl PartialOrd for SequenceNumber {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
+    }
+}
+
+/// Any `u64` is a valid sequence number (at most 20 digits).
+///
+/// ```
+/// use kinesis_tower_layers::SequenceNumber;
+/// assert_eq!(SequenceNumber::from(42), SequenceNumber::parse("42").unwrap());
+/// ```
+impl From<u64> for SequenceNumber {
+    fn from(n: u64) -> Self {
+        Self::parse(&n.to_string()).expect("a u64 has 1 to 20 decimal digits")
     }
 }
 

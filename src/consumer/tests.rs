@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use kinesis_tower_layers::checkpoint::CheckpointLayer;
+use kinesis_tower_layers::per_record::PerRecordLayer;
 use kinesis_tower_layers::{
-    Batch, BatchEnd, BoxError, Checkpoint, CheckpointLayer, CheckpointStore, MemoryStore,
-    PerRecordLayer, Processed, Record, SequenceNumber, ShardId,
+    Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, MemoryStore, Processed, Record,
+    SequenceNumber, ShardId,
 };
 use tokio_util::sync::CancellationToken;
 use tower::{service_fn, Layer, ServiceBuilder};
@@ -1103,7 +1105,8 @@ impl CheckpointStore for SlowStore {
         namespace: &str,
         shard_id: &str,
         checkpoint: Checkpoint,
-    ) -> Result<kinesis_tower_layers::SetOutcome, kinesis_tower_layers::StoreError> {
+    ) -> Result<kinesis_tower_layers::checkpoint::SetOutcome, kinesis_tower_layers::StoreError>
+    {
         tokio::time::sleep(self.set_delay).await;
         self.inner.set(namespace, shard_id, checkpoint).await
     }
@@ -1751,7 +1754,7 @@ async fn access_denied_ends_run_saying_which_permissions_to_grant() {
 #[tokio::test(start_paused = true)]
 async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_user_records() {
     use kinesis_tower_layers::kpl::Aggregator;
-    use kinesis_tower_layers::DeaggregateLayer;
+    use kinesis_tower_layers::kpl::DeaggregateLayer;
 
     let kinesis = MemoryKinesis::with_shards(1);
     let shard = shard_name(0);

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
-use kinesis_tower_layers::{Checkpoint, CheckpointStore, SetOutcome, StoreError};
+use kinesis_tower_layers::checkpoint::SetOutcome;
+use kinesis_tower_layers::{Checkpoint, CheckpointStore, StoreError};
 use tokio::time::Instant;
 
 /// The flush interval unless another is given (the Go library's default).
@@ -39,7 +40,7 @@ const FLUSH_CONCURRENCY: usize = 16;
 /// the store is dropped; call `flush` before dropping it to write what is pending.
 ///
 /// ```
-/// # async fn example() -> Result<(), kinesis_tower::layers::StoreError> {
+/// # async fn example() -> Result<(), kinesis_tower::StoreError> {
 /// use std::time::Duration;
 /// use kinesis_tower::store::{BufferedStore, MemoryStore};
 ///

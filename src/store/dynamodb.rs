@@ -14,7 +14,8 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_dynamodb::Client;
 use aws_smithy_types::date_time::Format;
 use aws_smithy_types::error::display::DisplayErrorContext;
-use kinesis_tower_layers::{BoxError, Checkpoint, CheckpointStore, SetOutcome, StoreError};
+use kinesis_tower_layers::checkpoint::SetOutcome;
+use kinesis_tower_layers::{BoxError, Checkpoint, CheckpointStore, StoreError};
 
 use super::retry::with_retries;
 use super::BufferedStore;

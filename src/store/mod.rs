@@ -2,7 +2,8 @@
 //! cargo features (`sqlite`, `redis`, `postgres`, `mysql`, `dynamodb`). [`BufferedStore`]
 //! wraps any store to write on an interval instead of on every checkpoint.
 
-pub use kinesis_tower_layers::{CheckpointStore, MemoryStore, SetOutcome, StoreError};
+pub use kinesis_tower_layers::checkpoint::SetOutcome;
+pub use kinesis_tower_layers::{CheckpointStore, MemoryStore, StoreError};
 
 mod buffered;
 #[cfg_attr(

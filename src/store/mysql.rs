@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use kinesis_tower_layers::{Checkpoint, SetOutcome, StoreError};
+use kinesis_tower_layers::checkpoint::SetOutcome;
+use kinesis_tower_layers::{Checkpoint, StoreError};
 use sqlx::mysql::{MySqlConnection, MySqlDatabaseError};
 use sqlx::{MySql, Pool};
 
@@ -55,7 +56,7 @@ fn retryable_number(number: u16) -> bool {
 ///
 /// ```no_run
 /// # use kinesis_tower::store::MySqlStore;
-/// # use kinesis_tower::layers::{Batch, Processed};
+/// # use kinesis_tower::{Batch, Processed};
 /// # async fn handle(store: &MySqlStore, namespace: &str, batch: Batch)
 /// #     -> Result<Processed, Box<dyn std::error::Error + Send + Sync>> {
 /// let mut tx = store.pool().begin().await?;

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use kinesis_tower_layers::{Checkpoint, SetOutcome, StoreError};
+use kinesis_tower_layers::checkpoint::SetOutcome;
+use kinesis_tower_layers::{Checkpoint, StoreError};
 use sqlx::postgres::PgConnection;
 use sqlx::{Executor, Pool, Postgres};
 
@@ -49,7 +50,7 @@ fn retryable_code(code: &str) -> bool {
 ///
 /// ```no_run
 /// # use kinesis_tower::store::PostgresStore;
-/// # use kinesis_tower::layers::{Batch, Checkpoint, Processed};
+/// # use kinesis_tower::{Batch, Checkpoint, Processed};
 /// # async fn handle(store: &PostgresStore, namespace: &str, batch: Batch)
 /// #     -> Result<Processed, Box<dyn std::error::Error + Send + Sync>> {
 /// let mut tx = store.pool().begin().await?;

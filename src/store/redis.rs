@@ -4,7 +4,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kinesis_tower_layers::{Checkpoint, CheckpointStore, SetOutcome, StoreError};
+use kinesis_tower_layers::checkpoint::SetOutcome;
+use kinesis_tower_layers::{Checkpoint, CheckpointStore, StoreError};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisError, Script};
 

@@ -5,7 +5,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kinesis_tower_layers::{Checkpoint, CheckpointStore, SetOutcome, StoreError};
+use kinesis_tower_layers::checkpoint::SetOutcome;
+use kinesis_tower_layers::{Checkpoint, CheckpointStore, StoreError};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };

@@ -10,7 +10,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use kinesis_tower::layers::{Checkpoint, CheckpointStore, SequenceNumber, SetOutcome};
+use kinesis_tower::checkpoint::SetOutcome;
+use kinesis_tower::{Checkpoint, CheckpointStore, SequenceNumber};
 
 /// Generates one `#[tokio::test]` per check, in a module named `$name`.
 macro_rules! suite {

@@ -6,9 +6,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use kinesis_tower::layers::CheckpointStore;
 use kinesis_tower::store::{BufferedStore, SetOutcome, StoreError};
 use kinesis_tower::Checkpoint;
+use kinesis_tower::CheckpointStore;
 
 /// A table name no other test (or test process) uses.
 pub fn unique_table(prefix: &str) -> String {
@@ -157,7 +157,7 @@ macro_rules! sql_checks {
             write_through,
             make = |scope: String| async move {
                 std::sync::Arc::new(<$store as sql_common::SqlStore>::open(&scope).await)
-                    as std::sync::Arc<dyn kinesis_tower::layers::CheckpointStore>
+                    as std::sync::Arc<dyn kinesis_tower::CheckpointStore>
             },
             cleanup = |scope: String| async move {
                 sql_common::SqlStore::drop_table(
@@ -172,7 +172,7 @@ macro_rules! sql_checks {
             make = |scope: String| async move {
                 let store = <$store as sql_common::SqlStore>::open(&scope).await;
                 std::sync::Arc::new(sql_common::SqlStore::buffered_for_tests(store))
-                    as std::sync::Arc<dyn kinesis_tower::layers::CheckpointStore>
+                    as std::sync::Arc<dyn kinesis_tower::CheckpointStore>
             },
             cleanup = |scope: String| async move {
                 sql_common::SqlStore::drop_table(

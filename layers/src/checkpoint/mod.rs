@@ -8,7 +8,10 @@ mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
-pub use layer::{CheckpointFuture, CheckpointLayer, CheckpointService, Processed};
+pub use layer::{
+    CheckpointFuture, CheckpointLayer, CheckpointPastBatch, CheckpointService,
+    CheckpointWriteError, Processed,
+};
 pub use memory::MemoryStore;
 pub use store::{CheckpointStore, Checkpointer, SetOutcome, StoreError};
 

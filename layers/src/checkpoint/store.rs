@@ -204,6 +204,7 @@ impl Checkpointer {
         }
     }
 
+    #[doc(hidden)]
     /// The value of the `stream` label of this checkpointer's metrics (default: the
     /// namespace). Shards' metric handles are registered again under the new label.
     pub fn with_stream_label(mut self, stream: impl Into<Arc<str>>) -> Self {
@@ -272,6 +273,7 @@ impl Checkpointer {
             .is_some_and(|ending| *checkpoint >= ending.last)
     }
 
+    #[doc(hidden)]
     /// Records that a closed shard has been read to its end, `last` being the last record this
     /// consumer delivered from it (`None` if it delivered none). Once the shard's checkpoint
     /// covers `last` (already, or through a later [`set`](Checkpointer::set) or
@@ -307,6 +309,7 @@ impl Checkpointer {
         Ok(())
     }
 
+    #[doc(hidden)]
     /// Resolves once [`Checkpoint::ShardEnd`] has been written for a shard registered with
     /// [`shard_ended`](Checkpointer::shard_ended) (at once if it is not waiting for its last
     /// record: written already, never registered, or [forgotten](Checkpointer::forget_ended)).
@@ -326,6 +329,7 @@ impl Checkpointer {
         }
     }
 
+    #[doc(hidden)]
     /// Stops waiting for the end of `shard_id` to be checkpointed (the consumer calls it for
     /// the shards whose end was still pending when a run ended, or that were revoked), so
     /// long runs do not keep every shard that ever ended. A later commit of the shard's last
@@ -335,6 +339,7 @@ impl Checkpointer {
         self.lock_ended().remove(shard_id);
     }
 
+    #[doc(hidden)]
     /// Whether `shard_id` ended and waits for its last delivered record to be checkpointed.
     pub fn pending_shard_end(&self, shard_id: &str) -> bool {
         self.lock_ended().contains_key(shard_id)

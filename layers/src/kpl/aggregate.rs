@@ -320,7 +320,7 @@ fn record_size(partition_key: &str, encoded_len: usize) -> usize {
 /// # Example
 ///
 /// ```
-/// use kinesis_tower_layers::kpl::{aggregate, UserRecord};
+/// use kinesis_tower_layers::{kpl::{aggregate, UserRecord}};
 ///
 /// let aggregates = aggregate((0..100).map(|i| UserRecord::new(format!("k{i}"), "data")))?;
 /// assert_eq!(aggregates.len(), 1);

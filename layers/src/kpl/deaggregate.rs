@@ -39,7 +39,7 @@ pub fn is_aggregate(data: &[u8]) -> bool {
 /// # Example
 ///
 /// ```
-/// use kinesis_tower_layers::kpl::{deaggregate, Aggregator};
+/// use kinesis_tower_layers::{kpl::{deaggregate, Aggregator}};
 /// use kinesis_tower_layers::{Record, SequenceNumber, ShardId};
 ///
 /// let mut aggregator = Aggregator::new();

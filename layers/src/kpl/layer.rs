@@ -55,7 +55,8 @@ pub enum CorruptPolicy {
 /// # Example
 ///
 /// ```
-/// use kinesis_tower_layers::{Batch, BoxError, CorruptPolicy, DeaggregateLayer};
+/// use kinesis_tower_layers::{Batch, BoxError};
+/// use kinesis_tower_layers::kpl::{CorruptPolicy, DeaggregateLayer};
 /// use tower::{service_fn, ServiceBuilder};
 ///
 /// let deaggregate = DeaggregateLayer::new().corrupt_policy(CorruptPolicy::Skip);

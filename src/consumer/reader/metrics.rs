@@ -73,8 +73,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use kinesis_tower_layers::checkpoint::CheckpointLayer;
     use kinesis_tower_layers::metric_names as names;
-    use kinesis_tower_layers::{Batch, BoxError, CheckpointLayer, MetricsLayer, Record};
+    use kinesis_tower_layers::metrics::MetricsLayer;
+    use kinesis_tower_layers::{Batch, BoxError, Record};
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
     use metrics_util::{CompositeKey, MetricKind};
     use tokio_util::sync::CancellationToken;

@@ -1,7 +1,7 @@
 //! The README's stack through `run`: tower's layers inside ours.
 
 use super::*;
-use kinesis_tower_layers::BatchLayer;
+use kinesis_tower_layers::batch::BatchLayer;
 
 /// `BatchLayer(max_records 2) → CheckpointLayer → ConcurrencyLimit(1) → a 1 s handler`, two
 /// shards: one read of 6 records on the first while the second gets one record (which only

@@ -2,7 +2,7 @@
 //! defaults.
 
 use super::*;
-use kinesis_tower_layers::BatchLayer;
+use kinesis_tower_layers::batch::BatchLayer;
 
 /// 10,000 generations of resharding (each shard split into one child, the closed ancestors
 /// expiring as Kinesis's retention does): the lineage and the checkpointer keep a bounded
