@@ -52,7 +52,7 @@ pub mod kinesis;
 pub mod store;
 
 pub use consumer::assignment;
-pub use consumer::{Consumer, ConsumerBuilder, RecordStream, StartPosition};
+pub use consumer::{Consumer, ConsumerBuilder, RecordStream, ShutdownHandle, StartPosition};
 pub use error::Error;
 
 // The vocabulary: what a handler receives and answers, and where progress is kept.
@@ -60,6 +60,9 @@ pub use kinesis_tower_layers::{
     Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, Checkpointer, InvalidSequenceNumber,
     Processed, Record, SequenceNumber, ShardId, StoreError, Wake,
 };
+/// `tower::service_fn`: a handler from an async closure, without another import.
+pub use tower::service_fn;
+
 // One module per layer (its Layer, Service, future and errors), as in tower-http.
 pub use kinesis_tower_layers::{
     backoff, batch, checkpoint, kpl, metric_names, metrics, per_record, retry,

@@ -179,6 +179,7 @@ async fn records_stream_reads_every_record_once_in_shard_order() {
             .build()
             .expect("valid configuration");
         let mut records_stream = consumer.records();
+        let stop = records_stream.shutdown_handle();
         let mut seen = Vec::new();
         let deadline = Instant::now() + READ_DEADLINE;
         while seen.len() < records.len() {
@@ -191,10 +192,12 @@ async fn records_stream_reads_every_record_once_in_shard_order() {
                         records.len()
                     )
                 });
-            let record = match item {
-                Some(Ok(record)) => record,
-                Some(Err(e)) => panic!("record stream failed: {e}"),
-                None => panic!("record stream ended after {} records", seen.len()),
+            let Some(record) = item else {
+                let outcome = stop.shutdown().await;
+                panic!(
+                    "record stream ended after {} records: {outcome:?}",
+                    seen.len()
+                );
             };
             seen.push(Seen {
                 shard: record.shard_id.to_string(),
@@ -798,14 +801,17 @@ async fn missing_stream_is_a_clear_error() {
         "{message}"
     );
 
-    // records(): the stream ends with the same error.
+    // records(): the stream ends, and its handle returns the same error.
     let mut records = consumer.records();
+    let stop = records.shutdown_handle();
     let item = tokio::time::timeout(Duration::from_secs(30), records.next())
         .await
         .expect("record stream answers within 30 s");
+    assert!(item.is_none(), "{item:?}");
+    let outcome = stop.shutdown().await;
     assert!(
-        matches!(&item, Some(Err(Error::StreamNotFound { .. }))),
-        "{item:?}"
+        matches!(&outcome, Err(Error::StreamNotFound { .. })),
+        "{outcome:?}"
     );
     // Nothing was created behind our back; deleting a missing stream is a no-op.
     common::delete_stream(&client, &stream).await;

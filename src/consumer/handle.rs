@@ -3,7 +3,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use kinesis_tower_layers::{Batch, BoxError, Checkpointer};
+use kinesis_tower_layers::checkpoint::CheckpointLayer;
+use kinesis_tower_layers::{Batch, BoxError, Checkpointer, Processed};
+use tower::Layer;
 use tower::Service;
 
 use super::assignment::AssignmentFilter;
@@ -21,6 +23,8 @@ pub(crate) struct Shared {
     pub(crate) api: Arc<dyn KinesisApi>,
     pub(crate) checkpointer: Checkpointer,
     pub(crate) filter: Arc<dyn AssignmentFilter>,
+    /// Whether the user gave a store (checkpoints are meant to survive a restart).
+    pub(crate) store_configured: bool,
     /// What tests look at inside a run.
     #[cfg(test)]
     pub(crate) probe: Probe,
@@ -95,6 +99,56 @@ impl Consumer {
         self.shared.checkpointer.namespace()
     }
 
+    /// Handles every shard's batches with `handler`, checkpoints each batch once the handler
+    /// succeeded, and stops cleanly on Ctrl-C or SIGTERM: the safe way to consume a stream.
+    ///
+    /// It is [`run_until`](Consumer::run_until) with the handler wrapped in
+    /// [`CheckpointLayer`](crate::checkpoint::CheckpointLayer) and a shutdown on Ctrl-C (SIGINT)
+    /// or SIGTERM; on either, fetching stops, in-flight batches finish, their checkpoints are
+    /// written and the store is flushed before it returns. The handler answers `()` (checkpoint
+    /// the whole batch) or a [`Processed`]; put `RetryLayer`, `DeaggregateLayer`, `MetricsLayer`
+    /// or tower's layers around it as you like. For a stack that needs `BatchLayer` (which must
+    /// sit outside `CheckpointLayer`), build the stack yourself and call `run_until`.
+    ///
+    /// ```no_run
+    /// use kinesis_tower::{service_fn, Batch, BoxError, Consumer};
+    ///
+    /// # async fn example(consumer: Consumer) -> Result<(), BoxError> {
+    /// let handler = service_fn(|batch: Batch| async move {
+    ///     println!("{} records from {}", batch.records.len(), batch.shard_id);
+    ///     Ok::<_, BoxError>(())
+    /// });
+    /// consumer.process(handler).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn process<S>(&self, handler: S) -> impl Future<Output = Result<(), Error>> + use<S>
+    where
+        S: Service<Batch> + Send + 'static,
+        S::Response: Into<Processed>,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        self.process_until(handler, shutdown_signal())
+    }
+
+    /// [`process`](Consumer::process) that stops when `shutdown` completes instead of on a
+    /// signal.
+    pub fn process_until<S, F>(
+        &self,
+        handler: S,
+        shutdown: F,
+    ) -> impl Future<Output = Result<(), Error>> + use<S, F>
+    where
+        S: Service<Batch> + Send + 'static,
+        S::Response: Into<Processed>,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        F: Future,
+    {
+        let service = CheckpointLayer::new(self.checkpointer()).layer(handler);
+        self.run_until(service, shutdown)
+    }
+
     /// Drives `service` with every shard's batches until the service or Kinesis fails.
     /// See [`run_until`](Consumer::run_until).
     pub fn run<S>(&self, service: S) -> impl Future<Output = Result<(), Error>> + use<S>
@@ -103,11 +157,15 @@ impl Consumer {
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
     {
-        self.run_until(service, std::future::pending())
+        self.run_until(service, std::future::pending::<()>())
     }
 
     /// Drives `service` with every shard's batches until `shutdown` completes (or the service,
-    /// the store or Kinesis fails).
+    /// the store or Kinesis fails). Nothing is checkpointed unless the stack does it: put
+    /// [`CheckpointLayer`](crate::checkpoint::CheckpointLayer) in it (or commit through
+    /// [`checkpointer`](Consumer::checkpointer)), or use [`process`](Consumer::process), which
+    /// does. A consumer with a store whose stack handles records for a minute without
+    /// checkpointing any logs a warning saying so.
     ///
     /// Batches of one shard are handed over one at a time, in order; shards proceed
     /// concurrently. `poll_ready` is awaited before every call. When a closed shard's last
@@ -128,20 +186,62 @@ impl Consumer {
         S: Service<Batch> + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
-        F: Future<Output = ()>,
+        F: Future,
     {
+        let shutdown = async move {
+            shutdown.await;
+        };
         dispatch::run(self.shared.clone(), Box::new(Erased(service)), shutdown)
     }
 
-    /// Every shard's records merged into one stream (spawns the reading on the current tokio
-    /// runtime). Combine it with any `futures`/`tokio-stream` combinator, e.g.
-    /// `chunks_timeout`; commit progress with [`RecordStream::checkpointer`].
+    /// Every shard's records merged into one `Stream<Item = Record>` (spawns the reading on the
+    /// current tokio runtime), until the stream is dropped or its
+    /// [`ShutdownHandle`](crate::ShutdownHandle) stops it. Combine it with any
+    /// `futures`/`tokio-stream` combinator, e.g. `chunks_timeout`; commit progress with
+    /// [`RecordStream::checkpointer`].
     pub fn records(&self) -> RecordStream {
-        RecordStream::spawn(self.shared.clone())
+        RecordStream::spawn(self.shared.clone(), std::future::pending::<()>())
+    }
+
+    /// [`records`](Consumer::records) that stops when `signal` completes (e.g.
+    /// `tokio::signal::ctrl_c()`): reading stops, the stream ends after the records already
+    /// fetched, and [`ShutdownHandle::shutdown`](crate::ShutdownHandle::shutdown) flushes the
+    /// store and says how the consumer ended.
+    pub fn records_until<F>(&self, signal: F) -> RecordStream
+    where
+        F: Future + Send + 'static,
+    {
+        RecordStream::spawn(self.shared.clone(), signal)
     }
 
     #[cfg(test)]
     pub(crate) fn probe(&self) -> &Probe {
         &self.shared.probe
+    }
+}
+
+/// Completes on Ctrl-C (SIGINT) or, on Unix, SIGTERM (what container runtimes send to stop a
+/// process). If a signal handler cannot be installed, that signal is not waited for.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received; stopping"),
+        () = terminate => tracing::info!("SIGTERM received; stopping"),
     }
 }

@@ -16,7 +16,7 @@ mod stream;
 pub use builder::ConsumerBuilder;
 pub use handle::Consumer;
 pub use settings::StartPosition;
-pub use stream::RecordStream;
+pub use stream::{RecordStream, ShutdownHandle};
 
 #[cfg(test)]
 mod tests;

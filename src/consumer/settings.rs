@@ -52,7 +52,8 @@ pub enum StartPosition {
     },
 }
 
-/// Everything the builder validated.
+/// Every setting of a consumer: the builder starts from [`Settings::default`] (the defaults),
+/// its setters write here, and `build` validates the result. The one field list.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
     pub stream: StreamRef,
@@ -72,7 +73,65 @@ pub(crate) struct Settings {
     pub backoff_max: Duration,
 }
 
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            // Required: `build` fails until a stream is set.
+            stream: StreamRef::name(String::new()),
+            app_name: defaults::APP_NAME.to_owned(),
+            start_position: StartPosition::default(),
+            poll_interval: defaults::POLL_INTERVAL,
+            min_get_records_interval: defaults::MIN_GET_RECORDS_INTERVAL,
+            max_records_per_call: defaults::MAX_RECORDS_PER_CALL,
+            buffer_records: defaults::BUFFER_RECORDS,
+            buffer_bytes: defaults::BUFFER_BYTES,
+            read_bytes_per_second: defaults::READ_BYTES_PER_SECOND,
+            shard_refresh_interval: defaults::SHARD_REFRESH_INTERVAL,
+            drain_timeout: defaults::DRAIN_TIMEOUT,
+            heartbeat_interval: None,
+            list_shards_page_size: None,
+            backoff_base: defaults::BACKOFF_BASE,
+            backoff_max: defaults::BACKOFF_MAX,
+        }
+    }
+}
+
 impl Settings {
+    /// Checks every setting; the error names the setting and the allowed range.
+    pub(crate) fn validate(&self) -> Result<(), crate::Error> {
+        validate_name("stream_name", self.stream.stream_name())?;
+        validate_name("app_name", &self.app_name)?;
+        in_range("max_records_per_call", self.max_records_per_call, 1, 10_000)?;
+        in_range("buffer_records", self.buffer_records, 1, u32::MAX)?;
+        in_range("buffer_bytes", self.buffer_bytes, 1, u32::MAX)?;
+        if let Some(page) = self.list_shards_page_size {
+            in_range("list_shards_page_size", page, 1, 10_000)?;
+        }
+        in_range(
+            "read_bytes_per_second",
+            self.read_bytes_per_second,
+            1,
+            u64::MAX,
+        )?;
+        let any = Duration::ZERO;
+        duration_in_range("poll_interval", self.poll_interval, any)?;
+        duration_in_range(
+            "min_get_records_interval",
+            self.min_get_records_interval,
+            any,
+        )?;
+        duration_in_range(
+            "shard_refresh_interval",
+            self.shard_refresh_interval,
+            Duration::from_millis(100),
+        )?;
+        duration_in_range("drain_timeout", self.drain_timeout, any)?;
+        if let Some(interval) = self.heartbeat_interval {
+            duration_in_range("heartbeat_interval", interval, Duration::from_millis(1))?;
+        }
+        Ok(())
+    }
+
     /// The checkpoint namespace: app name and stream name.
     pub(crate) fn namespace(&self) -> String {
         format!("{}/{}", self.app_name, self.stream.stream_name())
@@ -99,6 +158,38 @@ pub(crate) mod defaults {
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
     pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+}
+
+fn in_range<T>(field: &'static str, value: T, min: T, max: T) -> Result<(), crate::Error>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if value >= min && value <= max {
+        Ok(())
+    } else {
+        Err(crate::Error::config(
+            field,
+            format!("{value} is out of range: allowed {min} to {max}"),
+        ))
+    }
+}
+
+/// One hour: the longest any interval or timeout may be set to.
+const MAX_DURATION: Duration = Duration::from_secs(3600);
+
+fn duration_in_range(
+    field: &'static str,
+    value: Duration,
+    min: Duration,
+) -> Result<(), crate::Error> {
+    if value >= min && value <= MAX_DURATION {
+        Ok(())
+    } else {
+        Err(crate::Error::config(
+            field,
+            format!("{value:?} is out of range: allowed {min:?} to {MAX_DURATION:?}"),
+        ))
+    }
 }
 
 /// Kinesis stream names: 1 to 128 of `a-z A-Z 0-9 _ . -`. App names follow the same rule.

@@ -42,74 +42,173 @@ impl Dispatch for ToStream {
     }
 }
 
-/// Every shard's records, merged into one stream; what [`Consumer::records`] returns.
+/// Every shard's records, merged into one `Stream<Item = Record>`; what [`Consumer::records`]
+/// and [`Consumer::records_until`] return.
 ///
 /// Records of one shard come in shard order; children of a closed shard come after all of the
 /// parent's records, once its last record was committed (until then the parent's end is not in
-/// the store, and a restart would read its tail again). The stream ends with an error item if
-/// the consumer fails (missing stream,
-/// denied access...), or ends when [`shutdown`](RecordStream::shutdown) is called. Commit
-/// progress with the [`Checkpointer`] from [`RecordStream::checkpointer`].
+/// the store, and a restart would read its tail again). Commit progress with the
+/// [`Checkpointer`] from [`checkpointer`](RecordStream::checkpointer).
 ///
-/// Dropping the stream stops the background task; call [`shutdown`](RecordStream::shutdown)
-/// to wait for it and for the store to be flushed.
+/// The stream ends when the consumer stops: after the shutdown signal of
+/// [`Consumer::records_until`], or when it fails (missing stream, denied access, a store that
+/// keeps failing). How it ended, and the error if it failed, is what
+/// [`ShutdownHandle::shutdown`] returns; take the handle with
+/// [`shutdown_handle`](RecordStream::shutdown_handle) before handing the stream to a
+/// combinator, so it stays reachable:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use kinesis_tower::Consumer;
+/// use tokio_stream::StreamExt;
+///
+/// # async fn example(consumer: Consumer) -> Result<(), kinesis_tower::BoxError> {
+/// let records = consumer.records_until(tokio::signal::ctrl_c());
+/// let (checkpointer, stop) = (records.checkpointer(), records.shutdown_handle());
+/// let mut chunks = std::pin::pin!(records.chunks_timeout(500, Duration::from_secs(2)));
+/// while let Some(chunk) = chunks.next().await {
+///     println!("{} records", chunk.len());
+///     checkpointer.commit_all(&chunk).await?;
+/// }
+/// stop.shutdown().await?; // flushes the store; the error that ended the stream, if any
+/// # Ok(()) }
+/// ```
+///
+/// Dropping the stream stops the consumer too.
 ///
 /// [`Consumer::records`]: crate::Consumer::records
+/// [`Consumer::records_until`]: crate::Consumer::records_until
 pub struct RecordStream {
     rx: mpsc::UnboundedReceiver<Handoff>,
     /// The batch being yielded, with its buffer room.
     current: Option<(std::vec::IntoIter<Record>, Permit)>,
-    task: Option<JoinHandle<Result<(), Error>>>,
-    stream: String,
-    checkpointer: Checkpointer,
-    shutdown: CancellationToken,
+    handle: ShutdownHandle,
     _stop_on_drop: DropGuard,
 }
 
 impl std::fmt::Debug for RecordStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordStream")
-            .field("stream", &self.stream)
+            .field("stream", &self.handle.inner.stream)
             .finish_non_exhaustive()
     }
 }
 
 impl RecordStream {
-    /// Spawns a run that hands every batch to the stream (on the current tokio runtime).
-    pub(crate) fn spawn(shared: Arc<Shared>) -> Self {
+    /// Spawns a run that hands every batch to the stream (on the current tokio runtime) and
+    /// stops when `signal` completes.
+    pub(crate) fn spawn<F>(shared: Arc<Shared>, signal: F) -> Self
+    where
+        F: Future + Send + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
+        let token = CancellationToken::new();
         let stream = shared.settings.stream.stream_name().to_owned();
         let checkpointer = shared.checkpointer.clone();
-        let stop = shutdown.clone().cancelled_owned();
-        let task = tokio::spawn(dispatch::run(shared, Box::new(ToStream { tx }), stop));
+        let cancelled = token.clone().cancelled_owned();
+        let stop = async move {
+            tokio::select! {
+                _ = signal => {}
+                () = cancelled => {}
+            }
+        };
+        let name = stream.clone();
+        let task = tokio::spawn(async move {
+            let outcome = dispatch::run(shared, Box::new(ToStream { tx }), stop).await;
+            if let Err(error) = &outcome {
+                // Also returned by `ShutdownHandle::shutdown`; logged for streams nobody joins.
+                tracing::error!(stream = %name, error = %error, "the record stream ended on an error");
+            }
+            outcome
+        });
         Self {
             rx,
             current: None,
-            task: Some(task),
-            stream,
-            checkpointer,
-            _stop_on_drop: shutdown.clone().drop_guard(),
-            shutdown,
+            _stop_on_drop: token.clone().drop_guard(),
+            handle: ShutdownHandle {
+                inner: Arc::new(HandleInner {
+                    token,
+                    task: tokio::sync::Mutex::new(Some(task)),
+                    stream,
+                    checkpointer,
+                }),
+            },
         }
     }
 
     /// The checkpointer to commit processed records with (per shard, it only moves forward).
-    pub fn checkpointer(&self) -> &Checkpointer {
-        &self.checkpointer
+    pub fn checkpointer(&self) -> Checkpointer {
+        self.handle.inner.checkpointer.clone()
     }
 
-    /// Stops reading, waits for the background task to finish and the store to be flushed.
+    /// A handle that stops the consumer and returns how it ended; it stays usable after the
+    /// stream was moved into a combinator or dropped.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// Stops reading and returns how the consumer ended (see [`ShutdownHandle::shutdown`]).
     /// Records not yet yielded are dropped; they are read again from the last checkpoint.
-    pub async fn shutdown(mut self) -> Result<(), Error> {
-        self.shutdown.cancel();
-        self.current = None;
-        self.rx.close();
-        while self.rx.recv().await.is_some() {}
-        match self.task.take() {
-            Some(task) => join(task, &self.stream).await,
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let handle = self.handle.clone();
+        drop(self);
+        handle.shutdown().await
+    }
+}
+
+/// Stops the consumer behind a [`RecordStream`] and returns how it ended; from
+/// [`RecordStream::shutdown_handle`]. Cloning it is cheap.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    token: CancellationToken,
+    task: tokio::sync::Mutex<Option<JoinHandle<Result<(), Error>>>>,
+    stream: String,
+    checkpointer: Checkpointer,
+}
+
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("stream", &self.inner.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShutdownHandle {
+    /// Stops reading (if the consumer still runs), waits until every task of the consumer has
+    /// stopped, and flushes the store, so commits made after the stream ended are kept too.
+    ///
+    /// Returns the error that ended the consumer (missing stream, denied access, a store that
+    /// kept failing...), or `Ok(())` after a clean stop. The outcome goes to the first caller;
+    /// later calls only flush.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        self.inner.token.cancel();
+        let task = self.inner.task.lock().await.take();
+        let outcome = match task {
+            Some(task) => join(task, &self.inner.stream).await,
             None => Ok(()),
-        }
+        };
+        let flushed = self.inner.checkpointer.flush().await;
+        outcome.and(flushed.map_err(|source| Error::Store {
+            stream: self.inner.stream.clone(),
+            shard: None,
+            source: Box::new(source),
+        }))
+    }
+
+    /// Whether the consumer has stopped (its stream ended or will end once drained).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.token.is_cancelled()
+            || self
+                .inner
+                .task
+                .try_lock()
+                .map(|task| task.as_ref().is_none_or(JoinHandle::is_finished))
+                .unwrap_or(false)
     }
 }
 
@@ -123,37 +222,24 @@ async fn join(task: JoinHandle<Result<(), Error>>, stream: &str) -> Result<(), E
 }
 
 impl Stream for RecordStream {
-    type Item = Result<Record, Error>;
+    type Item = Record;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
             if let Some((records, _)) = this.current.as_mut() {
                 if let Some(record) = records.next() {
-                    return Poll::Ready(Some(Ok(record)));
+                    return Poll::Ready(Some(record));
                 }
                 // Every record of the batch was yielded: its buffer room goes back.
                 this.current = None;
             }
-            match this.rx.poll_recv(cx) {
-                Poll::Ready(Some((batch, permit))) => {
+            match std::task::ready!(this.rx.poll_recv(cx)) {
+                Some((batch, permit)) => {
                     this.current = Some((batch.records.into_iter(), permit));
                 }
-                Poll::Ready(None) => {
-                    let Some(task) = this.task.as_mut() else {
-                        return Poll::Ready(None);
-                    };
-                    let outcome = std::task::ready!(Pin::new(task).poll(cx));
-                    this.task = None;
-                    let outcome = outcome.unwrap_or_else(|e| {
-                        Err(Error::Task {
-                            stream: this.stream.clone(),
-                            reason: e.to_string(),
-                        })
-                    });
-                    return Poll::Ready(outcome.err().map(Err));
-                }
-                Poll::Pending => return Poll::Pending,
+                // The run ended (its sender is gone): how is for the shutdown handle to say.
+                None => return Poll::Ready(None),
             }
         }
     }

@@ -751,18 +751,18 @@ async fn records_stream_merges_shards_and_commits_through_the_checkpointer() {
     kinesis.fill(40, 10);
     let store = Arc::new(MemoryStore::new());
     let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
-    let mut stream = consumer.records();
-    let checkpointer = stream.checkpointer().clone();
+    // As users write it: no borrow of the stream, the handle keeps shutdown reachable.
+    let records = consumer.records();
+    let (checkpointer, stop) = (records.checkpointer(), records.shutdown_handle());
     let mut chunks = Box::pin(tokio_stream::StreamExt::chunks_timeout(
-        &mut stream,
+        records,
         25,
         Duration::from_secs(1),
     ));
     let mut seen: HashMap<ShardId, Vec<SequenceNumber>> = HashMap::new();
     let mut total = 0;
     while total < 120 {
-        let chunk: Vec<Result<Record, Error>> = chunks.next().await.unwrap();
-        let chunk: Vec<Record> = chunk.into_iter().map(Result::unwrap).collect();
+        let chunk: Vec<Record> = chunks.next().await.unwrap();
         assert!(chunk.len() <= 25);
         checkpointer.commit_all(&chunk).await.unwrap();
         for r in &chunk {
@@ -790,19 +790,56 @@ async fn records_stream_merges_shards_and_commits_through_the_checkpointer() {
             .unwrap(),
         Some(kinesis.records(&shard_name(0)).last().unwrap().checkpoint())
     );
-    drop(chunks);
-    stream.shutdown().await.unwrap();
+    stop.shutdown().await.unwrap();
+    assert!(stop.is_stopped());
+    // The stream, still alive in `chunks`, has ended.
+    assert!(chunks.next().await.is_none());
 }
 
 #[tokio::test(start_paused = true)]
-async fn records_stream_ends_with_the_error() {
+async fn records_stream_ends_and_the_handle_returns_the_error() {
     let kinesis = MemoryKinesis::with_shards(1);
     kinesis.delete_stream();
     let consumer = builder(&kinesis).build().unwrap();
     let mut stream = consumer.records();
-    let item = stream.next().await.unwrap();
-    assert!(matches!(item, Err(Error::StreamNotFound { .. })));
+    let stop = stream.shutdown_handle();
     assert!(stream.next().await.is_none());
+    let outcome = stop.shutdown().await;
+    assert!(
+        matches!(outcome, Err(Error::StreamNotFound { .. })),
+        "{outcome:?}"
+    );
+    // The outcome went to the first caller; later calls only flush.
+    stop.shutdown().await.unwrap();
+}
+
+/// `records_until`: the stream ends once the signal completes; what the user committed after
+/// that is flushed by the handle.
+#[tokio::test(start_paused = true)]
+async fn records_until_ends_the_stream_on_the_signal_and_the_handle_flushes() {
+    let kinesis = MemoryKinesis::with_shards(2);
+    kinesis.fill(10, 10);
+    let store = Arc::new(
+        crate::store::BufferedStore::new(MemoryStore::new())
+            .flush_interval(Duration::from_secs(3600)),
+    );
+    let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
+    let records = consumer.records_until(signal_rx);
+    let (checkpointer, stop) = (records.checkpointer(), records.shutdown_handle());
+    let mut records = Box::pin(records);
+    let mut seen = Vec::new();
+    while seen.len() < 20 {
+        seen.push(records.next().await.unwrap());
+    }
+    signal_tx.send(()).unwrap();
+    // Ends without the stream being dropped or shut down by hand.
+    assert!(records.next().await.is_none());
+    checkpointer.commit_all(&seen).await.unwrap();
+    assert_eq!(store.pending(), 2, "commits after the end are buffered");
+    stop.shutdown().await.unwrap();
+    assert_eq!(store.pending(), 0, "flushed by the handle");
+    assert_eq!(store.inner().snapshot(consumer.namespace()).len(), 2);
 }
 
 #[test]
@@ -833,7 +870,6 @@ fn invalid_configuration_names_the_field() {
             builder(&kinesis).shard_refresh_interval(Duration::ZERO),
             "shard_refresh_interval",
         ),
-        (Consumer::builder().stream_name("s"), "client"),
         (
             Consumer::builder().kinesis_api(Arc::new(kinesis.clone())),
             "stream_name",
@@ -1200,7 +1236,6 @@ async fn records_stream_restart_under_latest_redelivers_uncommitted_child_record
     let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
         .unwrap()
-        .unwrap()
         .unwrap();
     assert_eq!(first.sequence_number, put);
     // The process stops before the record is processed and committed.
@@ -1215,7 +1250,7 @@ async fn records_stream_restart_under_latest_redelivers_uncommitted_child_record
 
     let mut stream = consumer.records();
     let again = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
-    let redelivered = matches!(&again, Ok(Some(Ok(r))) if r.sequence_number == put);
+    let redelivered = matches!(&again, Ok(Some(r)) if r.sequence_number == put);
     drop(stream);
     assert!(
         redelivered,
@@ -1402,7 +1437,7 @@ async fn records_shutdown_and_drop_with_queued_batches() {
         .num_alive_tasks();
     let mut stream = consumer.records();
     for _ in 0..3 {
-        stream.next().await.unwrap().unwrap();
+        stream.next().await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     tokio::time::timeout(Duration::from_secs(5), stream.shutdown())
@@ -1411,7 +1446,7 @@ async fn records_shutdown_and_drop_with_queued_batches() {
         .unwrap();
     let mut stream = consumer.records();
     for _ in 0..3 {
-        stream.next().await.unwrap().unwrap();
+        stream.next().await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(stream);
@@ -1840,6 +1875,7 @@ async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_u
     );
 }
 
+mod entry_points;
 mod filter;
 mod layers;
 mod long_runs;

@@ -8,6 +8,8 @@
 pub mod memory;
 mod sdk;
 
+pub(crate) use sdk::EnvClient;
+
 use std::fmt;
 use std::time::SystemTime;
 

@@ -107,6 +107,78 @@ fn convert_record(
     })
 }
 
+/// A Kinesis client made on first use from the AWS configuration in the environment
+/// (`aws_config::load_from_env`: region, credentials and endpoint from the environment
+/// variables, the shared config files, the container or instance role); what a consumer built
+/// without a client reads through.
+#[derive(Default)]
+pub(crate) struct EnvClient {
+    client: tokio::sync::OnceCell<Result<Client, KinesisError>>,
+}
+
+impl EnvClient {
+    async fn client(&self, operation: &'static str) -> Result<&Client, KinesisError> {
+        let client = self
+            .client
+            .get_or_init(|| async {
+                let config = aws_config::load_from_env().await;
+                if config.region().is_none() {
+                    return Err(KinesisError::new(
+                        KinesisErrorKind::InvalidArgument,
+                        operation,
+                        "no AWS region in the environment: set AWS_REGION (or a profile's \
+                         region), or give the builder a client with .client(..) or \
+                         .sdk_config(..)",
+                    ));
+                }
+                Ok(Client::new(&config))
+            })
+            .await;
+        client
+            .as_ref()
+            .map_err(|e| KinesisError::new(e.kind(), operation, e.to_string()))
+    }
+}
+
+impl KinesisApi for EnvClient {
+    fn list_shards<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+        next_token: Option<&'a str>,
+        max_results: Option<i32>,
+    ) -> BoxFuture<'a, Result<ShardPage, KinesisError>> {
+        Box::pin(async move {
+            let client = self.client("ListShards").await?;
+            KinesisApi::list_shards(client, stream, next_token, max_results).await
+        })
+    }
+
+    fn get_shard_iterator<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+        shard_id: &'a ShardId,
+        position: IteratorPosition,
+    ) -> BoxFuture<'a, Result<String, KinesisError>> {
+        Box::pin(async move {
+            let client = self.client("GetShardIterator").await?;
+            KinesisApi::get_shard_iterator(client, stream, shard_id, position).await
+        })
+    }
+
+    fn get_records<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+        shard_id: &'a ShardId,
+        iterator: &'a str,
+        limit: i32,
+    ) -> BoxFuture<'a, Result<RecordsPage, KinesisError>> {
+        Box::pin(async move {
+            let client = self.client("GetRecords").await?;
+            KinesisApi::get_records(client, stream, shard_id, iterator, limit).await
+        })
+    }
+}
+
 impl KinesisApi for Client {
     fn list_shards<'a>(
         &'a self,

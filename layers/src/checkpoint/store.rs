@@ -169,6 +169,8 @@ pub struct Checkpointer {
     /// reaches it, [`Checkpoint::ShardEnd`] is written instead.
     ended: Arc<Mutex<HashMap<String, Ending>>>,
     metrics: Arc<CheckpointMetrics>,
+    /// How many record checkpoints (`Checkpoint::Sequence`) were written through any clone.
+    progress_writes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A closed shard waiting for its last delivered record to be checkpointed.
@@ -201,6 +203,7 @@ impl Checkpointer {
             metrics: Arc::new(CheckpointMetrics::new(namespace.clone())),
             namespace,
             ended: Arc::default(),
+            progress_writes: Arc::default(),
         }
     }
 
@@ -264,7 +267,19 @@ impl Checkpointer {
             .set(&self.namespace, shard_id, checkpoint)
             .await;
         timer.finish(&result);
+        if result.is_ok() && matches!(checkpoint, Checkpoint::Sequence { .. }) {
+            self.progress_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         result
+    }
+
+    /// How many record checkpoints were written through this checkpointer and its clones (the
+    /// consumer warns when a stack handles records and this stays 0).
+    #[doc(hidden)]
+    pub fn progress_writes(&self) -> u64 {
+        self.progress_writes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn reaches_end(&self, shard_id: &str, checkpoint: &Checkpoint) -> bool {

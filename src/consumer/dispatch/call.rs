@@ -24,6 +24,8 @@ pub(crate) struct Completed {
     /// The batch's first and last sequence numbers, for the error if it failed.
     pub(crate) first: Option<SequenceNumber>,
     pub(crate) last: Option<SequenceNumber>,
+    /// How many records the batch held.
+    pub(crate) records: usize,
     pub(crate) result: Result<(), Failure>,
 }
 
@@ -79,7 +81,7 @@ pub(crate) async fn tracked(
     future: BoxFuture<'static, Result<(), BoxError>>,
     shard: ShardId,
     end: Option<BatchEnd>,
-    (first, last): (Option<SequenceNumber>, Option<SequenceNumber>),
+    (first, last, records): (Option<SequenceNumber>, Option<SequenceNumber>, usize),
     shard_end: Option<(Checkpointer, Option<Checkpoint>)>,
 ) -> Completed {
     let mut result = future.await.map_err(Failure::Handler);
@@ -94,6 +96,7 @@ pub(crate) async fn tracked(
         end,
         first,
         last,
+        records,
         result,
     }
 }

@@ -9,6 +9,7 @@
 //! what is in flight, flushes the store, and stops every task it started before returning.
 
 mod call;
+mod unchecked;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -36,6 +37,7 @@ use super::reader::{
 };
 use crate::Error;
 use call::{tracked, Completed, Failure};
+use unchecked::UncheckpointedWatch;
 
 /// The final store flush gets at least this long, whatever the drain timeout.
 const MIN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -97,6 +99,8 @@ struct Dispatcher {
     ending: HashSet<ShardId>,
     /// Revoked shards whose last batch was handled, waiting for the store flush.
     released: FuturesUnordered<BoxFuture<'static, Vec<Revocation>>>,
+    /// Warns when handled records are never checkpointed.
+    unchecked: UncheckpointedWatch,
 }
 
 /// Runs the dispatcher until `shutdown` completes or something fails.
@@ -113,6 +117,7 @@ where
     let source = spawn_source(shared.clone(), &mut tasks);
     let mut assignments = shared.filter.filter(source.assignments);
     let mut source_events = source.events;
+    let shared_store_configured = shared.store_configured;
     let mut d = Dispatcher {
         stream: shared.settings.stream.stream_name().to_owned(),
         reader: Arc::new(PollingReader::new(shared.clone())),
@@ -127,6 +132,7 @@ where
         endings: FuturesUnordered::new(),
         ending: HashSet::new(),
         released: FuturesUnordered::new(),
+        unchecked: UncheckpointedWatch::new(shared_store_configured),
     };
     let mut in_flight = FuturesUnordered::new();
     let mut shutdown = pin!(shutdown);
@@ -214,6 +220,7 @@ where
     }
     drop(in_flight);
     d.flush().await;
+    d.unchecked.finished(&d.shared.checkpointer, &d.stream);
     d.finish();
     match d.failure {
         Some(error) => Err(error),
@@ -301,13 +308,20 @@ impl Dispatcher {
         let end = batch.end;
         let first = batch.records.first().map(|r| r.sequence_number);
         let last = batch.records.last().map(|r| r.sequence_number);
+        let records = batch.records.len();
         if let Some(record) = batch.records.last() {
             lane.last_delivered = Some(record.checkpoint());
         }
         let shard_end = (end == Some(BatchEnd::ShardEnd))
             .then(|| (self.shared.checkpointer.clone(), lane.last_delivered));
         let future = service.call(batch, permit);
-        Some(tracked(future, shard, end, (first, last), shard_end))
+        Some(tracked(
+            future,
+            shard,
+            end,
+            (first, last, records),
+            shard_end,
+        ))
     }
 
     /// A call finished.
@@ -317,8 +331,13 @@ impl Dispatcher {
             end,
             first,
             last,
+            records,
             result,
         } = done;
+        if result.is_ok() {
+            self.unchecked
+                .handled(records, &self.shared.checkpointer, &self.stream);
+        }
         if let Some(lane) = self.lanes.get_mut(&shard) {
             lane.in_flight = false;
         }

@@ -228,7 +228,7 @@ async fn records_children_wait_until_the_parents_last_record_is_committed() {
     let mut stream = consumer.records();
     let mut records = Vec::new();
     for _ in 0..2 {
-        records.push(stream.next().await.unwrap().unwrap());
+        records.push(stream.next().await.unwrap());
     }
     assert_eq!(records[1].sequence_number, last);
     let early = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
@@ -240,7 +240,6 @@ async fn records_children_wait_until_the_parents_last_record_is_committed() {
     let child = tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
         .expect("the child starts once the parent is committed")
-        .unwrap()
         .unwrap();
     assert_eq!(child.shard_id.as_str(), "c");
     stream.shutdown().await.unwrap();
