@@ -4,7 +4,8 @@
 //! with a bounded buffer), follows resharding (parents before children), and either
 //! - merges all shards into one `Stream` of records: [`Consumer::records`], or
 //! - drives a `tower::Service<Batch>` with each shard's batches, in order:
-//!   [`Consumer::run`] / [`Consumer::run_until`].
+//!   [`Consumer::process`] (with checkpoints after success, until Ctrl-C or SIGTERM) or
+//!   [`Consumer::run`] / [`Consumer::run_until`] (the stack is yours).
 //!
 //! Which shards a consumer reads is decided by a stream of [`assignment`] events (a shard may
 //! start, ended, is taken away) passed through an [`assignment::AssignmentFilter`]: every
@@ -18,29 +19,19 @@
 //! stack with them.
 //!
 //! ```no_run
-//! use kinesis_tower::{Consumer, StartPosition};
-//! use kinesis_tower::{Batch, BoxError};
-//! use kinesis_tower::checkpoint::CheckpointLayer;
-//! use tower::{service_fn, ServiceBuilder};
+//! use kinesis_tower::{service_fn, store::MemoryStore, Batch, BoxError, Consumer};
 //!
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = aws_config::load_from_env().await;
+//! # async fn example() -> Result<(), BoxError> {
 //! let consumer = Consumer::builder()
-//!     .sdk_config(&config)
 //!     .stream_name("orders")
-//!     .app_name("billing")
-//!     .start_position(StartPosition::TrimHorizon)
+//!     .store(MemoryStore::new())
 //!     .build()?;
 //! let handler = service_fn(|batch: Batch| async move {
-//!     for record in &batch.records {
-//!         println!("{} {}", record.sequence_number, String::from_utf8_lossy(&record.data));
-//!     }
+//!     println!("{} records from {}", batch.records.len(), batch.shard_id);
 //!     Ok::<_, BoxError>(())
 //! });
-//! let service = ServiceBuilder::new()
-//!     .layer(CheckpointLayer::new(consumer.checkpointer()))
-//!     .service(handler);
-//! consumer.run_until(service, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! // Checkpoints each batch once the handler succeeded; stops cleanly on Ctrl-C or SIGTERM.
+//! consumer.process(handler).await?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
@@ -52,7 +43,9 @@ pub mod kinesis;
 pub mod store;
 
 pub use consumer::assignment;
-pub use consumer::{Consumer, ConsumerBuilder, RecordStream, ShutdownHandle, StartPosition};
+pub use consumer::{
+    shutdown_signal, Consumer, ConsumerBuilder, RecordStream, ShutdownHandle, StartPosition,
+};
 pub use error::Error;
 
 // The vocabulary: what a handler receives and answers, and where progress is kept.

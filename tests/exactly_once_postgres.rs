@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPool;
@@ -26,48 +26,6 @@ fn url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-/// Builds the example with this test's features and profile into this test's target dir and
-/// returns its path (the target dir may be shared by several checkouts: build, don't guess).
-fn build_example() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // <target>/<profile>/deps/<test binary>
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test binary lives in <target>/<profile>/deps");
-    let target_dir = profile_dir.parent().expect("<target>/<profile>");
-    let features: Vec<&str> = [
-        ("postgres", cfg!(feature = "postgres")),
-        ("sqlite", cfg!(feature = "sqlite")),
-        ("mysql", cfg!(feature = "mysql")),
-        ("redis", cfg!(feature = "redis")),
-        ("dynamodb", cfg!(feature = "dynamodb")),
-        ("test-util", cfg!(feature = "test-util")),
-    ]
-    .into_iter()
-    .filter_map(|(name, on)| on.then_some(name))
-    .collect();
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo
-        .args(["build", "--example", "exactly_once_postgres", "--features"])
-        .arg(features.join(","))
-        .arg("--manifest-path")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(target_dir);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cargo.arg("--release");
-    }
-    let status = cargo.status().expect("run cargo build --example");
-    assert!(
-        status.success(),
-        "cargo build --example exactly_once_postgres failed"
-    );
-    let example = profile_dir.join("examples").join("exactly_once_postgres");
-    assert!(example.exists(), "{} was built", example.display());
-    example
-}
-
 struct Tables {
     sink: String,
     checkpoints: String,
@@ -79,17 +37,11 @@ fn spawn(example: &PathBuf, endpoint: &str, stream: &str, tables: &Tables, log: 
         .append(true)
         .open(log)
         .expect("open the child's log");
-    Command::new(example)
+    common::example::command(example, endpoint)
         .args(["--stream", stream, "--app", "exactly-once-test", "--db"])
         .arg(url())
         .args(["--sink", &tables.sink, "--checkpoints", &tables.checkpoints])
         .args(["--from", "trim-horizon", "--max-records-per-call", "25"])
-        .env("AWS_ENDPOINT_URL_KINESIS", endpoint)
-        .env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("RUST_LOG", "kinesis_tower=warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -117,7 +69,7 @@ async fn killed_repeatedly_then_every_record_is_in_the_sink_exactly_once() {
     eprintln!("KT_SEED={seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
 
-    let example = build_example();
+    let example = common::example::build("exactly_once_postgres");
     let kinesis = common::start_ferrokinesis().await;
     let stream = common::unique_stream_name("exactly-once");
     common::create_stream(&kinesis.client, &stream, SHARDS).await;

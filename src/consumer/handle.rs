@@ -221,8 +221,9 @@ impl Consumer {
 }
 
 /// Completes on Ctrl-C (SIGINT) or, on Unix, SIGTERM (what container runtimes send to stop a
-/// process). If a signal handler cannot be installed, that signal is not waited for.
-async fn shutdown_signal() {
+/// process): the signal [`Consumer::process`] stops on, for `run_until` and `records_until`.
+/// If a signal handler cannot be installed, that signal is not waited for.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

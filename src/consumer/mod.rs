@@ -14,7 +14,7 @@ mod settings;
 mod stream;
 
 pub use builder::ConsumerBuilder;
-pub use handle::Consumer;
+pub use handle::{shutdown_signal, Consumer};
 pub use settings::StartPosition;
 pub use stream::{RecordStream, ShutdownHandle};
 

@@ -13,6 +13,8 @@
 //! code under test.
 #![allow(dead_code)]
 
+pub mod example;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
