@@ -152,7 +152,7 @@ pub async fn create_stream(client: &Client, name: &str, shards: i32) {
         .shard_count(shards)
         .send()
         .await
-        .unwrap_or_else(|e| panic!("CreateStream {name}: {}", error_chain(&e)));
+        .unwrap_or_else(|e| panic!("CreateStream {name}: {}", error_chain(e)));
     wait_for_stream_active(client, name, Duration::from_secs(30)).await;
 }
 
@@ -170,7 +170,7 @@ pub async fn wait_for_stream_active(client: &Client, name: &str, timeout: Durati
                 .stream_description_summary()
                 .map(|s| s.stream_status().clone()),
             Err(e) if is_resource_not_found(&e) => None,
-            Err(e) => panic!("DescribeStreamSummary {name}: {}", error_chain(&e)),
+            Err(e) => panic!("DescribeStreamSummary {name}: {}", error_chain(e)),
         };
         if status == Some(StreamStatus::Active) {
             return;
@@ -193,7 +193,7 @@ pub async fn delete_stream(client: &Client, name: &str) {
     {
         Ok(_) => {}
         Err(e) if is_resource_not_found(&e) => {}
-        Err(e) => panic!("DeleteStream {name}: {}", error_chain(&e)),
+        Err(e) => panic!("DeleteStream {name}: {}", error_chain(e)),
     }
 }
 
@@ -254,7 +254,7 @@ async fn put_chunk(
             .set_records(Some(entries))
             .send()
             .await
-            .unwrap_or_else(|e| panic!("PutRecords {stream}: {}", error_chain(&e)));
+            .unwrap_or_else(|e| panic!("PutRecords {stream}: {}", error_chain(e)));
         assert_eq!(
             out.records().len(),
             pending.len(),
@@ -323,7 +323,7 @@ pub async fn list_all_shards_paged(
             .set_max_results(page_size)
             .send()
             .await
-            .unwrap_or_else(|e| panic!("ListShards {stream}: {}", error_chain(&e)));
+            .unwrap_or_else(|e| panic!("ListShards {stream}: {}", error_chain(e)));
         shards.extend_from_slice(out.shards());
         pages += 1;
         assert!(pages <= 100_000, "ListShards {stream}: too many pages");
@@ -345,13 +345,6 @@ where
 
 /// An error with all its sources, for panic messages (SdkError's Display alone says only
 /// "service error").
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+pub fn error_chain(err: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::new(err))
 }
