@@ -218,8 +218,8 @@ impl Producer {
         if let Err(err) = self.writer.send(entries).await {
             let advice = advice(&err, self.writer.stream());
             return Err(err.context(format!(
-                "{advice}. Stopped: {} records were sent, the rejected ones and all later lines \
-                 were not",
+                "{advice}. Stopped after {} records were sent; the rest of this request and all \
+                 later lines were not",
                 self.writer.sent
             )));
         }
