@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --example consumer --features sqlite -- --stream NAME [--app NAME]
-//!                              [--db PATH] [--from trim-horizon|latest]
+//!     [--db PATH] [--from trim-horizon|latest] [--max-records-per-call N]
 //! ```
 //!
 //! Each record becomes one line on stdout: shard, sequence number, partition key and data
@@ -21,92 +21,45 @@
 //! Region, credentials and endpoint come from the usual AWS environment
 //! (`aws_config::load_from_env`); for a local emulator, `source scripts/env.sh` first.
 
+#[path = "support/cli.rs"]
+mod cli;
+
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use clap::Parser;
 use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::per_record::PerRecordLayer;
 use kinesis_tower::store::SqliteStore;
 use kinesis_tower::BoxError;
-use kinesis_tower::{Consumer, Record, ShardId, StartPosition};
+use kinesis_tower::{Record, ShardId};
 use tower::{service_fn, ServiceBuilder};
 use tracing_subscriber::EnvFilter;
 
-const USAGE: &str = "\
-usage: consumer --stream NAME [--app NAME] [--db PATH] [--from trim-horizon|latest]
-
-Prints every record of the Kinesis stream NAME (shard, sequence number, partition key, data;
-tab-separated) until Ctrl-C, keeping checkpoints in a SQLite file so that the next run
-resumes where this one stopped.
-
-  --stream NAME     the stream (required)
-  --app NAME        application name: checkpoints are kept per app and stream (default 'consumer-example')
-  --db PATH         SQLite checkpoint file, created if missing (default 'checkpoints.sqlite')
-  --from POSITION   where shards without a checkpoint start: trim-horizon (oldest record)
-                    or latest (only new records; the default)
-
-Region, credentials and endpoint come from the AWS environment; for a local emulator run
-'source scripts/env.sh' first. Logs go to stderr; RUST_LOG overrides the default
-'kinesis_tower=info'.";
-
+/// Prints every record of a Kinesis stream (shard, sequence number, partition key, data;
+/// tab-separated) until Ctrl-C, keeping checkpoints in a SQLite file so that the next run
+/// resumes where this one stopped.
+///
+/// Region, credentials and endpoint come from the AWS environment; for a local emulator run
+/// 'source scripts/env.sh' first. Logs go to stderr; RUST_LOG overrides the default
+/// 'kinesis_tower=info'.
+#[derive(Parser)]
+#[command(mut_arg("app", |a| a.default_value("consumer-example")))]
 struct Args {
-    stream: String,
-    app: String,
-    db: PathBuf,
-    from: StartPosition,
-}
+    #[command(flatten)]
+    reading: cli::Reading,
 
-fn parse_args() -> Result<Args, String> {
-    let mut stream = None;
-    let mut app = "consumer-example".to_owned();
-    let mut db = PathBuf::from("checkpoints.sqlite");
-    let mut from = StartPosition::Latest;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--stream" => stream = Some(value("--stream")?),
-            "--app" => app = value("--app")?,
-            "--db" => db = PathBuf::from(value("--db")?),
-            "--from" => {
-                from = match value("--from")?.as_str() {
-                    "trim-horizon" => StartPosition::TrimHorizon,
-                    "latest" => StartPosition::Latest,
-                    other => {
-                        return Err(format!(
-                            "--from: {other:?} is not one of trim-horizon, latest"
-                        ))
-                    }
-                }
-            }
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
-    }
-    Ok(Args {
-        stream: stream.ok_or("--stream NAME is required")?,
-        app,
-        db,
-        from,
-    })
+    /// SQLite checkpoint file, created if missing
+    #[arg(long, value_name = "PATH", default_value = "checkpoints.sqlite")]
+    db: PathBuf,
 }
 
 #[tokio::main]
-async fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("error: {message}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
@@ -115,31 +68,9 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {}", error_chain(err.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let config = aws_config::load_from_env().await;
-    if config.region().is_none() {
-        return Err(
-            "no AWS region configured: set AWS_REGION (for local emulators: source scripts/env.sh)"
-                .into(),
-        );
-    }
+    let config = cli::aws_config().await?;
     let store = SqliteStore::open(&args.db).await?;
-    let consumer = Consumer::builder()
-        .sdk_config(&config)
-        .stream_name(&args.stream)
-        .app_name(&args.app)
-        .start_position(args.from.clone())
-        .store(store)
-        .build()?;
+    let consumer = args.reading.consumer(&config).store(store).build()?;
 
     // Records printed per shard, shared by every clone of the handler.
     let printed: Arc<Mutex<BTreeMap<ShardId, u64>>> = Arc::default();
@@ -166,12 +97,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     eprintln!(
         "reading stream {} (checkpoints: {} in {}; shards without one start at {}); Ctrl-C stops",
-        args.stream,
+        args.reading.stream,
         consumer.namespace(),
         args.db.display(),
-        match args.from {
-            StartPosition::TrimHorizon => "the oldest record",
-            _ => "the newest record",
+        match args.reading.from {
+            cli::Start::TrimHorizon => "the oldest record",
+            cli::Start::Latest => "the newest record",
         }
     );
     let started = Instant::now();
@@ -206,10 +137,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         eprintln!(
             "the next run with --db {} --app {} resumes after these checkpoints",
             args.db.display(),
-            args.app
+            args.reading.app
         );
     }
-    result.map_err(Into::into)
+    Ok(result?)
 }
 
 /// One tab-separated line: shard, sequence number, partition key, data.
@@ -233,19 +164,4 @@ fn print_record(record: &Record) -> std::io::Result<()> {
         record.sequence_number,
         record.partition_key
     )
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        // Errors often repeat their source's message in their own; don't print it twice.
-        if !out.contains(&s_text) {
-            out.push_str(": ");
-            out.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    out
 }

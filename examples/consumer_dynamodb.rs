@@ -12,18 +12,29 @@
 #[path = "support/printing.rs"]
 mod printing;
 
+use clap::Parser;
 use kinesis_tower::store::DynamoDbStore;
-use kinesis_tower::BoxError;
+
+/// Prints every record of a Kinesis stream (shard, sequence number, data), with checkpoints in
+/// DynamoDB, until Ctrl-C; a second run resumes after them.
+#[derive(Parser)]
+struct Args {
+    /// The stream
+    stream: String,
+
+    /// DynamoDB checkpoint table, created if missing
+    #[arg(
+        env = "KINESIS_CHECKPOINT_TABLE",
+        default_value = "kinesis_checkpoints"
+    )]
+    table: String,
+}
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let (stream, table) = printing::args(
-        "consumer_dynamodb STREAM [TABLE]",
-        "KINESIS_CHECKPOINT_TABLE",
-        "kinesis_checkpoints",
-    )?;
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     let config = aws_config::load_from_env().await;
-    let store = DynamoDbStore::from_sdk_config(&config, &table)?;
+    let store = DynamoDbStore::from_sdk_config(&config, &args.table)?;
     store.create_table().await?;
-    printing::print_records(&stream, "consumer-dynamodb", store.buffered()).await
+    printing::print_records(&args.stream, "consumer-dynamodb", store.buffered()).await
 }

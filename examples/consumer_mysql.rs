@@ -13,16 +13,28 @@
 #[path = "support/printing.rs"]
 mod printing;
 
+use clap::Parser;
 use kinesis_tower::store::MySqlStore;
-use kinesis_tower::BoxError;
+
+/// Prints every record of a Kinesis stream (shard, sequence number, data), with checkpoints in
+/// MySQL or MariaDB, until Ctrl-C; a second run resumes after them.
+#[derive(Parser)]
+struct Args {
+    /// The stream
+    stream: String,
+
+    /// MySQL or MariaDB URL
+    #[arg(
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "mysql://root@127.0.0.1:3306/test"
+    )]
+    database_url: String,
+}
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let (stream, url) = printing::args(
-        "consumer_mysql STREAM [DATABASE_URL]",
-        "DATABASE_URL",
-        "mysql://root@127.0.0.1:3306/test",
-    )?;
-    let store = MySqlStore::connect(&url).await?.buffered();
-    printing::print_records(&stream, "consumer-mysql", store).await
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let store = MySqlStore::connect(&args.database_url).await?.buffered();
+    printing::print_records(&args.stream, "consumer-mysql", store).await
 }

@@ -12,16 +12,28 @@
 #[path = "support/printing.rs"]
 mod printing;
 
+use clap::Parser;
 use kinesis_tower::store::PostgresStore;
-use kinesis_tower::BoxError;
+
+/// Prints every record of a Kinesis stream (shard, sequence number, data), with checkpoints in
+/// PostgreSQL, until Ctrl-C; a second run resumes after them.
+#[derive(Parser)]
+struct Args {
+    /// The stream
+    stream: String,
+
+    /// PostgreSQL URL
+    #[arg(
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    database_url: String,
+}
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let (stream, url) = printing::args(
-        "consumer_postgres STREAM [DATABASE_URL]",
-        "DATABASE_URL",
-        "postgres://postgres@127.0.0.1:5432/test",
-    )?;
-    let store = PostgresStore::connect(&url).await?.buffered();
-    printing::print_records(&stream, "consumer-postgres", store).await
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let store = PostgresStore::connect(&args.database_url).await?.buffered();
+    printing::print_records(&args.stream, "consumer-postgres", store).await
 }

@@ -13,16 +13,28 @@
 #[path = "support/printing.rs"]
 mod printing;
 
+use clap::Parser;
 use kinesis_tower::store::RedisStore;
-use kinesis_tower::BoxError;
+
+/// Prints every record of a Kinesis stream (shard, sequence number, data), with checkpoints in
+/// Redis, until Ctrl-C; a second run resumes after them.
+#[derive(Parser)]
+struct Args {
+    /// The stream
+    stream: String,
+
+    /// Redis URL
+    #[arg(
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    redis_url: String,
+}
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let (stream, url) = printing::args(
-        "consumer_redis STREAM [REDIS_URL]",
-        "REDIS_URL",
-        "redis://127.0.0.1:6379/",
-    )?;
-    let store = RedisStore::connect(&url).await?;
-    printing::print_records(&stream, "consumer-redis", store).await
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let store = RedisStore::connect(&args.redis_url).await?;
+    printing::print_records(&args.stream, "consumer-redis", store).await
 }

@@ -24,19 +24,21 @@
 //!
 //! `RUST_LOG=kinesis_tower=debug` shows what the consumer does (default: warnings only).
 
+#[path = "support/put.rs"]
+mod put;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use aws_sdk_kinesis::types::StreamStatus;
 use aws_sdk_kinesis::Client;
+use clap::Parser;
 use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::per_record::PerRecordLayer;
 use kinesis_tower::store::SqliteStore;
@@ -55,24 +57,22 @@ const STOP_AFTER: u64 = 500;
 /// A run that has not reached its goal by then stops anyway (and the demo fails).
 const DEADLINE: Duration = Duration::from_secs(60);
 
-const USAGE: &str = "\
-usage: demo [--db PATH]
-
-Runs a Kinesis consumer twice against an embedded emulator and proves that the second run
-resumes exactly where the first stopped, from checkpoints in a SQLite file.
-
-  --db PATH   the SQLite checkpoint file (default target/demo-checkpoints.sqlite); it is
-              deleted at start, and kept afterwards for inspection";
+/// Runs a Kinesis consumer twice against an embedded emulator and proves that the second run
+/// resumes exactly where the first stopped, from checkpoints in a SQLite file.
+#[derive(Parser)]
+struct Args {
+    /// The SQLite checkpoint file; it is deleted at start, and kept afterwards for inspection
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/demo-checkpoints.sqlite")
+    )]
+    db: PathBuf,
+}
 
 #[tokio::main]
-async fn main() -> ExitCode {
-    let db = match parse_args() {
-        Ok(db) => db,
-        Err(message) => {
-            eprintln!("error: {message}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
@@ -80,30 +80,10 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match run(&db).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(err) => {
-            eprintln!("demo failed: {err:#}");
-            ExitCode::FAILURE
-        }
+    if !run(&args.db).await.context("demo failed")? {
+        bail!("some checks failed");
     }
-}
-
-fn parse_args() -> Result<PathBuf, String> {
-    let mut db = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/demo-checkpoints.sqlite");
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--db" => db = args.next().ok_or("--db needs a value")?.into(),
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
-    }
-    Ok(db)
+    Ok(())
 }
 
 /// Runs the demo; `Ok(false)` when a check failed.
@@ -564,8 +544,7 @@ async fn list_shards(client: &Client) -> anyhow::Result<Vec<ShardId>> {
     Ok(shards)
 }
 
-/// Writes orders `range` with PutRecords (500 per request), retrying rejected entries, and
-/// notes where each one landed.
+/// Writes orders `range` with PutRecords, and notes where each one landed.
 async fn put_orders(
     client: &Client,
     range: std::ops::RangeInclusive<u64>,
@@ -573,56 +552,27 @@ async fn put_orders(
 ) -> anyhow::Result<()> {
     const ITEMS: [&str; 5] = ["coffee beans", "teapot", "mug", "grinder", "filter papers"];
     let orders: Vec<u64> = range.collect();
-    for chunk in orders.chunks(500) {
-        let mut pending: Vec<u64> = chunk.to_vec();
-        for attempt in 1.. {
-            let entries = pending
-                .iter()
-                .map(|&n| {
-                    let customer = n % 97;
-                    let data = format!(
-                        "order #{n}: {} x {} for customer-{customer}",
-                        n % 3 + 1,
-                        ITEMS[(n % 5) as usize]
-                    );
-                    PutRecordsRequestEntry::builder()
-                        .partition_key(format!("customer-{customer}"))
-                        .data(Blob::new(data))
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = client
-                .put_records()
-                .stream_name(STREAM)
-                .set_records(Some(entries))
-                .send()
-                .await
-                .context("PutRecords")?;
-            let mut failed = Vec::new();
-            for (&n, result) in pending.iter().zip(out.records()) {
-                match (result.shard_id(), result.sequence_number()) {
-                    (Some(shard), Some(seq)) if result.error_code().is_none() => {
-                        produced
-                            .by_shard
-                            .entry(ShardId::from(shard))
-                            .or_default()
-                            .insert(SequenceNumber::parse(seq)?, n);
-                    }
-                    _ => failed.push(n),
-                }
-            }
-            if failed.is_empty() {
-                break;
-            }
-            if attempt == 10 {
-                bail!(
-                    "PutRecords: {} orders still rejected after 10 attempts",
-                    failed.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-            pending = failed;
-        }
+    let entries = orders
+        .iter()
+        .map(|&n| {
+            let customer = n % 97;
+            let data = format!(
+                "order #{n}: {} x {} for customer-{customer}",
+                n % 3 + 1,
+                ITEMS[(n % 5) as usize]
+            );
+            put::entry(format!("customer-{customer}"), None, data)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let written = put::Writer::new(client.clone(), STREAM)
+        .put_all(entries)
+        .await?;
+    for (n, (shard, sequence_number)) in orders.into_iter().zip(written) {
+        produced
+            .by_shard
+            .entry(ShardId::from(shard))
+            .or_default()
+            .insert(SequenceNumber::parse(&sequence_number)?, n);
     }
     Ok(())
 }

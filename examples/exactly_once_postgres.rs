@@ -33,128 +33,61 @@
 //! database URL defaults to `DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/test`.
 //! Ctrl-C stops it gracefully.
 
-use std::process::ExitCode;
+#[path = "support/cli.rs"]
+mod cli;
 
+use clap::Parser;
 use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::PostgresStore;
 use kinesis_tower::{Batch, BoxError, Processed};
-use kinesis_tower::{Consumer, StartPosition};
 use tower::{service_fn, ServiceBuilder};
 
-const USAGE: &str = "\
-usage: exactly_once_postgres --stream NAME [--app NAME] [--db URL] [--sink TABLE]
-                             [--checkpoints TABLE] [--from trim-horizon|latest]
-                             [--max-records-per-call N]
-
-Copies every record of the Kinesis stream NAME into the PostgreSQL table TABLE, exactly once:
-each batch's rows and its checkpoint commit in one transaction.
-
-  --stream NAME            the stream (required)
-  --app NAME               application name (default 'exactly-once-example')
-  --db URL                 PostgreSQL URL (default $DATABASE_URL, else
-                           postgres://postgres@127.0.0.1:5432/test)
-  --sink TABLE             table the records go to, created if missing (default 'kinesis_sink')
-  --checkpoints TABLE      checkpoint table, created if missing (default 'kinesis_checkpoints')
-  --from POSITION          where shards without a checkpoint start: trim-horizon or latest
-                           (the default)
-  --max-records-per-call N records per GetRecords call, so per batch (default 10000)";
-
+/// Copies every record of a Kinesis stream into a PostgreSQL table, exactly once: each batch's
+/// rows and its checkpoint commit in one transaction.
+///
+/// Region, credentials and endpoint come from the AWS environment; for a local emulator run
+/// 'source scripts/env.sh' first.
+#[derive(Parser)]
+#[command(mut_arg("app", |a| a.default_value("exactly-once-example")))]
 struct Args {
-    stream: String,
-    app: String,
+    #[command(flatten)]
+    reading: cli::Reading,
+
+    /// PostgreSQL URL
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
     db: String,
+
+    /// Table the records go to, created if missing
+    #[arg(long, value_name = "TABLE", default_value = "kinesis_sink", value_parser = plain_identifier)]
     sink: String,
+
+    /// Checkpoint table, created if missing
+    #[arg(long, value_name = "TABLE", default_value = "kinesis_checkpoints")]
     checkpoints: String,
-    from: StartPosition,
-    max_records_per_call: usize,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        stream: String::new(),
-        app: "exactly-once-example".to_owned(),
-        db: std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
-        sink: "kinesis_sink".to_owned(),
-        checkpoints: "kinesis_checkpoints".to_owned(),
-        from: StartPosition::Latest,
-        max_records_per_call: 10_000,
-    };
-    let mut argv = std::env::args().skip(1);
-    while let Some(arg) = argv.next() {
-        let mut value = |name: &str| argv.next().ok_or_else(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--stream" => args.stream = value("--stream")?,
-            "--app" => args.app = value("--app")?,
-            "--db" => args.db = value("--db")?,
-            "--sink" => args.sink = value("--sink")?,
-            "--checkpoints" => args.checkpoints = value("--checkpoints")?,
-            "--from" => {
-                args.from = match value("--from")?.as_str() {
-                    "trim-horizon" => StartPosition::TrimHorizon,
-                    "latest" => StartPosition::Latest,
-                    other => {
-                        return Err(format!("--from: {other:?} is not trim-horizon or latest"))
-                    }
-                }
-            }
-            "--max-records-per-call" => {
-                let n = value("--max-records-per-call")?;
-                args.max_records_per_call = n
-                    .parse()
-                    .map_err(|_| format!("--max-records-per-call: {n:?} is not a number"))?;
-            }
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
+/// The sink's name is spliced into SQL: plain identifiers only.
+fn plain_identifier(s: &str) -> Result<String, String> {
+    let plain = s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if plain {
+        Ok(s.to_owned())
+    } else {
+        Err("1 to 63 letters, digits and '_', starting with a letter or '_'".to_owned())
     }
-    if args.stream.is_empty() {
-        return Err("--stream NAME is required".to_owned());
-    }
-    // The sink's name is spliced into SQL: plain identifiers only.
-    let plain = |s: &str| {
-        s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && s.len() <= 63
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    };
-    if !plain(&args.sink) {
-        return Err(format!(
-            "--sink: {:?} must be 1 to 63 letters, digits and '_', starting with a letter or '_'",
-            args.sink
-        ));
-    }
-    Ok(args)
 }
 
 #[tokio::main]
-async fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("error: {message}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(args: Args) -> Result<(), BoxError> {
-    let config = aws_config::load_from_env().await;
-    if config.region().is_none() {
-        return Err(
-            "no AWS region configured: set AWS_REGION (for local emulators: source scripts/env.sh)"
-                .into(),
-        );
-    }
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = cli::aws_config().await?;
     // Write-through: the handler's transactions are the checkpoint writes, nothing is buffered.
     let store = PostgresStore::connect_with_table(&args.db, &args.checkpoints).await?;
     let sink = format!("\"{}\"", args.sink);
@@ -171,12 +104,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
     .execute(store.pool())
     .await?;
 
-    let consumer = Consumer::builder()
-        .sdk_config(&config)
-        .stream_name(&args.stream)
-        .app_name(&args.app)
-        .start_position(args.from.clone())
-        .max_records_per_call(args.max_records_per_call)
+    let consumer = args
+        .reading
+        .consumer(&config)
         .store(store.clone())
         .build()?;
     let namespace: std::sync::Arc<str> = consumer.namespace().into();
@@ -219,7 +149,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
     eprintln!(
         "copying stream {} into {} (checkpoints: {} in {}); Ctrl-C stops",
-        args.stream,
+        args.reading.stream,
         args.sink,
         consumer.namespace(),
         args.checkpoints

@@ -534,7 +534,7 @@ async fn split_and_merge_while_consuming_loses_nothing_and_keeps_key_order() {
             .new_starting_hash_key(middle.to_string())
             .send()
             .await
-            .unwrap_or_else(|e| panic!("SplitShard: {}", common::error_chain(&e)));
+            .unwrap_or_else(|e| panic!("SplitShard: {}", common::error_chain(e)));
         common::wait_for_stream_active(&client, &stream, Duration::from_secs(30)).await;
         let r = rounds.load(Ordering::SeqCst);
         wait_rounds(r + 10, "after the split").await;
@@ -548,7 +548,7 @@ async fn split_and_merge_while_consuming_loses_nothing_and_keeps_key_order() {
             .adjacent_shard_to_merge(merge_upper.shard_id())
             .send()
             .await
-            .unwrap_or_else(|e| panic!("MergeShards: {}", common::error_chain(&e)));
+            .unwrap_or_else(|e| panic!("MergeShards: {}", common::error_chain(e)));
         common::wait_for_stream_active(&client, &stream, Duration::from_secs(30)).await;
         let r = rounds.load(Ordering::SeqCst);
         wait_rounds(r + 10, "after the merge").await;

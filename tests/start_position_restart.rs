@@ -149,7 +149,7 @@ async fn scenario(
         .new_starting_hash_key((low + (high - low) / 2 + 1).to_string())
         .send()
         .await
-        .unwrap_or_else(|e| panic!("SplitShard: {}", common::error_chain(&e)));
+        .unwrap_or_else(|e| panic!("SplitShard: {}", common::error_chain(e)));
     common::wait_for_stream_active(&client, &stream, Duration::from_secs(30)).await;
     put(&client, &stream, &["c1", "c2", "c3", "c4"]).await;
 

@@ -245,7 +245,7 @@ async fn a_missing_table_is_a_clear_error_that_is_not_retried() {
     ];
     for err in errors {
         assert!(!err.is_retryable(), "{err}");
-        let text = common::error_chain(&err);
+        let text = common::error_chain(err);
         assert!(
             text.contains(&table) && text.contains("create_table"),
             "{text}"

@@ -7,28 +7,13 @@ use kinesis_tower::{BoxError, CheckpointStore};
 use kinesis_tower::{Consumer, Record, StartPosition};
 use tower::{service_fn, ServiceBuilder};
 
-/// The stream name (first argument) and where the store is (second argument, else the
-/// environment variable `env`, else `default`).
-pub fn args(usage: &str, env: &str, default: &str) -> Result<(String, String), BoxError> {
-    let mut args = std::env::args().skip(1);
-    let stream = args
-        .next()
-        .filter(|a| !a.starts_with('-'))
-        .ok_or(format!("usage: {usage}"))?;
-    let location = args
-        .next()
-        .or_else(|| std::env::var(env).ok())
-        .unwrap_or_else(|| default.to_owned());
-    Ok((stream, location))
-}
-
 /// Prints `stream`'s records (shard, sequence number, data) from the oldest one not yet
 /// checkpointed under `app`, until Ctrl-C; then drains, flushes the store and returns.
 pub async fn print_records(
     stream: &str,
     app: &str,
     store: impl CheckpointStore,
-) -> Result<(), BoxError> {
+) -> anyhow::Result<()> {
     let config = aws_config::load_from_env().await;
     let consumer = Consumer::builder()
         .sdk_config(&config)

@@ -14,23 +14,18 @@
 #![allow(dead_code)]
 
 pub mod example;
+#[path = "../../examples/support/put.rs"]
+mod put;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, Shard, StreamStatus};
+use aws_sdk_kinesis::types::{Shard, StreamStatus};
 use aws_sdk_kinesis::Client;
 
 /// Default endpoint of the external kinesis-mock emulator.
 pub const DEFAULT_KINESIS_MOCK_ENDPOINT: &str = "http://127.0.0.1:4570";
-
-/// PutRecords limits: 500 records and 5 MiB (data + partition keys) per request.
-const PUT_RECORDS_MAX_ENTRIES: usize = 500;
-const PUT_RECORDS_MAX_BYTES: usize = 5 * 1024 * 1024;
-/// Rounds of retrying the failed entries of partially failed PutRecords calls.
-const PUT_RECORDS_MAX_ATTEMPTS: u32 = 20;
 
 /// Endpoint of the external kinesis-mock: `KINESIS_MOCK_ENDPOINT`, else
 /// [`DEFAULT_KINESIS_MOCK_ENDPOINT`].
@@ -154,7 +149,7 @@ pub async fn create_stream(client: &Client, name: &str, shards: i32) {
         .shard_count(shards)
         .send()
         .await
-        .unwrap_or_else(|e| panic!("CreateStream {name}: {}", error_chain(&e)));
+        .unwrap_or_else(|e| panic!("CreateStream {name}: {}", error_chain(e)));
     wait_for_stream_active(client, name, Duration::from_secs(30)).await;
 }
 
@@ -172,7 +167,7 @@ pub async fn wait_for_stream_active(client: &Client, name: &str, timeout: Durati
                 .stream_description_summary()
                 .map(|s| s.stream_status().clone()),
             Err(e) if is_resource_not_found(&e) => None,
-            Err(e) => panic!("DescribeStreamSummary {name}: {}", error_chain(&e)),
+            Err(e) => panic!("DescribeStreamSummary {name}: {}", error_chain(e)),
         };
         if status == Some(StreamStatus::Active) {
             return;
@@ -195,108 +190,31 @@ pub async fn delete_stream(client: &Client, name: &str) {
     {
         Ok(_) => {}
         Err(e) if is_resource_not_found(&e) => {}
-        Err(e) => panic!("DeleteStream {name}: {}", error_chain(&e)),
+        Err(e) => panic!("DeleteStream {name}: {}", error_chain(e)),
     }
 }
 
 /// Writes `records` (partition key, data) with PutRecords in requests of at most 500
-/// records / 5 MiB, retrying only the failed entries of partial failures with a short
-/// backoff. Returns each record's `(shard_id, sequence_number)`, in input order.
+/// records / 5 MiB, sending the rejected entries of partial failures again (up to 20 attempts,
+/// waits from up to 25 ms doubling to 500 ms). Returns each record's `(shard_id,
+/// sequence_number)`, in input order.
 pub async fn put_records(
     client: &Client,
     stream: &str,
     records: &[(String, Vec<u8>)],
 ) -> Vec<(String, String)> {
-    let mut results: Vec<Option<(String, String)>> = vec![None; records.len()];
-    let mut start = 0;
-    while start < records.len() {
-        // Next chunk: up to 500 entries and 5 MiB of keys + data (at least one entry).
-        let mut end = start;
-        let mut bytes = 0;
-        while end < records.len() && end - start < PUT_RECORDS_MAX_ENTRIES {
-            let size = records[end].0.len() + records[end].1.len();
-            if end > start && bytes + size > PUT_RECORDS_MAX_BYTES {
-                break;
-            }
-            bytes += size;
-            end += 1;
-        }
-        put_chunk(client, stream, records, start..end, &mut results).await;
-        start = end;
-    }
-    results
-        .into_iter()
-        .map(|r| r.expect("every record has a result"))
-        .collect()
-}
-
-async fn put_chunk(
-    client: &Client,
-    stream: &str,
-    records: &[(String, Vec<u8>)],
-    range: std::ops::Range<usize>,
-    results: &mut [Option<(String, String)>],
-) {
-    // Indices (into `records`) still to write.
-    let mut pending: Vec<usize> = range.collect();
-    for attempt in 1..=PUT_RECORDS_MAX_ATTEMPTS {
-        let entries = pending
-            .iter()
-            .map(|&i| {
-                PutRecordsRequestEntry::builder()
-                    .partition_key(records[i].0.clone())
-                    .data(Blob::new(records[i].1.clone()))
-                    .build()
-                    .expect("PutRecordsRequestEntry has its required fields")
-            })
-            .collect::<Vec<_>>();
-        let out = client
-            .put_records()
-            .stream_name(stream)
-            .set_records(Some(entries))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("PutRecords {stream}: {}", error_chain(&e)));
-        assert_eq!(
-            out.records().len(),
-            pending.len(),
-            "PutRecords {stream}: one result per entry"
-        );
-        let mut failed = Vec::new();
-        let mut last_error = None;
-        for (&i, entry) in pending.iter().zip(out.records()) {
-            match (
-                entry.error_code(),
-                entry.shard_id(),
-                entry.sequence_number(),
-            ) {
-                (None, Some(shard), Some(seq)) => {
-                    results[i] = Some((shard.to_string(), seq.to_string()));
-                }
-                (code, _, _) => {
-                    last_error = Some(format!(
-                        "{}: {}",
-                        code.unwrap_or("<no error code, missing shard id or sequence number>"),
-                        entry.error_message().unwrap_or("")
-                    ));
-                    failed.push(i);
-                }
-            }
-        }
-        if failed.is_empty() {
-            return;
-        }
-        if attempt == PUT_RECORDS_MAX_ATTEMPTS {
-            panic!(
-                "PutRecords {stream}: {} records still failing after {attempt} attempts (last: {})",
-                failed.len(),
-                last_error.unwrap_or_default()
-            );
-        }
-        pending = failed;
-        let backoff = Duration::from_millis((25 * u64::from(attempt)).min(500));
-        tokio::time::sleep(backoff).await;
-    }
+    let entries: Vec<_> = records
+        .iter()
+        .map(|(key, data)| {
+            put::entry(key.clone(), None, data.clone()).expect("an entry with its required fields")
+        })
+        .collect();
+    put::Writer::new(client.clone(), stream)
+        .max_attempts(20)
+        .backoff(Duration::from_millis(25), Duration::from_millis(500))
+        .put_all(entries)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// All shards of a stream (open and closed), following ListShards `NextToken`s with the
@@ -325,7 +243,7 @@ pub async fn list_all_shards_paged(
             .set_max_results(page_size)
             .send()
             .await
-            .unwrap_or_else(|e| panic!("ListShards {stream}: {}", error_chain(&e)));
+            .unwrap_or_else(|e| panic!("ListShards {stream}: {}", error_chain(e)));
         shards.extend_from_slice(out.shards());
         pages += 1;
         assert!(pages <= 100_000, "ListShards {stream}: too many pages");
@@ -347,13 +265,6 @@ where
 
 /// An error with all its sources, for panic messages (SdkError's Display alone says only
 /// "service error").
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+pub fn error_chain(err: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::new(err))
 }
