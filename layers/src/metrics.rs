@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -90,43 +89,11 @@ impl ShardHandles {
     }
 }
 
-/// Shard ids are short and come from Kinesis, not from an attacker: a word-at-a-time
-/// multiplicative hash (as in rustc's FxHash) makes the per-call lookup a few nanoseconds
-/// instead of SipHash's twenty-odd.
-#[derive(Default)]
-struct ShardHasher(u64);
-
-impl ShardHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl Hasher for ShardHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        let rest = chunks.remainder();
-        let mut word = [0; 8];
-        word[..rest.len()].copy_from_slice(rest);
-        self.add(u64::from_le_bytes(word));
-    }
-
-    fn write_u8(&mut self, byte: u8) {
-        self.add(u64::from(byte));
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 /// Shards and their handles.
-type ShardMap = HashMap<ShardId, Arc<ShardHandles>, BuildHasherDefault<ShardHasher>>;
+///
+/// Shard ids are short and come from Kinesis, not from an attacker: rustc's Fx hash makes the
+/// per-call lookup a few nanoseconds instead of SipHash's twenty-odd.
+type ShardMap = HashMap<ShardId, Arc<ShardHandles>, rustc_hash::FxBuildHasher>;
 
 /// The registry shared by a service and its clones: every shard registered once.
 type Registry = Arc<Mutex<ShardMap>>;
