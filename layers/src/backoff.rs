@@ -20,7 +20,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 /// Both come from the [`backon`] crate: the ceilings are its exponential backoff (factor 2,
 /// from `base`, capped at `max`), the draws its jitter, which adds up to the delay it was
 /// given once more (here half the ceiling). backon computes in `f32` seconds: a ceiling is
-/// `base` doubled to within a few parts in ten million, and `max` exactly once reached.
+/// `base` doubled to within a part in a million, and exactly `max` once it reaches it.
 ///
 /// Any `base` and `max` work, `Duration::MAX` included: the ceiling stops growing at `max` (or
 /// at `Duration::MAX`) however many retries were made, and a `base` above `max` starts at
