@@ -40,6 +40,7 @@
 mod consumer;
 mod error;
 pub mod kinesis;
+mod retrying;
 pub mod store;
 
 pub use consumer::assignment;

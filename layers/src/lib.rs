@@ -12,7 +12,7 @@
 //! errors, as in `tower-http`:
 //! - [`batch`]: group each shard's records up to max records / max bytes / max wait.
 //! - [`checkpoint`]: checkpoint each batch after the inner service succeeded.
-//! - [`retry`]: retry failed calls with exponential backoff and full jitter.
+//! - [`retry`]: retry failed calls with exponential backoff and jitter.
 //! - [`metrics`]: count and time the handler's calls per stream and shard through the
 //!   `metrics` facade; [`metric_names`] lists every metric the library emits.
 //! - [`kpl`]: replace KPL aggregates by their user records (`DeaggregateLayer`), and build

@@ -1,5 +1,5 @@
-//! `RetryLayer`: retries failed calls with exponential backoff and full jitter, on tower's
-//! retry machinery (`tower::retry::{Retry, Policy}`).
+//! `RetryLayer`: retries failed calls with exponential backoff and jitter ([`Backoff`]), on
+//! tower's retry machinery (`tower::retry::{Retry, Policy}`).
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -143,12 +143,12 @@ pub fn is_transient(error: &(dyn StdError + 'static)) -> bool {
 }
 
 /// The retry policy of [`RetryLayer`] (a `tower::retry::Policy`): exponential backoff with
-/// full jitter ([`Backoff`]), bounded by attempts and elapsed time, retrying what the
+/// equal jitter ([`Backoff`]), bounded by attempts and elapsed time, retrying what the
 /// classifier allows.
 ///
-/// Retry `n` (1 for the first retry) waits a random time between zero and
-/// `min(max_backoff, initial_backoff * 2^(n-1))` ("full jitter": shards or workers that
-/// failed together do not retry together). A call is not retried when it was the
+/// Retry `n` (1 for the first retry) waits a random time between half of and the whole
+/// `min(max_backoff, initial_backoff * 2^(n-1))` ([`Backoff::delay`]: calls that failed
+/// together do not retry together). A call is not retried when it was the
 /// `max_attempts`-th, when the classifier says no, or when the next attempt would start more
 /// than `max_elapsed` after the first one started. The error returned is then the last one,
 /// unchanged.
@@ -217,8 +217,8 @@ where
     }
 }
 
-/// A [`Layer`] that retries failed calls of the inner service: exponential backoff with full
-/// jitter, at most [`max_attempts`](RetryLayer::max_attempts) attempts, no new attempt after
+/// A [`Layer`] that retries failed calls of the inner service: exponential backoff with
+/// jitter ([`Backoff`]), at most [`max_attempts`](RetryLayer::max_attempts) attempts, no new attempt after
 /// [`max_elapsed`](RetryLayer::max_elapsed), and only errors the classifier calls
 /// retryable (default: [`DefaultClassifier`]; see [`is_transient`] and [`Transient`]).
 ///
@@ -301,7 +301,7 @@ impl<C> RetryLayer<C> {
 
     /// The upper bound of the first retry's wait; it doubles for each further retry, up to
     /// [`max_backoff`](Self::max_backoff) (the doubling saturates: any value works, and
-    /// `Duration::MAX` makes every bound max backoff).
+    /// `Duration::MAX` makes every bound max backoff). Each wait is at least half its bound.
     pub fn initial_backoff(mut self, backoff: Duration) -> Self {
         self.policy.backoff = Backoff::new(backoff, self.policy.backoff.max());
         self
@@ -663,7 +663,8 @@ mod tests {
         }
     }
 
-    /// Waits are drawn between zero and a ceiling that doubles per retry up to max backoff.
+    /// Waits are drawn between half of and the whole of a ceiling that doubles per retry up to
+    /// max backoff.
     #[tokio::test(start_paused = true)]
     async fn backoff_grows_and_is_jittered_within_bounds() {
         fastrand::seed(7);
@@ -690,9 +691,10 @@ mod tests {
             for (i, gap) in gaps.iter().enumerate() {
                 // The timer has millisecond ticks: a wait may end up to 1 ms late.
                 assert!(
-                    *gap <= ceilings[i] + Duration::from_millis(1),
-                    "retry {}: {gap:?} over {:?}",
+                    ceilings[i] / 2 <= *gap && *gap <= ceilings[i] + Duration::from_millis(1),
+                    "retry {}: {gap:?} out of [{:?} / 2, {:?}]",
                     i + 1,
+                    ceilings[i],
                     ceilings[i]
                 );
                 sums[i] += gap.as_secs_f64();
@@ -702,10 +704,11 @@ mod tests {
         for i in 0..6 {
             let mean = sums[i] / runs as f64;
             let half = ceilings[i].as_secs_f64() / 2.0;
-            // Uniform on [0, ceiling]: the mean is near half the ceiling.
+            // Uniform on [ceiling / 2, ceiling]: the mean is near three quarters of it.
+            let three_quarters = half * 1.5;
             assert!(
-                (mean - half).abs() < half * 0.2,
-                "retry {}: mean {mean} vs {half}",
+                (mean - three_quarters).abs() < half * 0.1,
+                "retry {}: mean {mean} vs {three_quarters}",
                 i + 1
             );
             assert!(distinct[i].len() > 20, "retry {}: not jittered", i + 1);
@@ -739,7 +742,11 @@ mod tests {
         let (result, took) = timed(&mut layer.layer(handler.clone())).await;
         result.unwrap();
         assert_eq!(handler.attempts(), 4);
-        assert!(took <= Duration::from_millis(6_003), "{took:?}");
+        // Three waits, each between half of and all of 2 s.
+        assert!(
+            Duration::from_secs(3) <= took && took <= Duration::from_millis(6_003),
+            "{took:?}"
+        );
     }
 
     /// `Duration::MAX` as the bound of every wait: the ceilings saturate, and a wait of

@@ -19,6 +19,7 @@ use kinesis_tower_layers::{BoxError, Checkpoint, CheckpointStore, StoreError};
 
 use super::retry::with_retries;
 use super::BufferedStore;
+use crate::backoff::Backoff;
 
 const BACKEND: &str = "dynamodb";
 /// How long [`DynamoDbStore::create_table`] waits for the table to become ACTIVE.
@@ -135,7 +136,8 @@ impl DynamoDbStore {
 
     async fn wait_until_active(&self) -> Result<(), StoreError> {
         let deadline = Instant::now() + ACTIVE_DEADLINE;
-        let mut delay = Duration::from_millis(50);
+        // Polls for a state, not a retry of a failure (describe table retries its own).
+        let mut polls = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let status = with_retries(BACKEND, "describe table", || async {
                 self.client
@@ -164,8 +166,7 @@ impl DynamoDbStore {
                     .into(),
                 });
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(polls.next_delay()).await;
         }
     }
 

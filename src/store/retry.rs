@@ -1,6 +1,7 @@
 //! Bounded retries of a store's round trips: transient errors are tried again a few times with
-//! backoff, then surface with their context. This is the one retry loop around a store round
-//! trip; its waits follow the project's backoff policy ([`Backoff`]).
+//! backoff, then surface with their context. This is the one retry of a store round trip; it
+//! runs in the crate's retry loop ([`retry`]), waiting as the project's backoff policy
+//! ([`Backoff`]) says.
 
 use std::future::Future;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use kinesis_tower_layers::StoreError;
 
 use crate::backoff::Backoff;
+use crate::retrying::retry;
 
 /// How many times a round trip is tried in all before its error is returned.
 pub(crate) const ATTEMPTS: u32 = 4;
@@ -15,32 +17,28 @@ const BASE_DELAY: Duration = Duration::from_millis(25);
 const MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Runs `op` until it succeeds, fails with an error that is not retryable, or has been tried
-/// [`ATTEMPTS`] times. Between tries it waits as [`Backoff`] says, exponential with full
-/// jitter: a random time between zero and a ceiling that starts at `BASE_DELAY` and doubles
+/// [`ATTEMPTS`] times. Between tries it waits as [`Backoff`] says, exponential with equal
+/// jitter: between half of and the whole of a ceiling that starts at `BASE_DELAY` and doubles
 /// per try (25, 50, then 100 ms), capped at `MAX_DELAY`.
 pub(crate) async fn with_retries<T, F, Fut>(
     backend: &'static str,
     operation: &'static str,
-    mut op: F,
+    op: F,
 ) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
-    let mut backoff = Backoff::new(BASE_DELAY, MAX_DELAY);
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Ok(value) => return Ok(value),
-            Err(error) if error.is_retryable() && attempt < ATTEMPTS => {
-                let delay = backoff.next_delay();
-                tracing::warn!(backend, operation, attempt, ?delay, %error, "checkpoint store call failed; retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
-            Err(error) => return Err(error),
-        }
-    }
+    retry(
+        &mut Backoff::new(BASE_DELAY, MAX_DELAY),
+        ATTEMPTS - 1,
+        StoreError::is_retryable,
+        |error, delay, retry| {
+            tracing::warn!(backend, operation, attempt = retry, ?delay, %error, "checkpoint store call failed; retrying");
+        },
+        op,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -89,9 +87,11 @@ mod tests {
         assert_eq!(result.unwrap(), 2);
     }
 
-    /// The waits are full jitter: between zero and a ceiling that doubles from the base.
+    /// The waits are equal jitter: between half of and the whole of a ceiling that doubles
+    /// from the base.
     #[tokio::test(start_paused = true)]
-    async fn waits_are_drawn_between_zero_and_a_doubling_ceiling() {
+    async fn waits_are_drawn_between_half_and_all_of_a_doubling_ceiling() {
+        fastrand::seed(3);
         let mut lowest = Duration::MAX;
         for _ in 0..100 {
             let calls = std::sync::Mutex::new(Vec::new());
@@ -105,13 +105,16 @@ mod tests {
             for (retry, gap) in calls.windows(2).map(|w| w[1] - w[0]).enumerate() {
                 let ceiling = BASE_DELAY * (1 << retry);
                 // The timer has millisecond ticks: a wait may end up to 1 ms late.
-                assert!(gap <= ceiling + Duration::from_millis(1), "{gap:?}");
+                assert!(
+                    ceiling / 2 <= gap && gap <= ceiling + Duration::from_millis(1),
+                    "{gap:?}"
+                );
                 if retry == 0 {
                     lowest = lowest.min(gap);
                 }
             }
         }
-        assert!(lowest < BASE_DELAY / 4, "{lowest:?}");
+        assert!(lowest < BASE_DELAY * 3 / 5, "{lowest:?}");
     }
 
     #[tokio::test(start_paused = true)]

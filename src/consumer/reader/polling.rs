@@ -14,6 +14,7 @@ use crate::backoff::Backoff;
 use crate::consumer::assignment::{Fallback, Read, ShardStart};
 use crate::consumer::handle::Shared;
 use crate::kinesis::{timed, IteratorPosition, KinesisError, KinesisErrorKind};
+use crate::retrying::retry;
 use crate::Error;
 
 /// Why a reader ended early.
@@ -240,12 +241,10 @@ impl Reader {
                 Err(e) => {
                     drop(permit);
                     match e.kind() {
+                        // Retried by this loop: its next call waits out the backoff.
                         KinesisErrorKind::Throttled | KinesisErrorKind::Transient => {
-                            if e.kind() == KinesisErrorKind::Throttled {
-                                self.metrics.throttled();
-                            }
                             let delay = self.backoff.next_delay();
-                            tracing::warn!(error = %e, ?delay, "GetRecords failed; backing off");
+                            backing_off(&self.metrics, "GetRecords", &e, delay);
                             next_call = (Instant::now() + delay)
                                 .max(called_at + settings.min_get_records_interval);
                         }
@@ -344,36 +343,38 @@ impl Reader {
         Ok(())
     }
 
-    /// GetShardIterator, retrying throttling and transient errors with backoff.
+    /// GetShardIterator, retrying throttling and transient errors with the shard's backoff, as
+    /// long as it takes.
     async fn iterator(&mut self, position: IteratorPosition) -> Result<(String, SystemTime), Stop> {
-        loop {
-            let opened_at = SystemTime::now();
-            let answer = timed(
-                "GetShardIterator",
-                self.shared.api.get_shard_iterator(
-                    &self.shared.settings.stream,
-                    &self.shard,
-                    position,
-                ),
-            )
-            .await;
-            match answer {
-                Ok(iterator) => {
-                    self.backoff.reset();
-                    return Ok((iterator, opened_at));
-                }
-                Err(e) if e.is_retryable() => {
-                    if e.kind() == KinesisErrorKind::Throttled {
-                        self.metrics.throttled();
-                    }
-                    let delay = self.backoff.next_delay();
-                    tracing::warn!(error = %e, ?delay, "GetShardIterator failed; backing off");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(self.stop(e)),
-            }
-        }
+        let (shared, shard, metrics) = (&self.shared, &self.shard, &self.metrics);
+        let answer = retry(
+            &mut self.backoff,
+            u32::MAX,
+            KinesisError::is_retryable,
+            |error, delay, _| backing_off(metrics, "GetShardIterator", error, delay),
+            || async move {
+                let opened_at = SystemTime::now();
+                let iterator = timed(
+                    "GetShardIterator",
+                    shared
+                        .api
+                        .get_shard_iterator(&shared.settings.stream, shard, position),
+                )
+                .await?;
+                Ok((iterator, opened_at))
+            },
+        )
+        .await;
+        answer.map_err(|e| self.stop(e))
     }
+}
+
+/// Notes a throttled or transient failure of `call` that the reader backs off from for `delay`.
+fn backing_off(metrics: &ReaderMetrics, call: &str, error: &KinesisError, delay: Duration) {
+    if error.kind() == KinesisErrorKind::Throttled {
+        metrics.throttled();
+    }
+    tracing::warn!(%error, ?delay, "{call} failed; backing off");
 }
 
 /// Where to resume after a stored checkpoint; `None` when the shard has ended.
