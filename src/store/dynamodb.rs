@@ -64,8 +64,8 @@ pub struct DynamoDbStore {
 }
 
 impl DynamoDbStore {
-    /// The table name used unless another is given.
-    pub const DEFAULT_TABLE: &'static str = "kinesis_checkpoints";
+    /// The table name used unless another is given: [`DEFAULT_TABLE`](super::DEFAULT_TABLE).
+    pub const DEFAULT_TABLE: &'static str = super::DEFAULT_TABLE;
 
     /// Uses `client` and `table` (3 to 255 letters, digits and `_ . -`). Call
     /// [`create_table`](DynamoDbStore::create_table) if it may not exist yet.

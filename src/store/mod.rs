@@ -30,6 +30,10 @@ mod redis;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 
+/// The table every SQL store (SQLite, PostgreSQL, MySQL) and the DynamoDB store use unless
+/// another is given.
+pub const DEFAULT_TABLE: &str = "kinesis_checkpoints";
+
 #[cfg(feature = "dynamodb")]
 mod dynamodb;
 #[cfg(feature = "dynamodb")]
@@ -37,8 +41,6 @@ pub use dynamodb::DynamoDbStore;
 
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod sql;
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-pub use sql::DEFAULT_TABLE;
 
 #[cfg(feature = "postgres")]
 mod postgres;

@@ -3,9 +3,6 @@
 
 use kinesis_tower_layers::{Checkpoint, StoreError};
 
-/// The table name used unless another is given.
-pub const DEFAULT_TABLE: &str = "kinesis_checkpoints";
-
 /// Validates `name` (`table` or `schema.table`; each part 1 to 63 letters, digits and `_`,
 /// starting with a letter or `_`) and returns it quoted with `quote` (`"` or `` ` ``), so the
 /// exact name is used (case included) and no keyword can clash.
@@ -155,7 +152,7 @@ macro_rules! sql_store {
         impl $store {
             #[doc = concat!("Connects to `", $url, "` and creates the `kinesis_checkpoints` table if it does not exist.")]
             pub async fn connect(url: &str) -> Result<Self, StoreError> {
-                Self::connect_with_table(url, $crate::store::sql::DEFAULT_TABLE).await
+                Self::connect_with_table(url, $crate::store::DEFAULT_TABLE).await
             }
 
             /// Connects to `url` with checkpoints in `table`, created if missing. The name is

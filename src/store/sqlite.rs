@@ -14,8 +14,7 @@ use sqlx::Row;
 
 use super::retry::with_retries;
 
-/// The table name used unless another is given.
-pub const DEFAULT_TABLE: &str = "kinesis_checkpoints";
+use super::DEFAULT_TABLE;
 
 /// Checkpoints in a SQLite database file: the embedded default for persistence.
 ///
