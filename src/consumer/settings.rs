@@ -162,14 +162,14 @@ pub(crate) mod defaults {
 
 fn in_range<T>(field: &'static str, value: T, min: T, max: T) -> Result<(), crate::Error>
 where
-    T: PartialOrd + std::fmt::Display,
+    T: PartialOrd + std::fmt::Debug,
 {
     if value >= min && value <= max {
         Ok(())
     } else {
         Err(crate::Error::config(
             field,
-            format!("{value} is out of range: allowed {min} to {max}"),
+            format!("{value:?} is out of range: allowed {min:?} to {max:?}"),
         ))
     }
 }
@@ -182,14 +182,7 @@ fn duration_in_range(
     value: Duration,
     min: Duration,
 ) -> Result<(), crate::Error> {
-    if value >= min && value <= MAX_DURATION {
-        Ok(())
-    } else {
-        Err(crate::Error::config(
-            field,
-            format!("{value:?} is out of range: allowed {min:?} to {MAX_DURATION:?}"),
-        ))
-    }
+    in_range(field, value, min, MAX_DURATION)
 }
 
 /// Kinesis stream names: 1 to 128 of `a-z A-Z 0-9 _ . -`. App names follow the same rule.
