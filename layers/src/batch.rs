@@ -495,36 +495,19 @@ where
 mod tests {
     use super::*;
     use crate::checkpoint::CheckpointLayer;
-    use crate::{BatchEnd, Checkpoint, Checkpointer, MemoryStore, SequenceNumber};
+    use crate::testing::{at, at_sub, batch, batch_of, record, SHARD};
+    use crate::{BatchEnd, Checkpoint, Checkpointer, MemoryStore};
     use bytes::Bytes;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use tower::{service_fn, ServiceBuilder, ServiceExt};
 
-    const SHARD: &str = "shard-0";
-
-    fn record(shard: &str, seq: u64, data_len: usize) -> Record {
+    /// A record of `shard` with `data_len` bytes of data (its size: `data_len` + 2).
+    fn sized(shard: &str, seq: u64, data_len: usize) -> Record {
         Record {
-            shard_id: shard.into(),
-            sequence_number: SequenceNumber::parse(&seq.to_string()).unwrap(),
-            sub_sequence_number: None,
-            partition_key: "p".into(),
-            explicit_hash_key: None,
             data: Bytes::from(vec![b'x'; data_len]),
-            approximate_arrival_timestamp: None,
+            ..record(shard, seq)
         }
-    }
-
-    /// A batch of `shard` with one 3-byte record (size 4) per sequence number.
-    fn batch_of(shard: &str, seqs: impl IntoIterator<Item = u64>) -> Batch {
-        Batch::new(
-            shard.into(),
-            seqs.into_iter().map(|s| record(shard, s, 3)).collect(),
-        )
-    }
-
-    fn batch(seqs: impl IntoIterator<Item = u64>) -> Batch {
-        batch_of(SHARD, seqs)
     }
 
     fn seqs(batch: &Batch) -> Vec<u64> {
@@ -652,10 +635,7 @@ mod tests {
             .max_records(3)
             .max_wait(Duration::from_secs(3600));
         let mut svc = layer.layer(inner.clone());
-        let mark = Checkpoint::Sequence {
-            sequence_number: SequenceNumber::parse("1").unwrap(),
-            sub_sequence_number: Some(37),
-        };
+        let mark = at_sub(1, 37);
         let mut first = batch([1]);
         first.resume_after = Some(mark);
         send(&mut svc, first).await.unwrap();
@@ -675,10 +655,10 @@ mod tests {
     async fn max_bytes_cuts_batches_within_the_limit_and_a_large_record_goes_alone() {
         let inner = Inner::new();
         let layer = BatchLayer::new()
-            .max_bytes(10)
+            .max_bytes(7)
             .max_wait(Duration::from_secs(3600));
         let mut svc = layer.layer(inner.clone());
-        // Records of 4 bytes: 8 buffered, then 12 >= 10: the first two fit in 10 bytes.
+        // Records of 3 bytes: 6 buffered, then 9 >= 7: the first two fit in 7 bytes.
         assert_eq!(
             send(&mut svc, batch([1])).await.unwrap(),
             BatchResponse::Buffered
@@ -691,11 +671,11 @@ mod tests {
         assert_eq!(inner.seen(), vec![vec![1, 2]]);
         assert_eq!(svc.buffered(SHARD), 1);
         // A 25-byte record: over the limit alone, so it is a batch alone, after record 3.
-        let big = Batch::new(SHARD.into(), vec![record(SHARD, 4, 24)]);
+        let big = Batch::new(SHARD.into(), vec![sized(SHARD, 4, 23)]);
         assert_eq!(send(&mut svc, big).await.unwrap(), flushed(2, 2));
         assert_eq!(inner.seen(), vec![vec![1, 2], vec![3], vec![4]]);
         for b in &inner.batches()[..2] {
-            assert!(b.size() <= 10, "{} bytes", b.size());
+            assert!(b.size() <= 7, "{} bytes", b.size());
         }
         assert_eq!(svc.buffered(SHARD), 0);
     }
@@ -851,9 +831,7 @@ mod tests {
     }
 
     fn checkpointed(seq: u64) -> Option<Checkpoint> {
-        Some(Checkpoint::at(
-            SequenceNumber::parse(&seq.to_string()).unwrap(),
-        ))
+        Some(at(seq))
     }
 
     /// CheckpointLayer inside: buffered records are never checkpointed; on a failure, only
@@ -1074,7 +1052,7 @@ mod tests {
                         Op::Records(_, data_lens) => {
                             let records = data_lens.into_iter().map(|len| {
                                 seq += 1;
-                                let r = record(shard, seq, len);
+                                let r = sized(shard, seq, len);
                                 sent.entry(shard).or_default().push((seq, r.size(), Instant::now()));
                                 r
                             }).collect();

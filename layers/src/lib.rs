@@ -21,6 +21,9 @@
 //!
 //! [`backoff`] is the one backoff policy of the consumer, its stores and `RetryLayer`.
 //!
+//! With the `test-util` feature, `testing` builds records, batches and checkpoints to test
+//! handlers and layers with, and has a checkpoint store that fails when told to.
+//!
 //! The recommended order, outermost first: `BatchLayer`, `MetricsLayer`, `CheckpointLayer`,
 //! `RetryLayer`, `DeaggregateLayer`, then the handler (the README says why).
 #![deny(missing_docs)]
@@ -36,6 +39,8 @@ pub mod per_record;
 mod record;
 pub mod retry;
 mod sequence;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use checkpoint::{
     Checkpoint, CheckpointStore, Checkpointer, MemoryStore, Processed, StoreError,

@@ -236,29 +236,24 @@ where
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::{BoxError, Record, SequenceNumber};
+    use crate::testing::record;
+    use crate::{BoxError, Record};
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
     use metrics_util::{CompositeKey, MetricKind};
     use std::collections::HashMap;
     use std::time::Duration;
     use tower::{service_fn, ServiceExt};
 
+    /// A batch of `shard` with records of these data sizes, at sequence numbers 1, 2, ...
     fn batch(shard: &str, sizes: &[usize]) -> Batch {
-        let shard = ShardId::from(shard);
-        let records = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, size)| Record {
-                shard_id: shard.clone(),
-                sequence_number: SequenceNumber::parse(&(i + 1).to_string()).unwrap(),
-                sub_sequence_number: None,
-                partition_key: "pk".into(),
-                explicit_hash_key: None,
+        let records = (1..)
+            .zip(sizes)
+            .map(|(n, size)| Record {
                 data: bytes::Bytes::from(vec![0u8; *size]),
-                approximate_arrival_timestamp: None,
+                ..record(shard, n)
             })
             .collect();
-        Batch::new(shard, records)
+        Batch::new(shard.into(), records)
     }
 
     /// One snapshot of the recorder (taking one drains it), looked up by name and shard.

@@ -103,27 +103,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Checkpoint, SequenceNumber, ShardId};
+    use crate::testing::{at, batch};
     use std::sync::{Arc, Mutex};
     use tower::service_fn;
-
-    fn batch(seqs: &[u64]) -> Batch {
-        let shard = ShardId::from("s");
-        Batch::new(
-            shard.clone(),
-            seqs.iter()
-                .map(|s| Record {
-                    shard_id: shard.clone(),
-                    sequence_number: SequenceNumber::parse(&s.to_string()).unwrap(),
-                    sub_sequence_number: None,
-                    partition_key: "k".into(),
-                    explicit_hash_key: None,
-                    data: bytes::Bytes::new(),
-                    approximate_arrival_timestamp: None,
-                })
-                .collect(),
-        )
-    }
 
     #[tokio::test]
     async fn calls_each_record_in_order_and_stops_at_first_error() {
@@ -145,7 +127,7 @@ mod tests {
             svc.ready()
                 .await
                 .unwrap()
-                .call(batch(&[1, 2]))
+                .call(batch([1, 2]))
                 .await
                 .unwrap(),
             Processed::Checkpoint
@@ -154,7 +136,7 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(batch(&[3, 4]))
+            .call(batch([3, 4]))
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "record 3 failed");
@@ -176,14 +158,11 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(batch(&[1, 2, 3, 4]))
+            .call(batch([1, 2, 3, 4]))
             .await
             .unwrap();
-        assert_eq!(
-            answer,
-            Processed::CheckpointAt(Checkpoint::at("3".parse().unwrap()))
-        );
-        let answer = svc.ready().await.unwrap().call(batch(&[2])).await.unwrap();
+        assert_eq!(answer, Processed::CheckpointAt(at(3)));
+        let answer = svc.ready().await.unwrap().call(batch([2])).await.unwrap();
         assert_eq!(answer, Processed::SkipCheckpoint);
     }
 }

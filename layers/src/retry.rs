@@ -447,29 +447,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::testing::FaultyStore;
     use crate::checkpoint::CheckpointLayer;
-    use crate::{Batch, Checkpointer, Record, SequenceNumber, ShardId};
+    use crate::testing::{batch, FaultyStore};
+    use crate::{Batch, Checkpointer};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
     use tower::{service_fn, ServiceBuilder, ServiceExt};
-
-    fn batch(seqs: &[u64]) -> Batch {
-        let shard = ShardId::from("shard-0");
-        let records = seqs
-            .iter()
-            .map(|s| Record {
-                shard_id: shard.clone(),
-                sequence_number: SequenceNumber::parse(&s.to_string()).unwrap(),
-                sub_sequence_number: None,
-                partition_key: "pk".into(),
-                explicit_hash_key: None,
-                data: bytes::Bytes::from_static(b"x"),
-                approximate_arrival_timestamp: None,
-            })
-            .collect();
-        Batch::new(shard, records)
-    }
 
     /// A handler that fails its first `failures` calls with `error(n)` (n = attempt, from 1),
     /// recording when each attempt started and what it was given.
@@ -536,12 +519,12 @@ mod tests {
         svc.ready()
             .await
             .unwrap()
-            .call(batch(&[1, 2]))
+            .call(batch([1, 2]))
             .await
             .unwrap();
         assert_eq!(handler.attempts(), 3);
         let started = handler.started.lock().unwrap();
-        assert!(started.iter().all(|(_, b)| *b == batch(&[1, 2])));
+        assert!(started.iter().all(|(_, b)| *b == batch([1, 2])));
     }
 
     #[tokio::test(start_paused = true)]
@@ -552,7 +535,7 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(batch(&[1]))
+            .call(batch([1]))
             .await
             .unwrap_err();
         assert_eq!(handler.attempts(), 4);
@@ -585,7 +568,7 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(batch(&[1]))
+            .call(batch([1]))
             .await
             .unwrap_err();
         assert_eq!(attempts.load(Ordering::SeqCst), 4);
@@ -605,7 +588,7 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(batch(&[1]))
+            .call(batch([1]))
             .await
             .unwrap_err();
         assert_eq!(handler.attempts(), 1);
@@ -616,13 +599,13 @@ mod tests {
         let mut svc = RetryLayer::new()
             .classify(|e: &BoxError| e.to_string().contains("bad record"))
             .layer(handler.clone());
-        svc.ready().await.unwrap().call(batch(&[1])).await.unwrap();
+        svc.ready().await.unwrap().call(batch([1])).await.unwrap();
         assert_eq!(handler.attempts(), 3);
         let handler = Flaky::new(2, transient);
         let mut svc = RetryLayer::new()
             .classify(|e: &BoxError| e.to_string().contains("bad record"))
             .layer(handler.clone());
-        assert!(svc.ready().await.unwrap().call(batch(&[1])).await.is_err());
+        assert!(svc.ready().await.unwrap().call(batch([1])).await.is_err());
         assert_eq!(handler.attempts(), 1);
     }
 
@@ -685,7 +668,7 @@ mod tests {
         for _ in 0..runs {
             let handler = Flaky::new(u32::MAX, transient);
             let mut svc = layer.clone().layer(handler.clone());
-            let _ = svc.ready().await.unwrap().call(batch(&[1])).await;
+            let _ = svc.ready().await.unwrap().call(batch([1])).await;
             let gaps = handler.gaps();
             assert_eq!(gaps.len(), 6);
             for (i, gap) in gaps.iter().enumerate() {
@@ -721,7 +704,7 @@ mod tests {
         S: Service<Batch, Response = (), Error = BoxError>,
     {
         let t0 = Instant::now();
-        let result = svc.ready().await.unwrap().call(batch(&[1])).await;
+        let result = svc.ready().await.unwrap().call(batch([1])).await;
         (result, t0.elapsed())
     }
 
@@ -807,7 +790,7 @@ mod tests {
                 .layer(CheckpointLayer::new(checkpointer.clone()))
                 .layer(RetryLayer::new())
                 .service(handler.clone());
-            let result = svc.ready().await.unwrap().call(batch(&[1, 2, 3])).await;
+            let result = svc.ready().await.unwrap().call(batch([1, 2, 3])).await;
             if succeeds {
                 result.unwrap();
                 assert_eq!(handler.attempts(), 3);
@@ -815,7 +798,7 @@ mod tests {
                 assert_eq!(*attempts_at_write.lock().unwrap(), vec![3]);
                 assert_eq!(
                     checkpointer.get("shard-0").await.unwrap(),
-                    batch(&[3]).checkpoint()
+                    batch([3]).checkpoint()
                 );
             } else {
                 assert_eq!(result.unwrap_err().to_string(), "attempt 5 failed");

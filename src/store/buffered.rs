@@ -285,14 +285,10 @@ impl<S> std::fmt::Debug for BufferedStore<S> {
 
 #[cfg(test)]
 mod tests {
-    use kinesis_tower_layers::checkpoint::testing::FaultyStore;
+    use kinesis_tower_layers::testing::{at, FaultyStore};
     use kinesis_tower_layers::MemoryStore;
 
     use super::*;
-
-    fn at(n: u64) -> Checkpoint {
-        Checkpoint::at(n.to_string().parse().unwrap())
-    }
 
     #[tokio::test(start_paused = true)]
     async fn coalesces_per_shard_and_writes_on_the_interval() {

@@ -230,33 +230,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CheckpointStore, MemoryStore, Record, SequenceNumber};
+    use crate::testing::{at, batch};
+    use crate::{CheckpointStore, MemoryStore};
     use std::sync::Arc;
     use tower::{service_fn, ServiceExt};
-
-    fn record(shard: &ShardId, seq: u64) -> Record {
-        Record {
-            shard_id: shard.clone(),
-            sequence_number: SequenceNumber::parse(&seq.to_string()).unwrap(),
-            sub_sequence_number: None,
-            partition_key: "pk".into(),
-            explicit_hash_key: None,
-            data: bytes::Bytes::from_static(b"x"),
-            approximate_arrival_timestamp: None,
-        }
-    }
-
-    fn batch(seqs: &[u64]) -> Batch {
-        let shard = ShardId::from("shard-0");
-        Batch::new(
-            shard.clone(),
-            seqs.iter().map(|s| record(&shard, *s)).collect(),
-        )
-    }
-
-    fn at(seq: u64) -> Checkpoint {
-        Checkpoint::at(SequenceNumber::parse(&seq.to_string()).unwrap())
-    }
 
     fn setup() -> (Arc<MemoryStore>, Checkpointer) {
         let store = Arc::new(MemoryStore::new());
@@ -271,7 +248,7 @@ mod tests {
         svc.ready()
             .await
             .unwrap()
-            .call(batch(&[1, 2, 3]))
+            .call(batch([1, 2, 3]))
             .await
             .unwrap();
         assert_eq!(store.get("ns", "shard-0").await.unwrap(), Some(at(3)));
@@ -282,7 +259,7 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(batch(&[4, 5]))
+            .call(batch([4, 5]))
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "boom");
@@ -297,7 +274,7 @@ mod tests {
         svc.ready()
             .await
             .unwrap()
-            .call(batch(&[1, 2]))
+            .call(batch([1, 2]))
             .await
             .unwrap();
         assert_eq!(store.get("ns", "shard-0").await.unwrap(), None);
@@ -308,7 +285,7 @@ mod tests {
         svc.ready()
             .await
             .unwrap()
-            .call(batch(&[6, 7, 8]))
+            .call(batch([6, 7, 8]))
             .await
             .unwrap();
         assert_eq!(store.get("ns", "shard-0").await.unwrap(), Some(at(7)));
@@ -320,7 +297,7 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(batch(&[9]))
+            .call(batch([9]))
             .await
             .unwrap_err();
         assert!(err.is::<CheckpointPastBatch>(), "{err}");
@@ -349,7 +326,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.get("ns", "shard-0").await.unwrap(), None);
-        let mut last = batch(&[1, 2]);
+        let mut last = batch([1, 2]);
         last.end = Some(crate::BatchEnd::ShardEnd);
         svc.ready().await.unwrap().call(last).await.unwrap();
         assert_eq!(

@@ -81,25 +81,25 @@ impl CheckpointStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::at;
 
     #[tokio::test]
     async fn never_moves_backwards_and_namespaces_are_isolated() {
         let store = MemoryStore::new();
-        let at = |s: &str| Checkpoint::at(s.parse().unwrap());
         assert_eq!(store.get("a", "s").await.unwrap(), None);
         assert_eq!(
-            store.set("a", "s", at("100")).await.unwrap(),
+            store.set("a", "s", at(100)).await.unwrap(),
             SetOutcome::Advanced
         );
         assert_eq!(
-            store.set("a", "s", at("99")).await.unwrap(),
+            store.set("a", "s", at(99)).await.unwrap(),
             SetOutcome::NotAdvanced
         );
-        assert_eq!(store.get("a", "s").await.unwrap(), Some(at("100")));
+        assert_eq!(store.get("a", "s").await.unwrap(), Some(at(100)));
         assert_eq!(store.get("b", "s").await.unwrap(), None);
         store.set("a", "s", Checkpoint::ShardEnd).await.unwrap();
         assert_eq!(
-            store.set("a", "s", at("1000")).await.unwrap(),
+            store.set("a", "s", at(1000)).await.unwrap(),
             SetOutcome::NotAdvanced
         );
         assert_eq!(

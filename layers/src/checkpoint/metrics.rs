@@ -84,15 +84,11 @@ impl WriteTimer {
 mod tests {
     use metrics_util::debugging::DebuggingRecorder;
 
-    use super::super::testing::FaultyStore;
-    use super::super::{Checkpoint, Checkpointer};
+    use super::super::Checkpointer;
     use crate::metric_names as names;
     use crate::metrics::tests::Values;
-    use crate::{MemoryStore, SequenceNumber};
-
-    fn at(n: u64) -> Checkpoint {
-        Checkpoint::at(SequenceNumber::parse(&n.to_string()).unwrap())
-    }
+    use crate::testing::{at, FaultyStore};
+    use crate::MemoryStore;
 
     #[test]
     fn writes_are_counted_and_timed_per_shard_under_the_stream_label() {

@@ -5,8 +5,6 @@ mod layer;
 mod memory;
 mod metrics;
 mod store;
-#[cfg(any(test, feature = "test-util"))]
-pub mod testing;
 
 pub use layer::{
     CheckpointFuture, CheckpointLayer, CheckpointPastBatch, CheckpointService,

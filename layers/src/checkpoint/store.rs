@@ -408,11 +408,8 @@ impl Checkpointer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{MemoryStore, SequenceNumber};
-
-    fn at(n: u64) -> Checkpoint {
-        Checkpoint::at(SequenceNumber::parse(&n.to_string()).unwrap())
-    }
+    use crate::testing::at;
+    use crate::MemoryStore;
 
     #[tokio::test]
     async fn an_ended_shard_becomes_shard_end_once_its_last_record_is_checkpointed() {

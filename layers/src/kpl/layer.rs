@@ -246,6 +246,7 @@ where
 mod tests {
     use super::*;
     use crate::kpl::{Aggregator, Corruption};
+    use crate::testing::{at, at_sub};
     use crate::{SequenceNumber, ShardId};
     use bytes::Bytes;
     use std::sync::Mutex;
@@ -255,19 +256,11 @@ mod tests {
         ShardId::from("shardId-000000000002")
     }
 
-    fn seq(n: u64) -> SequenceNumber {
-        SequenceNumber::parse(&n.to_string()).unwrap()
-    }
-
     fn record(n: u64, data: impl Into<Bytes>) -> Record {
         Record {
-            shard_id: shard(),
-            sequence_number: seq(n),
-            sub_sequence_number: None,
             partition_key: "outer".into(),
-            explicit_hash_key: None,
             data: data.into(),
-            approximate_arrival_timestamp: None,
+            ..crate::testing::record(&shard(), n)
         }
     }
 
@@ -386,7 +379,7 @@ mod tests {
         let error = result.unwrap_err();
         let error = error.downcast_ref::<KplError>().expect("a KplError");
         assert_eq!(error.shard_id(), &shard());
-        assert_eq!(error.sequence_number(), seq(2));
+        assert_eq!(error.sequence_number(), SequenceNumber::from(2));
         assert_eq!(error.problem(), &Corruption::ChecksumMismatch);
         assert!(seen.is_empty(), "the inner service must not be called");
         assert_eq!(layer.corrupt_records(), 1);
@@ -469,10 +462,7 @@ mod tests {
     }
 
     fn resume(n: u64, sub: u64) -> Option<Checkpoint> {
-        Some(Checkpoint::Sequence {
-            sequence_number: seq(n),
-            sub_sequence_number: Some(sub),
-        })
+        Some(at_sub(n, sub))
     }
 
     #[tokio::test]
@@ -500,7 +490,7 @@ mod tests {
         assert_eq!(names(&seen[0]), ["8/0:b-0", "8/1:b-1"]);
 
         // Another sequence number (the aggregate expired, say): nothing is dropped.
-        for other in [resume(6, 3), resume(9, 0), Some(Checkpoint::at(seq(7)))] {
+        for other in [resume(6, 3), resume(9, 0), Some(at(7))] {
             let (_, seen) = run(&layer, batch(other)).await;
             assert_eq!(names(&seen[0]).len(), 7);
             assert_eq!(seen[0].resume_after, None);

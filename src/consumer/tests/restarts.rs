@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::store::BufferedStore;
-use kinesis_tower_layers::checkpoint::testing::FaultyStore;
+use kinesis_tower_layers::testing::FaultyStore;
 
 fn failing_first_batch(
     seen: &Seen,

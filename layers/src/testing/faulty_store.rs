@@ -1,10 +1,10 @@
-//! A checkpoint store for tests of code that writes checkpoints (feature `test-util`).
+//! A checkpoint store for tests of code that writes checkpoints.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 
-use super::{Checkpoint, CheckpointStore, MemoryStore, SetOutcome, StoreError};
+use crate::checkpoint::{Checkpoint, CheckpointStore, MemoryStore, SetOutcome, StoreError};
 
 /// A [`MemoryStore`] that counts the reads and writes it takes, fails writes, reads or flushes
 /// while told to (with a retryable [`StoreError::Backend`] from back-end `faulty`), and runs a
