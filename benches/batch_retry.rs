@@ -34,8 +34,7 @@ fn batches() -> Vec<Batch> {
             let records = (0..PER_BATCH)
                 .map(|i| Record {
                     shard_id: shard.clone(),
-                    sequence_number: SequenceNumber::parse(&(b * PER_BATCH + i + 1).to_string())
-                        .unwrap(),
+                    sequence_number: SequenceNumber::from((b * PER_BATCH + i + 1) as u64),
                     sub_sequence_number: None,
                     partition_key: key.clone(),
                     explicit_hash_key: None,

@@ -46,7 +46,7 @@ fn batches(shards: usize, records: usize) -> Vec<Batch> {
             let records = (0..records)
                 .map(|i| Record {
                     shard_id: shard.clone(),
-                    sequence_number: SequenceNumber::parse(&(i + 1).to_string()).unwrap(),
+                    sequence_number: SequenceNumber::from(i as u64 + 1),
                     sub_sequence_number: None,
                     partition_key: "pk".into(),
                     explicit_hash_key: None,

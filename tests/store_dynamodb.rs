@@ -23,6 +23,7 @@ use aws_sdk_dynamodb::Client;
 use kinesis_tower::store::DynamoDbStore;
 use kinesis_tower::Checkpoint;
 use kinesis_tower::{CheckpointStore, StoreError};
+use kinesis_tower_layers::testing::at;
 
 fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL_DYNAMODB")
@@ -73,13 +74,6 @@ async fn drop_table(store: &DynamoDbStore) {
         .unwrap();
 }
 
-fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
-    Checkpoint::Sequence {
-        sequence_number: seq.parse().unwrap(),
-        sub_sequence_number: sub,
-    }
-}
-
 /// A handle on the table named `scope`, creating it on first use.
 async fn scoped(scope: &str) -> DynamoDbStore {
     let store = DynamoDbStore::new(client().await, scope).unwrap();
@@ -119,9 +113,11 @@ conformance::suite!(
 async fn items_carry_the_documented_attributes() {
     let s = table("attributes").await;
     let big = "7".repeat(128);
-    s.set("app/stream", "shardId-1", at(&big, Some(3)))
-        .await
-        .unwrap();
+    let checkpoint = Checkpoint::Sequence {
+        sequence_number: big.parse().unwrap(),
+        sub_sequence_number: Some(3),
+    };
+    s.set("app/stream", "shardId-1", checkpoint).await.unwrap();
     s.set("app/stream", "shardId-2", Checkpoint::ShardEnd)
         .await
         .unwrap();
@@ -146,10 +142,7 @@ async fn items_carry_the_documented_attributes() {
     assert_eq!(one["sequence_number"], AttributeValue::S(big.clone()));
     assert_eq!(one["sub_sequence_number"], AttributeValue::N("3".into()));
     assert_eq!(one["shard_end"], AttributeValue::Bool(false));
-    assert_eq!(
-        one["sort_key"],
-        AttributeValue::S(at(&big, Some(3)).sort_key())
-    );
+    assert_eq!(one["sort_key"], AttributeValue::S(checkpoint.sort_key()));
     let updated = one["updated_at"].as_s().unwrap();
     assert!(
         updated.len() >= 20 && updated.ends_with('Z'),
@@ -166,20 +159,16 @@ async fn items_carry_the_documented_attributes() {
 async fn list_follows_query_pages_and_keeps_namespaces_apart() {
     let s = table("list").await.list_page_size(2);
     for i in (0..7).rev() {
-        s.set(
-            "a",
-            &format!("shardId-{i:03}"),
-            at(&(i + 10).to_string(), None),
-        )
-        .await
-        .unwrap();
+        s.set("a", &format!("shardId-{i:03}"), at(i + 10))
+            .await
+            .unwrap();
     }
     s.set("b", "shardId-000", Checkpoint::ShardEnd)
         .await
         .unwrap();
     let listed = s.list("a").await.unwrap();
     let expected: Vec<(String, Checkpoint)> = (0..7)
-        .map(|i| (format!("shardId-{i:03}"), at(&(i + 10).to_string(), None)))
+        .map(|i| (format!("shardId-{i:03}"), at(i + 10)))
         .collect();
     assert_eq!(listed, expected);
     assert_eq!(
@@ -240,7 +229,7 @@ async fn a_missing_table_is_a_clear_error_that_is_not_retried() {
     let s = DynamoDbStore::new(client().await, &table).unwrap();
     let errors = [
         s.get("ns", "shardId-1").await.unwrap_err(),
-        s.set("ns", "shardId-1", at("1", None)).await.unwrap_err(),
+        s.set("ns", "shardId-1", at(1)).await.unwrap_err(),
         s.list("ns").await.unwrap_err(),
     ];
     for err in errors {

@@ -7,9 +7,10 @@ mod sql_common;
 
 use kinesis_tower::store::{MySqlStore, SetOutcome};
 use kinesis_tower::CheckpointStore;
+use kinesis_tower_layers::testing::at;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 
-use sql_common::{at, fresh, unique_table, SqlStore};
+use sql_common::{fresh, unique_table, SqlStore};
 
 fn url() -> String {
     std::env::var("KT_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
@@ -44,13 +45,13 @@ async fn an_insert_after_a_refusal_on_one_connection_advances() {
         .unwrap();
     let store = MySqlStore::from_pool(single, &unique_table("columns")).unwrap();
     store.create_table().await.unwrap();
-    store.set("app/s", "shard-1", at("5", None)).await.unwrap();
+    store.set("app/s", "shard-1", at(5)).await.unwrap();
     assert_eq!(
-        store.set("app/s", "shard-1", at("5", None)).await.unwrap(),
+        store.set("app/s", "shard-1", at(5)).await.unwrap(),
         SetOutcome::NotAdvanced
     );
     assert_eq!(
-        store.set("app/s", "shard-2", at("1", None)).await.unwrap(),
+        store.set("app/s", "shard-2", at(1)).await.unwrap(),
         SetOutcome::Advanced
     );
     store.drop_table().await;
@@ -63,10 +64,10 @@ async fn racing_first_writes_keep_the_greatest() {
     let store: MySqlStore = fresh("race").await;
     for shard in 0..5 {
         let shard = format!("shard-{shard}");
-        let writers: Vec<_> = (1..=12u32)
+        let writers: Vec<_> = (1..=12)
             .map(|n| {
                 let (store, shard) = (store.clone(), shard.clone());
-                tokio::spawn(async move { store.set("ns", &shard, at(&n.to_string(), None)).await })
+                tokio::spawn(async move { store.set("ns", &shard, at(n)).await })
             })
             .collect();
         let mut advanced = 0;
@@ -76,7 +77,7 @@ async fn racing_first_writes_keep_the_greatest() {
             }
         }
         assert!(advanced >= 1);
-        assert_eq!(store.get("ns", &shard).await.unwrap(), Some(at("12", None)));
+        assert_eq!(store.get("ns", &shard).await.unwrap(), Some(at(12)));
     }
     store.drop_table().await;
 }
@@ -88,8 +89,8 @@ async fn database_qualified_names_work() {
         .await
         .unwrap();
     store.create_table().await.unwrap();
-    store.set("ns", "s", at("7", None)).await.unwrap();
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("7", None)));
+    store.set("ns", "s", at(7)).await.unwrap();
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at(7)));
     store.drop_table().await;
 }
 
@@ -105,8 +106,8 @@ async fn killed_connections_are_replaced_and_writes_continue() {
     let store = MySqlStore::from_pool(single, &unique_table("kill")).unwrap();
     store.create_table().await.unwrap();
     let admin = pool_for("").await;
-    store.set("ns", "s", at("1", None)).await.unwrap();
-    for n in 2..8u32 {
+    store.set("ns", "s", at(1)).await.unwrap();
+    for n in 2..8 {
         let (id,): (u64,) = sqlx::query_as("SELECT CONNECTION_ID()")
             .fetch_one(store.pool())
             .await
@@ -116,13 +117,10 @@ async fn killed_connections_are_replaced_and_writes_continue() {
             .await
             .unwrap();
         assert_eq!(
-            store
-                .set("ns", "s", at(&n.to_string(), None))
-                .await
-                .unwrap(),
+            store.set("ns", "s", at(n)).await.unwrap(),
             SetOutcome::Advanced
         );
     }
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("7", None)));
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at(7)));
     store.drop_table().await;
 }

@@ -17,10 +17,11 @@ use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::{PostgresStore, SetOutcome};
 use kinesis_tower::{Batch, Checkpoint, Consumer, SequenceNumber, StartPosition};
 use kinesis_tower::{BoxError, CheckpointStore, Processed};
+use kinesis_tower_layers::testing::at;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tower::{service_fn, Layer};
 
-use sql_common::{at, fresh, unique_table, SqlStore};
+use sql_common::{fresh, unique_table, SqlStore};
 
 fn url() -> String {
     std::env::var("KT_POSTGRES_URL")
@@ -59,7 +60,7 @@ async fn schema_qualified_names_work() {
     let store = PostgresStore::from_pool(pool.clone(), &format!("{schema}.Checkpoints")).unwrap();
     store.create_table().await.unwrap();
     store.create_table().await.unwrap();
-    store.set("ns", "s", at("7", None)).await.unwrap();
+    store.set("ns", "s", at(7)).await.unwrap();
     let (n,): (i64,) = sqlx::query_as(&format!(
         "SELECT count(*) FROM \"{schema}\".\"Checkpoints\""
     ))
@@ -104,21 +105,15 @@ async fn terminate_connections(admin: &PgPool, application_name: &str) -> u64 {
 async fn terminated_connections_are_replaced_and_writes_continue() {
     let store: PostgresStore = fresh("terminate").await;
     let admin = pool_named("kt_admin").await;
-    store.set("ns", "s", at("1", None)).await.unwrap();
-    for n in 2..10u32 {
+    store.set("ns", "s", at(1)).await.unwrap();
+    for n in 2..10 {
         let killed = terminate_connections(&admin, store.table()).await;
         assert!(killed > 0, "the store had an open connection");
         assert_eq!(
-            store
-                .set("ns", "s", at(&n.to_string(), None))
-                .await
-                .unwrap(),
+            store.set("ns", "s", at(n)).await.unwrap(),
             SetOutcome::Advanced
         );
-        assert_eq!(
-            store.get("ns", "s").await.unwrap(),
-            Some(at(&n.to_string(), None))
-        );
+        assert_eq!(store.get("ns", "s").await.unwrap(), Some(at(n)));
     }
     store.drop_table().await;
 }

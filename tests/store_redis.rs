@@ -24,6 +24,7 @@ use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::RedisStore;
 use kinesis_tower::{Batch, Checkpoint, Consumer, StartPosition};
 use kinesis_tower::{BoxError, CheckpointStore, StoreError};
+use kinesis_tower_layers::testing::{at, at_sub};
 use tokio_util::sync::CancellationToken;
 use tower::{service_fn, Layer};
 
@@ -34,13 +35,6 @@ fn redis_url() -> String {
 /// A key prefix no other test (or test process) uses.
 fn unique_prefix(test: &str) -> String {
     common::unique_stream_name(&format!("kt-test:{test}"))
-}
-
-fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
-    Checkpoint::Sequence {
-        sequence_number: seq.parse().unwrap(),
-        sub_sequence_number: sub,
-    }
 }
 
 async fn store(prefix: &str) -> RedisStore {
@@ -77,18 +71,16 @@ conformance::suite!(
 async fn layout_is_one_hash_per_namespace_and_list_reads_it() {
     let prefix = unique_prefix("layout");
     let s = store(&prefix).await;
-    s.set("app/a", "shardId-2", at("20", None)).await.unwrap();
-    s.set("app/a", "shardId-1", at("10", Some(3)))
-        .await
-        .unwrap();
+    s.set("app/a", "shardId-2", at(20)).await.unwrap();
+    s.set("app/a", "shardId-1", at_sub(10, 3)).await.unwrap();
     s.set("app/b", "shardId-1", Checkpoint::ShardEnd)
         .await
         .unwrap();
     assert_eq!(
         s.list("app/a").await.unwrap(),
         vec![
-            ("shardId-1".to_owned(), at("10", Some(3))),
-            ("shardId-2".to_owned(), at("20", None)),
+            ("shardId-1".to_owned(), at_sub(10, 3)),
+            ("shardId-2".to_owned(), at(20)),
         ]
     );
     assert_eq!(
@@ -105,7 +97,7 @@ async fn layout_is_one_hash_per_namespace_and_list_reads_it() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(raw, at("20", None).sort_key());
+    assert_eq!(raw, at(20).sort_key());
 
     s.delete_namespace("app/a").await.unwrap();
     assert_eq!(s.list("app/a").await.unwrap(), vec![]);
@@ -146,7 +138,7 @@ async fn a_key_of_the_wrong_type_is_a_clear_error_that_is_not_retried() {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    let err = s.set("ns", "shard", at("1", None)).await.unwrap_err();
+    let err = s.set("ns", "shard", at(1)).await.unwrap_err();
     assert!(!err.is_retryable(), "{err}");
     let text = err.to_string();
     assert!(
@@ -270,7 +262,7 @@ async fn wait_until_serving(url: &str, dir: &Path) {
 async fn reads_of_an_unreachable_server_are_errors_never_missing_checkpoints() {
     let mut server = OwnRedis::start().await;
     let s = RedisStore::connect(&server.url()).await.unwrap();
-    s.set("ns", "shardId-7", at("42", None)).await.unwrap();
+    s.set("ns", "shardId-7", at(42)).await.unwrap();
     server.kill();
 
     let started = Instant::now();
@@ -287,7 +279,7 @@ async fn reads_of_an_unreachable_server_are_errors_never_missing_checkpoints() {
     );
     let err = s.list("ns").await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
-    let err = s.set("ns", "shardId-7", at("43", None)).await.unwrap_err();
+    let err = s.set("ns", "shardId-7", at(43)).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
 
     // Nothing listens on the port now: connecting is a retryable error too.
@@ -307,14 +299,14 @@ async fn reads_of_an_unreachable_server_are_errors_never_missing_checkpoints() {
             Err(e) => panic!("get after the restart: {e}"),
         }
     };
-    assert_eq!(value, Some(at("42", None)));
+    assert_eq!(value, Some(at(42)));
 }
 
 #[tokio::test]
 async fn a_server_busy_in_a_script_is_a_retryable_error_and_the_store_recovers() {
     let server = OwnRedis::start().await;
     let s = RedisStore::connect(&server.url()).await.unwrap();
-    s.set("ns", "shardId-1", at("5", None)).await.unwrap();
+    s.set("ns", "shardId-1", at(5)).await.unwrap();
     let client = redis::Client::open(server.url()).unwrap();
     let mut blocker = client.get_multiplexed_async_connection().await.unwrap();
     let mut killer = client.get_multiplexed_async_connection().await.unwrap();
@@ -336,7 +328,7 @@ async fn a_server_busy_in_a_script_is_a_retryable_error_and_the_store_recovers()
         text.contains("BUSY") && text.contains("shardId-1"),
         "{text}"
     );
-    let err = s.set("ns", "shardId-1", at("6", None)).await.unwrap_err();
+    let err = s.set("ns", "shardId-1", at(6)).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
 
     redis::cmd("SCRIPT")
@@ -345,9 +337,9 @@ async fn a_server_busy_in_a_script_is_a_retryable_error_and_the_store_recovers()
         .await
         .unwrap();
     busy.await.unwrap();
-    assert_eq!(s.get("ns", "shardId-1").await.unwrap(), Some(at("5", None)));
+    assert_eq!(s.get("ns", "shardId-1").await.unwrap(), Some(at(5)));
     assert_eq!(
-        s.set("ns", "shardId-1", at("6", None)).await.unwrap(),
+        s.set("ns", "shardId-1", at(6)).await.unwrap(),
         kinesis_tower::checkpoint::SetOutcome::Advanced
     );
 }

@@ -308,13 +308,7 @@ impl CheckpointStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(s: &str, sub: Option<u64>) -> Checkpoint {
-        Checkpoint::Sequence {
-            sequence_number: s.parse().unwrap(),
-            sub_sequence_number: sub,
-        }
-    }
+    use kinesis_tower_layers::testing::at;
 
     #[tokio::test]
     async fn monotonic_numeric_and_persistent() {
@@ -323,38 +317,30 @@ mod tests {
         let store = SqliteStore::open(&path).await.unwrap();
         assert_eq!(store.get("app/s", "shard-1").await.unwrap(), None);
         assert_eq!(
-            store.set("app/s", "shard-1", at("99", None)).await.unwrap(),
+            store.set("app/s", "shard-1", at(99)).await.unwrap(),
             SetOutcome::Advanced
         );
         // 100 > 99 numerically, though "100" < "99" as text.
         assert_eq!(
-            store
-                .set("app/s", "shard-1", at("100", None))
-                .await
-                .unwrap(),
+            store.set("app/s", "shard-1", at(100)).await.unwrap(),
             SetOutcome::Advanced
         );
         assert_eq!(
-            store.set("app/s", "shard-1", at("99", None)).await.unwrap(),
+            store.set("app/s", "shard-1", at(99)).await.unwrap(),
             SetOutcome::NotAdvanced
         );
         assert_eq!(
-            store
-                .set("app/s", "shard-1", at("100", None))
-                .await
-                .unwrap(),
+            store.set("app/s", "shard-1", at(100)).await.unwrap(),
             SetOutcome::NotAdvanced
         );
-        let big = "9".repeat(128);
-        store
-            .set("app/s", "shard-1", at(&big, Some(3)))
-            .await
-            .unwrap();
+        // 128 digits, inside an aggregate.
+        let big = |sub| Checkpoint::Sequence {
+            sequence_number: "9".repeat(128).parse().unwrap(),
+            sub_sequence_number: Some(sub),
+        };
+        store.set("app/s", "shard-1", big(3)).await.unwrap();
         assert_eq!(
-            store
-                .set("app/s", "shard-1", at(&big, Some(2)))
-                .await
-                .unwrap(),
+            store.set("app/s", "shard-1", big(2)).await.unwrap(),
             SetOutcome::NotAdvanced
         );
         assert_eq!(store.get("other/s", "shard-1").await.unwrap(), None);
@@ -363,7 +349,7 @@ mod tests {
         let reopened = SqliteStore::open(&path).await.unwrap();
         assert_eq!(
             reopened.get("app/s", "shard-1").await.unwrap(),
-            Some(at(&big, Some(3)))
+            Some(big(3))
         );
         reopened
             .set("app/s", "shard-1", Checkpoint::ShardEnd)

@@ -9,6 +9,7 @@ use std::time::Duration;
 use kinesis_tower::store::{BufferedStore, SetOutcome, StoreError};
 use kinesis_tower::Checkpoint;
 use kinesis_tower::CheckpointStore;
+use kinesis_tower_layers::testing::at;
 
 /// A table name no other test (or test process) uses.
 pub fn unique_table(prefix: &str) -> String {
@@ -24,13 +25,6 @@ pub fn unique_table(prefix: &str) -> String {
 /// A handle on a new table of its own (drop it with [`SqlStore::drop_table`]).
 pub async fn fresh<S: SqlStore>(prefix: &str) -> S {
     S::open(&unique_table(prefix)).await
-}
-
-pub fn at(seq: &str, sub: Option<u64>) -> Checkpoint {
-    Checkpoint::Sequence {
-        sequence_number: seq.parse().unwrap(),
-        sub_sequence_number: sub,
-    }
 }
 
 /// A SQL store as the shared checks drive it.
@@ -270,7 +264,7 @@ pub async fn failures_are_errors_never_missing_checkpoints<S: SqlStore>() {
         "{err}"
     );
     assert!(err.to_string().contains("namespace ns"), "{err}");
-    assert!(missing.set("ns", "s", at("1", None)).await.is_err());
+    assert!(missing.set("ns", "s", at(1)).await.is_err());
     assert!(missing.list("ns").await.is_err());
 
     // A server that is not there: retryable, and the retries end.
@@ -292,10 +286,11 @@ pub async fn failures_are_errors_never_missing_checkpoints<S: SqlStore>() {
 pub async fn columns_hold_full_values<S: SqlStore>() {
     let store: S = fresh("columns").await;
     let big = "9".repeat(128);
-    store
-        .set("ns", "s", at(&big, Some(u64::MAX)))
-        .await
-        .unwrap();
+    let checkpoint = Checkpoint::Sequence {
+        sequence_number: big.parse().unwrap(),
+        sub_sequence_number: Some(u64::MAX),
+    };
+    store.set("ns", "s", checkpoint).await.unwrap();
     assert_eq!(
         store.columns("s").await,
         (Some(big), Some(u64::MAX.to_string()), false)
@@ -307,15 +302,15 @@ pub async fn columns_hold_full_values<S: SqlStore>() {
 
 pub async fn keys_are_case_sensitive_and_sort_bytewise<S: SqlStore>() {
     let store = S::open(&unique_table("keys")).await;
-    for (shard, seq) in [("b", "2"), ("B", "3"), ("a", "1")] {
-        store.set("ns/s", shard, at(seq, None)).await.unwrap();
+    for (shard, seq) in [("b", 2), ("B", 3), ("a", 1)] {
+        store.set("ns/s", shard, at(seq)).await.unwrap();
     }
     assert_eq!(
         store.list("ns/s").await.unwrap(),
         vec![
-            ("B".to_owned(), at("3", None)),
-            ("a".to_owned(), at("1", None)),
-            ("b".to_owned(), at("2", None)),
+            ("B".to_owned(), at(3)),
+            ("a".to_owned(), at(1)),
+            ("b".to_owned(), at(2)),
         ]
     );
     assert_eq!(store.get("NS/s", "b").await.unwrap(), None);
@@ -325,23 +320,21 @@ pub async fn keys_are_case_sensitive_and_sort_bytewise<S: SqlStore>() {
 /// The checkpoint commits and rolls back with the handler's transaction, under the same guard.
 pub async fn set_in_commits_and_rolls_back_with_the_transaction<S: SqlStore>() {
     let store = S::open(&unique_table("set_in")).await;
-    let outcomes = store
-        .set_in_transaction("ns", "s", &[at("10", None)], false)
-        .await;
+    let outcomes = store.set_in_transaction("ns", "s", &[at(10)], false).await;
     assert_eq!(outcomes, [SetOutcome::Advanced]);
     assert_eq!(store.get("ns", "s").await.unwrap(), None);
 
     let outcomes = store
-        .set_in_transaction("ns", "s", &[at("20", None), at("15", None)], true)
+        .set_in_transaction("ns", "s", &[at(20), at(15)], true)
         .await;
     assert_eq!(outcomes, [SetOutcome::Advanced, SetOutcome::NotAdvanced]);
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("20", None)));
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at(20)));
     // A write from outside the transaction cannot move it back.
     assert_eq!(
-        store.set("ns", "s", at("19", None)).await.unwrap(),
+        store.set("ns", "s", at(19)).await.unwrap(),
         SetOutcome::NotAdvanced
     );
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("20", None)));
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at(20)));
     store.drop_table().await;
 }
 
@@ -349,16 +342,16 @@ pub async fn set_in_commits_and_rolls_back_with_the_transaction<S: SqlStore>() {
 pub async fn a_failed_flush_keeps_the_checkpoints_pending<S: SqlStore>() {
     let store = S::open(&unique_table("flush_fails")).await;
     let buffered = store.clone().buffered_for_tests();
-    buffered.set("ns", "s", at("41", None)).await.unwrap();
+    buffered.set("ns", "s", at(41)).await.unwrap();
     store.drop_table().await;
     let err = buffered.flush().await.unwrap_err();
     assert!(matches!(err, StoreError::Backend { .. }), "{err}");
     assert_eq!(buffered.pending(), 1);
-    buffered.set("ns", "s", at("42", None)).await.unwrap();
+    buffered.set("ns", "s", at(42)).await.unwrap();
     store.create_table().await.unwrap();
     buffered.flush().await.unwrap();
     assert_eq!(buffered.pending(), 0);
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("42", None)));
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at(42)));
     store.drop_table().await;
 }
 
@@ -367,16 +360,11 @@ pub async fn a_failed_flush_keeps_the_checkpoints_pending<S: SqlStore>() {
 pub async fn a_late_buffered_flush_does_not_undo_a_transactional_checkpoint<S: SqlStore>() {
     let store = S::open(&unique_table("late_flush")).await;
     let buffered = store.clone().buffered_for_tests();
-    buffered.set("ns", "s", at("100", None)).await.unwrap();
-    store
-        .set_in_transaction("ns", "s", &[at("200", None)], true)
-        .await;
+    buffered.set("ns", "s", at(100)).await.unwrap();
+    store.set_in_transaction("ns", "s", &[at(200)], true).await;
     buffered.flush().await.unwrap();
-    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at("200", None)));
-    assert_eq!(
-        buffered.get("ns", "s").await.unwrap(),
-        Some(at("200", None))
-    );
+    assert_eq!(store.get("ns", "s").await.unwrap(), Some(at(200)));
+    assert_eq!(buffered.get("ns", "s").await.unwrap(), Some(at(200)));
     store.drop_table().await;
 }
 
