@@ -42,6 +42,8 @@ mod error;
 pub mod kinesis;
 mod retrying;
 pub mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use consumer::assignment;
 pub use consumer::{
