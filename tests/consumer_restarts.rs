@@ -1,9 +1,48 @@
-//! What a restart resumes from: the durable start position, the start position's scope, and
-//! what the store and the listing must agree on.
+//! What a restart resumes from: the checkpoint, the durable start position, the start
+//! position's scope, a checkpoint inside a KPL aggregate, and what the store and the listing must
+//! agree on. Time is paused: sleeps complete as soon as every task is idle.
 
-use super::*;
-use crate::store::BufferedStore;
-use kinesis_tower_layers::testing::FaultyStore;
+mod faults;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kinesis_tower::checkpoint::CheckpointLayer;
+use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
+use kinesis_tower::store::{BufferedStore, MemoryStore};
+use kinesis_tower::testing::{
+    builder, closed_parent_with_child, sequences, wait_for, FaultyStore, Running, Seen,
+};
+use kinesis_tower::{Batch, BoxError, Checkpoint, CheckpointStore};
+use kinesis_tower::{Error, StartPosition};
+use tower::{service_fn, Layer, ServiceBuilder};
+
+use faults::FaultyKinesis;
+
+#[tokio::test(start_paused = true)]
+async fn restart_resumes_after_the_checkpoint() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.fill(100, 10);
+    let store = Arc::new(MemoryStore::new());
+    let first = sequences(&kinesis, &shard_name(0));
+    let checkpoint = first[41];
+    store
+        .set(
+            "tests/test-stream",
+            &shard_name(0),
+            Checkpoint::at(checkpoint),
+        )
+        .await
+        .unwrap();
+    let consumer = builder(&kinesis).store_arc(store).build().unwrap();
+    let seen = Seen::default();
+    let run = Running::start(&consumer, seen.handler());
+    wait_for(Duration::from_secs(10), || seen.count() == 58).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of(&shard_name(0)), first[42..].to_vec());
+}
 
 fn failing_first_batch(
     seen: &Seen,
@@ -44,10 +83,9 @@ async fn restart_resumes_where_the_first_run_started(start: impl Fn() -> StartPo
     })
     .await;
     let first = kinesis.put("p", "k", "first");
-    let outcome = tokio::time::timeout(Duration::from_secs(10), run.task)
+    let outcome = tokio::time::timeout(Duration::from_secs(10), run.join())
         .await
-        .expect("run ends")
-        .unwrap();
+        .expect("run ends");
     assert!(matches!(outcome, Err(Error::Handler { .. })), "{outcome:?}");
     assert_eq!(seen.count(), 1, "the first record was delivered");
     // While nothing runs: more records, and the shard is split.
@@ -101,7 +139,7 @@ async fn a_sequence_start_position_is_not_checked_again_once_its_shard_has_a_che
     kinesis.add_shard("p", &[]);
     let first = kinesis.put("p", "k", "a");
     kinesis.put("p", "k", "b");
-    let api = Faulty::new(&kinesis);
+    let api = FaultyKinesis::new(&kinesis);
     let store = Arc::new(MemoryStore::new());
     let consumer = api
         .consumer()
@@ -122,7 +160,7 @@ async fn a_sequence_start_position_is_not_checked_again_once_its_shard_has_a_che
     api.expire("p");
     let run = Running::checkpointed(&consumer, seen.handler());
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(!run.task.is_finished(), "{:?}", run.task.await);
+    assert!(!run.is_finished(), "{:?}", run.join().await);
     run.stop().await.unwrap();
 }
 
@@ -173,43 +211,6 @@ async fn a_failing_checkpoint_read_is_tried_once_by_the_consumer() {
     .expect("run ends");
     assert!(matches!(outcome, Err(Error::Store { .. })), "{outcome:?}");
     assert_eq!(store.reads(), 1);
-}
-
-/// A source that answers more records than asked cannot overrun the buffer: the reader keeps
-/// what it asked for and reads on after it, losing nothing.
-#[tokio::test(start_paused = true)]
-async fn more_records_than_asked_are_clamped_and_nothing_is_lost() {
-    let kinesis = MemoryKinesis::with_shards(1);
-    for i in 0..100 {
-        kinesis.put(&shard_name(0), &format!("k{i}"), "v");
-    }
-    let mut api = Faulty::new(&kinesis);
-    api.ignores_limit = true;
-    let consumer = api
-        .consumer()
-        .max_records_per_call(10)
-        .buffer_records(10)
-        .build()
-        .unwrap();
-    let seen = Seen::default();
-    let largest = Arc::new(AtomicU64::new(0));
-    let handler = {
-        let (seen, largest) = (seen.clone(), largest.clone());
-        service_fn(move |batch: Batch| {
-            largest.fetch_max(batch.len() as u64, Ordering::SeqCst);
-            seen.take(&batch);
-            async { Ok::<_, BoxError>(()) }
-        })
-    };
-    let run = Running::start(&consumer, handler);
-    wait_for(Duration::from_secs(60), || seen.count() == 100).await;
-    run.stop().await.unwrap();
-    assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
-    assert!(
-        largest.load(Ordering::SeqCst) <= 10,
-        "a batch of {} records",
-        largest.load(Ordering::SeqCst)
-    );
 }
 
 /// With `records()`, a closed shard's children come only after its last record was committed
@@ -291,8 +292,7 @@ async fn a_latest_start_that_read_nothing_before_a_crash_is_durable_too() {
     })
     .await;
     // The process dies: no drain, no final flush.
-    run.task.abort();
-    let _ = run.task.await;
+    run.abort().await;
     let put_while_down = kinesis.put("p", "k", "while down");
     kinesis.close_shard("p");
     kinesis.add_shard("c", &["p"]);
@@ -304,4 +304,141 @@ async fn a_latest_start_that_read_nothing_before_a_crash_is_durable_too() {
     run.stop().await.unwrap();
     assert_eq!(seen.of("p"), vec![put_while_down]);
     assert_eq!(seen.of("c"), vec![child]);
+}
+
+/// run() + CheckpointLayer under LATEST: the parent ends with SHARD_END, so after a restart the
+/// child is read from TRIM_HORIZON and its unfinished record is delivered again.
+#[tokio::test(start_paused = true)]
+async fn control_run_mode_redelivers_uncommitted_child_records_under_latest() {
+    let kinesis = MemoryKinesis::default();
+    kinesis.add_shard("p", &[]);
+    let store = Arc::new(MemoryStore::new());
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .start_position(StartPosition::Latest)
+        .drain_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let hanging = service_fn(|batch: Batch| async move {
+        if !batch.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, BoxError>(())
+    });
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(hanging),
+    );
+    wait_for(Duration::from_secs(5), || {
+        kinesis.get_records_calls("p") > 0
+    })
+    .await;
+    kinesis.close_shard("p");
+    kinesis.add_shard("c", &["p"]);
+    let put = kinesis.put("c", "k", "v");
+    wait_for(Duration::from_secs(10), || {
+        kinesis.get_records_calls("c") > 0
+    })
+    .await;
+    assert!(run.stop().await.is_err());
+    let seen = Seen::default();
+    let run = Running::start(
+        &consumer,
+        CheckpointLayer::new(consumer.checkpointer()).layer(seen.handler()),
+    );
+    wait_for(Duration::from_secs(10), || seen.count() == 1).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of("c"), vec![put]);
+}
+
+/// Restarting from a checkpoint inside a KPL aggregate: the reader reads the aggregate again
+/// and marks the first batch with records with the checkpoint, once; DeaggregateLayer then
+/// drops the user records already processed.
+#[tokio::test(start_paused = true)]
+async fn restart_inside_an_aggregate_marks_the_first_batch_and_drops_processed_user_records() {
+    use kinesis_tower::kpl::Aggregator;
+    use kinesis_tower::kpl::DeaggregateLayer;
+
+    let kinesis = MemoryKinesis::with_shards(1);
+    let shard = shard_name(0);
+    kinesis.put(&shard, "before", "plain");
+    for a in 0..3 {
+        let mut aggregator = Aggregator::new();
+        for u in 0..10 {
+            aggregator
+                .add(&format!("k{u}"), None, format!("{a}-{u}"))
+                .unwrap();
+        }
+        let aggregate = aggregator.finish().unwrap();
+        kinesis.put(&shard, &aggregate.partition_key, aggregate.data);
+    }
+    let outer = sequences(&kinesis, &shard);
+    let checkpoint = Checkpoint::Sequence {
+        sequence_number: outer[2],
+        sub_sequence_number: Some(3),
+    };
+    let store = Arc::new(MemoryStore::new());
+    store
+        .set("tests/test-stream", &shard, checkpoint)
+        .await
+        .unwrap();
+    let consumer = builder(&kinesis)
+        .store_arc(store)
+        .max_records_per_call(1)
+        .heartbeat_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+
+    let marks = Arc::new(Mutex::new(Vec::new()));
+    let data = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let data = data.clone();
+        service_fn(move |batch: Batch| {
+            data.lock()
+                .unwrap()
+                .extend(batch.records.iter().map(|r| r.data.clone()));
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    // What reaches the layer: records and marks, before deaggregation.
+    let spy_marks = marks.clone();
+    let spy = tower::layer::layer_fn(move |inner| {
+        let marks = spy_marks.clone();
+        tower::util::MapRequest::new(inner, move |batch: Batch| {
+            marks
+                .lock()
+                .unwrap()
+                .push((batch.len(), batch.resume_after));
+            batch
+        })
+    });
+    let service = ServiceBuilder::new()
+        .layer(spy)
+        .layer(DeaggregateLayer::new())
+        .service(handler);
+    let run = Running::start(&consumer, service);
+    wait_for(Duration::from_secs(30), || data.lock().unwrap().len() == 16).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    run.stop().await.unwrap();
+
+    let expected: Vec<String> = (4..10)
+        .map(|u| format!("1-{u}"))
+        .chain((0..10).map(|u| format!("2-{u}")))
+        .collect();
+    let got: Vec<String> = data
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| String::from_utf8_lossy(d).into_owned())
+        .collect();
+    assert_eq!(got, expected);
+    let marks = marks.lock().unwrap();
+    let with_records: Vec<_> = marks.iter().filter(|(len, _)| *len > 0).collect();
+    assert_eq!(with_records.len(), 2, "{marks:?}");
+    assert_eq!(with_records[0].1, Some(checkpoint));
+    assert_eq!(with_records[1].1, None);
+    assert!(
+        marks.iter().filter(|(_, mark)| mark.is_some()).count() == 1,
+        "only the first batch with records is marked: {marks:?}"
+    );
 }

@@ -1,14 +1,22 @@
 //! The assignment seam: a filter over the stream of assignment events decides which shards a
-//! consumer reads, and can take one away mid-run.
+//! consumer reads, and can take one away mid-run. Time is paused: sleeps complete as soon as every
+//! task is idle.
 
+use std::sync::Arc;
 use std::sync::Mutex as StdMutex;
+use std::time::Duration;
 
-use futures::stream::{self, StreamExt};
+use futures::stream;
+use futures::StreamExt;
+use kinesis_tower::assignment::{Assignment, Assignments, Revocation};
+use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
+use kinesis_tower::store::{BufferedStore, MemoryStore};
+use kinesis_tower::testing::{
+    builder, closed_parent_with_child, sequences, wait_for, Running, Seen,
+};
+use kinesis_tower::{Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, SequenceNumber};
 use tokio::sync::mpsc;
-
-use super::*;
-use crate::assignment::{Assignment, Assignments, Revocation};
-use crate::store::BufferedStore;
+use tower::service_fn;
 
 /// Even shards only; revocations come from the test through a channel.
 fn even_shards_with_revocations(
@@ -91,7 +99,7 @@ async fn a_filter_chooses_the_shards_and_a_revoked_shard_finishes_flushes_and_st
     // The in-flight batch finished, and nothing after it was handed over.
     let first_two: Vec<SequenceNumber> = sequences(&kinesis, &revoked_shard)[..2].to_vec();
     assert_eq!(seen.of(&revoked_shard), first_two);
-    let ends = seen.ends.lock().unwrap().clone();
+    let ends = seen.ends();
     assert!(
         ends.contains(&(revoked_shard.as_str().into(), BatchEnd::Revoked)),
         "a last batch marked Revoked: {ends:?}"
@@ -261,14 +269,10 @@ async fn a_held_start_of_a_shard_that_ended_meanwhile_is_finished_not_an_error()
         .unwrap();
     release.send(true).unwrap();
     wait_for(Duration::from_secs(60), || {
-        run.task.is_finished() || seen.of("c").len() == 1
+        run.is_finished() || seen.of("c").len() == 1
     })
     .await;
-    assert!(
-        !run.task.is_finished(),
-        "the run ended: {:?}",
-        run.task.await
-    );
+    assert!(!run.is_finished(), "the run ended: {:?}", run.join().await);
     run.stop().await.unwrap();
     assert_eq!(seen.of("c"), vec![child]);
 }
