@@ -10,19 +10,10 @@ use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
 use kinesis_tower::retry::{RetryLayer, Transient};
 use kinesis_tower::store::MemoryStore;
+use kinesis_tower::testing::{builder, sequences, wait_for, Running};
+use kinesis_tower::Error;
 use kinesis_tower::{Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, SequenceNumber};
-use kinesis_tower::{Consumer, ConsumerBuilder, Error, StartPosition};
-use tokio_util::sync::CancellationToken;
 use tower::{service_fn, ServiceBuilder};
-
-fn builder(kinesis: &MemoryKinesis, store: &Arc<MemoryStore>) -> ConsumerBuilder {
-    Consumer::builder()
-        .kinesis_api(Arc::new(kinesis.clone()))
-        .stream_name("batch-layer-stream")
-        .app_name("batch-layer")
-        .store_arc(store.clone())
-        .start_position(StartPosition::TrimHorizon)
-}
 
 /// Every batch the handler was called with.
 #[derive(Clone, Default)]
@@ -65,51 +56,6 @@ impl Calls {
     }
 }
 
-fn sequences(kinesis: &MemoryKinesis, shard: &str) -> Vec<SequenceNumber> {
-    kinesis
-        .records(shard)
-        .iter()
-        .map(|r| r.sequence_number)
-        .collect()
-}
-
-async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached in {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), Error>>,
-}
-
-impl Running {
-    fn start<S>(consumer: &Consumer, service: S) -> Self
-    where
-        S: tower::Service<Batch> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-    {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let (consumer, stop) = (consumer.clone(), stop.clone());
-            async move { consumer.run_until(service, stop.cancelled_owned()).await }
-        });
-        Self { stop, task }
-    }
-
-    async fn stop(self) -> Result<(), Error> {
-        self.stop.cancel();
-        self.task.await.expect("run task")
-    }
-}
-
 /// Reader answers of 250 records reach the handler as batches of at most 100; the last 50 of
 /// each shard are handed over by a heartbeat once they waited max wait; everything is
 /// checkpointed.
@@ -118,7 +64,8 @@ async fn reads_are_cut_to_max_records_and_heartbeats_flush_after_max_wait() {
     let kinesis = MemoryKinesis::with_shards(2);
     kinesis.fill(250, 10);
     let store = Arc::new(MemoryStore::new());
-    let consumer = builder(&kinesis, &store)
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
         .max_records_per_call(1_000)
         .heartbeat_interval(Duration::from_millis(250))
         .build()
@@ -163,7 +110,8 @@ async fn shutdown_flushes_the_buffer_and_checkpoints_the_last_record() {
     kinesis.fill(30, 10);
     let shard = shard_name(0);
     let store = Arc::new(MemoryStore::new());
-    let consumer = builder(&kinesis, &store)
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
         .drain_timeout(Duration::from_secs(5))
         .build()
         .unwrap();
@@ -198,7 +146,7 @@ async fn a_closed_shard_flushes_its_buffer_before_it_is_done_and_ends_with_shard
         kinesis.put("parent", &format!("k{i}"), "p");
     }
     let store = Arc::new(MemoryStore::new());
-    let consumer = builder(&kinesis, &store).build().unwrap();
+    let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
     let calls = Calls::default();
     let service = ServiceBuilder::new()
         .layer(BatchLayer::new().max_wait(Duration::from_secs(3600)))
@@ -243,7 +191,8 @@ async fn a_failing_batch_ends_run_and_is_not_checkpointed() {
     let shard = shard_name(0);
     let records = kinesis.records(&shard);
     let store = Arc::new(MemoryStore::new());
-    let consumer = builder(&kinesis, &store)
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
         .max_records_per_call(1_000)
         .build()
         .unwrap();
@@ -279,7 +228,8 @@ async fn batch_checkpoint_retry_stack_retries_transient_failures_and_checkpoints
     let kinesis = MemoryKinesis::with_shards(3);
     kinesis.fill(120, 10);
     let store = Arc::new(MemoryStore::new());
-    let consumer = builder(&kinesis, &store)
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
         .max_records_per_call(50)
         .heartbeat_interval(Duration::from_millis(100))
         .build()

@@ -15,9 +15,8 @@ use kinesis_tower::kpl::DeaggregateLayer;
 use kinesis_tower::retry::{RetryLayer, Transient};
 use kinesis_tower::store::BufferedStore;
 use kinesis_tower::store::MemoryStore;
-use kinesis_tower::{Batch, BoxError, Checkpoint, CheckpointStore};
-use kinesis_tower::{Consumer, Error, StartPosition};
-use tokio_util::sync::CancellationToken;
+use kinesis_tower::testing::{builder, wait_for, Running};
+use kinesis_tower::{Batch, BoxError, Checkpoint, CheckpointStore, Error};
 use tower::{service_fn, ServiceBuilder};
 
 /// A parent with plain records and aggregates, closed, and a child with the same mix.
@@ -74,12 +73,8 @@ async fn run(
 ) -> (Result<(), Error>, Vec<String>) {
     // A new buffered store over the same backing store: what a restarted process has.
     let buffered = Arc::new(BufferedStore::new(store).flush_interval(Duration::from_secs(3600)));
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(kinesis.clone()))
-        .stream_name("full-stack")
-        .app_name("full-stack")
+    let consumer = builder(kinesis)
         .store_arc(buffered)
-        .start_position(StartPosition::TrimHorizon)
         .max_records_per_call(4)
         .heartbeat_interval(Duration::from_millis(100))
         .build()
@@ -123,20 +118,14 @@ async fn run(
         .layer(RetryLayer::new().max_attempts(3))
         .layer(DeaggregateLayer::new())
         .service(handler);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (consumer, stop) = (consumer.clone(), stop.clone());
-        async move { consumer.run_until(service, stop.cancelled_owned()).await }
-    });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while handled.len() < stop_after && !task.is_finished() {
-        assert!(tokio::time::Instant::now() < deadline, "stuck");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let run = Running::start(&consumer, service);
+    wait_for(Duration::from_secs(60), || {
+        handled.len() >= stop_after || run.is_finished()
+    })
+    .await;
     // Let a little more arrive into the batch buffer before stopping.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    stop.cancel();
-    let result = task.await.unwrap();
+    let result = run.stop().await;
     let all = handled.0.lock().unwrap().clone();
     (result, all)
 }
@@ -166,7 +155,7 @@ async fn a_graceful_restart_delivers_every_user_record_exactly_once_in_order() {
             .collect();
         assert_eq!(&got, users, "{shard}: every user record once, in order");
     }
-    let ns = "full-stack/full-stack";
+    let ns = "tests/test-stream";
     assert_eq!(
         store.get(ns, "parent").await.unwrap(),
         Some(Checkpoint::ShardEnd)

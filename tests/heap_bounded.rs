@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kinesis_tower::kinesis::memory::MemoryKinesis;
+use kinesis_tower::testing::builder;
+use kinesis_tower::Record;
 use kinesis_tower::{Batch, BoxError};
-use kinesis_tower::{Consumer, Record, StartPosition};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -47,10 +48,7 @@ fn live() -> isize {
 async fn live_heap_does_not_grow_with_shard_refreshes() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let kinesis = MemoryKinesis::with_shards(1);
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(kinesis))
-        .stream_name("s")
-        .start_position(StartPosition::TrimHorizon)
+    let consumer = builder(&kinesis)
         .shard_refresh_interval(Duration::from_millis(100))
         .poll_interval(Duration::from_secs(3600))
         .build()
@@ -80,10 +78,7 @@ async fn live_heap_is_bounded_by_the_buffer_caps_whatever_the_backlog() {
     let kinesis = MemoryKinesis::with_shards(SHARDS);
     // A backlog 50 times the caps; the source shares each record's data, so it costs little.
     kinesis.fill(50_000, 100);
-    let consumer = Consumer::builder()
-        .kinesis_api(Arc::new(kinesis.clone()))
-        .stream_name("s")
-        .start_position(StartPosition::TrimHorizon)
+    let consumer = builder(&kinesis)
         .buffer_records(CAP)
         .max_records_per_call(500)
         .min_get_records_interval(Duration::ZERO)
