@@ -31,7 +31,8 @@ use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
 use kinesis_tower::kpl::{Aggregator, DeaggregateLayer};
 use kinesis_tower::metrics::MetricsLayer;
 use kinesis_tower::retry::RetryLayer;
-use support::memory::{bare_get_records, consumer, runtime, STREAM};
+use kinesis_tower::testing::STREAM;
+use support::memory::{bare_get_records, consumer, runtime};
 use tower::ServiceBuilder;
 
 const RECORD_BYTES: usize = 100;

@@ -1,15 +1,12 @@
 //! Shared by the benches over the in-memory Kinesis (feature `test-util`).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kinesis_tower::kinesis::memory::{shard_name, MemoryKinesis};
 use kinesis_tower::kinesis::{IteratorPosition, KinesisApi, StreamRef};
 use kinesis_tower::store::MemoryStore;
-use kinesis_tower::{Consumer, ConsumerBuilder, ShardId, StartPosition};
-
-/// The stream name the benches give the in-memory Kinesis.
-pub const STREAM: &str = "bench";
+use kinesis_tower::testing::{builder, STREAM};
+use kinesis_tower::{Consumer, ConsumerBuilder, ShardId};
 
 /// A current-thread runtime: everything on one core.
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -19,18 +16,15 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// A consumer of `kinesis` from the trim horizon with a `MemoryStore`, with the read limits
-/// that model the service's quotas lifted (no wait between GetRecords calls, no byte rate
-/// limit, 1 ms poll interval), so the consumer's own cost is what is measured. `tune` may
-/// change further settings.
+/// A consumer of `kinesis` with the test settings of `kinesis_tower::testing::builder` (from the
+/// trim horizon) and a `MemoryStore`, with the read limits that model the service's quotas
+/// lifted (no wait between GetRecords calls, no byte rate limit, 1 ms poll interval), so the
+/// consumer's own cost is what is measured. `tune` may change further settings.
 pub fn consumer(
     kinesis: &MemoryKinesis,
     tune: impl FnOnce(ConsumerBuilder) -> ConsumerBuilder,
 ) -> Consumer {
-    tune(Consumer::builder())
-        .kinesis_api(Arc::new(kinesis.clone()))
-        .stream_name(STREAM)
-        .start_position(StartPosition::TrimHorizon)
+    tune(builder(kinesis))
         .store(MemoryStore::new())
         .min_get_records_interval(Duration::ZERO)
         .read_bytes_per_second(u64::MAX)
