@@ -11,7 +11,7 @@ use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::kinesis::memory::MemoryKinesis;
 use kinesis_tower::per_record::PerRecordLayer;
 use kinesis_tower::store::MemoryStore;
-use kinesis_tower::testing::{builder, sequences, wait_for, Running, Seen};
+use kinesis_tower::testing::{at, builder, sequences, wait_for, Running, Seen};
 use kinesis_tower::{
     Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, Processed, Record, ShardId,
 };
@@ -253,7 +253,7 @@ async fn commit_racing_with_shard_ended_still_ends_the_shard() {
         },
         "ns",
     );
-    let last = Checkpoint::at("42".parse().unwrap());
+    let last = at(42);
     let commit = {
         let checkpointer = checkpointer.clone();
         tokio::spawn(async move { checkpointer.set("p", last).await.unwrap() })

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kinesis_tower::kinesis::memory::MemoryKinesis;
-use kinesis_tower::testing::builder;
+use kinesis_tower::testing::{builder, Running};
 use kinesis_tower::Record;
 use kinesis_tower::{Batch, BoxError};
 use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
 
 struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -53,16 +52,14 @@ async fn live_heap_does_not_grow_with_shard_refreshes() {
         .poll_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
     let handler = tower::service_fn(|_b: Batch| async { Ok::<_, BoxError>(()) });
-    let run = tokio::spawn(consumer.run_until(handler, stop.clone().cancelled_owned()));
+    let run = Running::start(&consumer, handler);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let before = live();
     // 10,000 refreshes.
     tokio::time::sleep(Duration::from_secs(1_000)).await;
     let after = live();
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     assert!(
         after - before < 64 * 1024,
         "live heap grew by {} bytes over 10,000 shard refreshes",
@@ -97,8 +94,7 @@ async fn live_heap_is_bounded_by_the_buffer_caps_whatever_the_backlog() {
         })
     };
     let before = live();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(consumer.run_until(handler, stop.clone().cancelled_owned()));
+    let run = Running::start(&consumer, handler);
     // The handler is stuck: the readers fill their buffers and stop.
     tokio::time::sleep(Duration::from_secs(60)).await;
     let stuck = live() - before;
@@ -116,6 +112,5 @@ async fn live_heap_is_bounded_by_the_buffer_caps_whatever_the_backlog() {
         kinesis.records_served()
     );
     gate.add_permits(usize::MAX >> 4);
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
 }
