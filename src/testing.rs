@@ -28,15 +28,15 @@
 //! ```
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use kinesis_tower_layers::checkpoint::CheckpointLayer;
-use kinesis_tower_layers::{Batch, BatchEnd, BoxError, SequenceNumber, ShardId};
+use kinesis_tower_layers::{Batch, BatchEnd, BoxError, Processed, SequenceNumber, ShardId};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tower::{service_fn, Layer, Service};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tower::{service_fn, Service};
 
 pub use kinesis_tower_layers::testing::{at, at_sub, batch, batch_of, record, FaultyStore, SHARD};
 
@@ -175,25 +175,28 @@ impl Running {
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
     {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let (consumer, stop) = (consumer.clone(), stop.clone());
-            async move { consumer.run_until(service, stop.cancelled_owned()).await }
-        });
-        Self { stop, task }
+        Self::spawn(|stop| consumer.run_until(service, stop))
     }
 
-    /// Spawns a run of `service` under a `CheckpointLayer` of the consumer's checkpointer.
+    /// Spawns `consumer.process_until(service, ..)`: `service` under a `CheckpointLayer` of
+    /// the consumer's checkpointer.
     pub fn checkpointed<S>(consumer: &Consumer, service: S) -> Self
     where
-        S: Service<Batch, Response = ()> + Send + 'static,
+        S: Service<Batch> + Send + 'static,
+        S::Response: Into<Processed>,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
     {
-        Self::start(
-            consumer,
-            CheckpointLayer::new(consumer.checkpointer()).layer(service),
-        )
+        Self::spawn(|stop| consumer.process_until(service, stop))
+    }
+
+    fn spawn<F>(run: impl FnOnce(WaitForCancellationFutureOwned) -> F) -> Self
+    where
+        F: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(stop.clone().cancelled_owned()));
+        Self { stop, task }
     }
 
     /// Whether the run has ended (without being asked to: with an error, unless stopped).

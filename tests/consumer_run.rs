@@ -17,7 +17,6 @@ use kinesis_tower::store::MemoryStore;
 use kinesis_tower::testing::{builder, sequences, wait_for, Running, Seen};
 use kinesis_tower::{Batch, BoxError, Checkpoint, CheckpointStore, ShardId};
 use kinesis_tower::{Consumer, ConsumerBuilder, Error};
-use tokio_util::sync::CancellationToken;
 use tower::{service_fn, Layer};
 
 use faults::FaultyKinesis;
@@ -61,11 +60,9 @@ async fn process_checkpoints_each_batch_after_the_handler_succeeded() {
     let store = Arc::new(MemoryStore::new());
     let consumer = builder(&kinesis).store_arc(store.clone()).build().unwrap();
     let seen = Seen::default();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(consumer.process_until(seen.handler(), stop.clone().cancelled_owned()));
+    let run = Running::checkpointed(&consumer, seen.handler());
     wait_for(Duration::from_secs(60), || seen.count() == 40).await;
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap();
     for i in 0..2 {
         let shard = shard_name(i);
         assert_eq!(
