@@ -223,3 +223,38 @@ fn readme_quick_start_is_the_example() {
     let lines = code.trim().lines().count();
     assert!(lines <= 15, "the quick start has {lines} lines");
 }
+
+/// Without a client, the configuration comes from the environment; with no region there, the
+/// quick start stops at once with an error that says what to set (instead of retrying).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_region_the_quick_start_stops_saying_what_to_set() {
+    let example = common::example::build("consumer_sqlite");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let missing = dir.path().join("missing");
+    let mut child = common::example::command(&example, "http://127.0.0.1:9")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("AWS_CONFIG_FILE", &missing)
+        .env("AWS_SHARED_CREDENTIALS_FILE", &missing)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start the example");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("still running after 60 s without a region");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("AWS_REGION"), "{stderr}");
+}
