@@ -136,7 +136,7 @@ impl EnvClient {
             .await;
         client
             .as_ref()
-            .map_err(|e| KinesisError::new(e.kind(), operation, e.to_string()))
+            .map_err(|e| KinesisError::new(e.kind(), operation, e.message.clone()))
     }
 }
 
