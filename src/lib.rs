@@ -39,6 +39,7 @@
 
 mod consumer;
 mod error;
+pub mod group;
 pub mod kinesis;
 mod retrying;
 pub mod store;

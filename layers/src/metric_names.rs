@@ -24,6 +24,10 @@
 //! | `kinesis_checkpoints_written_total` | counter | writes | [`Checkpointer`](crate::Checkpointer) | checkpoint writes that moved a shard's checkpoint forward (for buffered stores: accepted for the next flush) |
 //! | `kinesis_checkpoint_duration_seconds` | histogram | seconds | [`Checkpointer`](crate::Checkpointer) | time of each checkpoint write to the store, succeeded or failed |
 //! | `kinesis_checkpoint_errors_total` | counter | writes | [`Checkpointer`](crate::Checkpointer) | checkpoint writes the store failed |
+//! | `kinesis_leases_held` | gauge | leases | consumer group | leases this worker holds (label [`WORKER`], no shard) |
+//! | `kinesis_leases_acquired_total` | counter | leases | consumer group | leases this worker claimed or was handed (label [`WORKER`], no shard) |
+//! | `kinesis_leases_lost_total` | counter | leases | consumer group | leases taken from this worker, or given up because it missed its renewals (label [`WORKER`], no shard) |
+//! | `kinesis_lease_handoffs_total` | counter | leases | consumer group | leases this worker handed to another on request (label [`WORKER`], no shard) |
 //!
 //! Empty batches (heartbeats, and the empty last batch of a shard) are not handler calls in
 //! these figures: they carry no record, and timing them would drag the latency histogram
@@ -37,6 +41,8 @@ use metrics::{Label, SharedString, Unit};
 
 /// Label: the stream name.
 pub const STREAM: &str = "stream";
+/// Label: the consumer group worker (the group's metrics carry it and [`STREAM`], no shard).
+pub const WORKER: &str = "worker";
 /// Label: the shard id.
 pub const SHARD: &str = "shard";
 
@@ -83,7 +89,25 @@ pub const CHECKPOINT_DURATION_SECONDS: &str = "kinesis_checkpoint_duration_secon
 /// Counter: checkpoint writes the store failed.
 pub const CHECKPOINT_ERRORS_TOTAL: &str = "kinesis_checkpoint_errors_total";
 
-/// Every metric name, in the order of the table above.
+/// Gauge: leases this consumer group worker holds.
+pub const LEASES_HELD: &str = "kinesis_leases_held";
+/// Counter: leases this worker claimed or was handed.
+pub const LEASES_ACQUIRED_TOTAL: &str = "kinesis_leases_acquired_total";
+/// Counter: leases taken from this worker, or given up because it missed its renewals.
+pub const LEASES_LOST_TOTAL: &str = "kinesis_leases_lost_total";
+/// Counter: leases this worker handed to another on request.
+pub const LEASE_HANDOFFS_TOTAL: &str = "kinesis_lease_handoffs_total";
+
+/// The consumer group's metrics (labels [`STREAM`] and [`WORKER`]).
+pub const GROUP: [&str; 4] = [
+    LEASES_HELD,
+    LEASES_ACQUIRED_TOTAL,
+    LEASES_LOST_TOTAL,
+    LEASE_HANDOFFS_TOTAL,
+];
+
+/// Every per-shard metric name, in the order of the table above (the group's are in
+/// [`GROUP`]).
 pub const ALL: [&str; 15] = [
     RECORDS_READ_TOTAL,
     BYTES_READ_TOTAL,
@@ -180,5 +204,25 @@ pub fn describe() {
         CHECKPOINT_ERRORS_TOTAL,
         Unit::Count,
         "Checkpoint writes the store failed."
+    );
+    describe_gauge!(
+        LEASES_HELD,
+        Unit::Count,
+        "Leases this consumer group worker holds."
+    );
+    describe_counter!(
+        LEASES_ACQUIRED_TOTAL,
+        Unit::Count,
+        "Leases this worker claimed or was handed."
+    );
+    describe_counter!(
+        LEASES_LOST_TOTAL,
+        Unit::Count,
+        "Leases taken from this worker, or given up because it missed its renewals."
+    );
+    describe_counter!(
+        LEASE_HANDOFFS_TOTAL,
+        Unit::Count,
+        "Leases this worker handed to another on request."
     );
 }

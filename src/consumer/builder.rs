@@ -8,6 +8,7 @@ use kinesis_tower_layers::{CheckpointStore, Checkpointer, MemoryStore, ShardId};
 use super::assignment::{AssignmentFilter, EveryShard, OnlyShards};
 use super::handle::{Consumer, Shared};
 use super::settings::{Settings, StartPosition};
+use crate::group::ConsumerGroup;
 use crate::kinesis::{EnvClient, KinesisApi, StreamRef};
 use crate::Error;
 
@@ -21,6 +22,7 @@ pub struct ConsumerBuilder {
     stream: Option<Result<StreamRef, Error>>,
     store: Option<Arc<dyn CheckpointStore>>,
     filter: Option<Arc<dyn AssignmentFilter>>,
+    group: Option<ConsumerGroup>,
     settings: Settings,
 }
 
@@ -160,6 +162,14 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Joins a consumer group: this consumer reads the shards whose leases it holds, and
+    /// keeps their checkpoints on the lease rows (the group's table is the checkpoint store,
+    /// so `.store(..)` cannot be set too). See [`group`](crate::group).
+    pub fn group(mut self, group: ConsumerGroup) -> Self {
+        self.group = Some(group);
+        self
+    }
+
     /// Reads only these shards (as the Go library's `ScanShard` reads one). Children of a
     /// chosen shard are not read unless chosen too.
     pub fn shards<I, S>(self, shards: I) -> Self
@@ -189,17 +199,35 @@ impl ConsumerBuilder {
         let api = self
             .api
             .unwrap_or_else(|| Arc::new(EnvClient::default()) as Arc<dyn KinesisApi>);
-        let store_configured = self.store.is_some();
-        let store = self
-            .store
-            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn CheckpointStore>);
+        let mut store = self.store;
+        let mut filter = self.filter;
+        if let Some(group) = self.group {
+            if store.is_some() {
+                return Err(Error::config(
+                    "store",
+                    "a consumer group keeps checkpoints in its lease table: remove .store(..)",
+                ));
+            }
+            if filter.is_some() {
+                return Err(Error::config(
+                    "assignment_filter",
+                    "a consumer group decides which shards this consumer reads: remove .shards(..) / .assignment_filter(..)",
+                ));
+            }
+            group.set_stream(settings.stream.stream_name());
+            store = Some(Arc::new(group.store()));
+            filter = Some(Arc::new(group));
+        }
+        let store_configured = store.is_some();
+        let store =
+            store.unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn CheckpointStore>);
         let checkpointer = Checkpointer::from_arc(store, settings.namespace())
             .with_stream_label(settings.stream.stream_name());
         Ok(Consumer::new(Shared {
             settings,
             api,
             checkpointer,
-            filter: self.filter.unwrap_or_else(|| Arc::new(EveryShard)),
+            filter: filter.unwrap_or_else(|| Arc::new(EveryShard)),
             store_configured,
             #[cfg(test)]
             probe: Default::default(),

@@ -53,6 +53,19 @@ pub enum StoreError {
         /// What is allowed.
         reason: &'static str,
     },
+    /// The checkpoint was refused because this worker no longer holds the shard's lease (a
+    /// consumer group moved the shard to another worker, or this worker missed its renewals
+    /// for the lease duration). Not retryable: the consumer stops reading the shard, and its
+    /// new owner reads it again from the last checkpoint written under the lease.
+    #[error("checkpoint for shard {shard_id} refused: worker {worker} no longer holds its lease ({reason}); the shard's new owner reads it again from its last checkpoint")]
+    LeaseLost {
+        /// The shard.
+        shard_id: String,
+        /// This worker.
+        worker: String,
+        /// Why the lease is gone.
+        reason: String,
+    },
     /// The stored value is not a checkpoint this library wrote.
     #[error("corrupt checkpoint for shard {shard_id} in namespace {namespace}: {reason}; delete the row/key to restart that shard from the configured position")]
     Corrupt {

@@ -223,6 +223,7 @@ impl Lineage {
             if parents_done {
                 ready.push(ShardStart {
                     shard_id: id.clone(),
+                    parents: entry.description.parents().cloned().collect(),
                     fallback: self.fallback(entry),
                     listed_open: entry.listed && !entry.description.is_closed(),
                 });

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use kinesis_tower_layers::ShardId;
@@ -65,6 +66,8 @@ impl Assignment {
 #[derive(Clone, Debug)]
 pub struct ShardStart {
     pub(crate) shard_id: ShardId,
+    /// The shard's parents, as the listing showed them.
+    pub(crate) parents: Vec<ShardId>,
     pub(crate) fallback: Fallback,
     /// The latest listing shows the shard open (a stored `ShardEnd` for it is then wrong).
     pub(crate) listed_open: bool,
@@ -74,6 +77,11 @@ impl ShardStart {
     /// The shard.
     pub fn shard_id(&self) -> &ShardId {
         &self.shard_id
+    }
+
+    /// The shard's parents (one for a split, two for a merge, none for an original shard).
+    pub fn parents(&self) -> &[ShardId] {
+        &self.parents
     }
 }
 
@@ -161,6 +169,13 @@ impl Future for RevocationDone {
 pub trait AssignmentFilter: Send + Sync + 'static {
     /// The events this consumer acts on, from every event discovery and lineage produce.
     fn filter(&self, assignments: Assignments) -> Assignments;
+
+    /// Called once per run, after the run has stopped reading and flushed its checkpoints,
+    /// and awaited (up to the drain timeout, at least 5 s) before the run returns. A consumer
+    /// group releases its leases here. Does nothing by default.
+    fn finish(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 impl<F> AssignmentFilter for F

@@ -220,6 +220,14 @@ where
     }
     drop(in_flight);
     d.flush().await;
+    // Only now may the filter let the shards go (a group releases its leases).
+    let finish_timeout = d.shared.settings.drain_timeout.max(MIN_FLUSH_TIMEOUT);
+    if tokio::time::timeout(finish_timeout, d.shared.filter.finish())
+        .await
+        .is_err()
+    {
+        tracing::warn!(stream = %d.stream, "the assignment filter did not finish in {finish_timeout:?}");
+    }
     d.unchecked.finished(&d.shared.checkpointer, &d.stream);
     d.finish();
     match d.failure {
@@ -365,6 +373,11 @@ impl Dispatcher {
                 }
             }
             Ok(()) => self.schedule(&shard),
+            Err(Failure::Handler(source)) if lease_lost(&*source) => {
+                // A group moved the shard elsewhere: stop it here, keep the rest running.
+                tracing::warn!(%stream, %shard, error = %source, "lease lost while handling a batch; stopping the shard");
+                self.drop_lane(&shard);
+            }
             Err(Failure::Handler(source)) => {
                 tracing::error!(%stream, %shard, error = %source, "handler failed; stopping");
                 self.fail(Error::Handler {
@@ -375,6 +388,10 @@ impl Dispatcher {
                     source,
                 });
             }
+            Err(Failure::Store(source @ StoreError::LeaseLost { .. })) => {
+                tracing::warn!(%stream, %shard, error = %source, "lease lost at the end of the shard; its new owner ends it");
+                self.drop_lane(&shard);
+            }
             Err(Failure::Store(source)) => {
                 tracing::error!(%stream, %shard, error = %source, "recording the end of the shard failed; stopping");
                 self.fail(Error::Store {
@@ -383,6 +400,16 @@ impl Dispatcher {
                     source: Box::new(source),
                 });
             }
+        }
+    }
+
+    /// Stops a shard at once, without a last batch: its lease is gone, so nothing it would
+    /// write could land.
+    fn drop_lane(&mut self, shard: &ShardId) {
+        if let Some(lane) = self.lanes.remove(shard) {
+            lane.reader.abort();
+            self.dispatchable.retain(|s| s != shard);
+            self.release(shard.clone(), lane.revocations);
         }
     }
 
@@ -655,6 +682,21 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// Whether `error` (or an error it wraps) says a consumer group lease was lost.
+fn lease_lost(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if matches!(
+            error.downcast_ref::<StoreError>(),
+            Some(StoreError::LeaseLost { .. })
+        ) {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// An instant no deadline reaches (about 30 years from now).

@@ -1,0 +1,452 @@
+//! The group's loop, one per run: it lists the lease table, renews what it holds, claims what
+//! the planner says, answers handoff requests, and turns all that into assignment events for
+//! the consumer (a shard starts once its lease is held; it is revoked when the lease goes).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use kinesis_tower_layers::metric_names::{
+    LEASES_ACQUIRED_TOTAL, LEASES_HELD, LEASES_LOST_TOTAL, LEASE_HANDOFFS_TOTAL, STREAM, WORKER,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::held::{Leases, Written};
+use super::lease::Lease;
+use super::planner::{plan, Liveness, PlanInput};
+use super::GroupSettings;
+use crate::assignment::{Assignment, Assignments, Revocation, ShardStart};
+
+/// How long a requester waits between listings while its handoff requests are pending.
+const PENDING_POLL: Duration = Duration::from_millis(100);
+
+/// Why a held lease is being let go.
+enum Letting {
+    /// Another worker asked for it: hand it over once the shard is finished here.
+    HandOff(String),
+    /// It is gone: stop the shard, write nothing.
+    Lost,
+}
+
+pub(crate) struct Worker {
+    pub(crate) leases: Arc<Leases>,
+    pub(crate) settings: GroupSettings,
+    pub(crate) stream: String,
+    pub(crate) out: mpsc::UnboundedSender<Assignment>,
+    /// Starts from this worker's discovery: what it may read.
+    ready: HashMap<String, ShardStart>,
+    /// Lease rows this worker created or saw, so a start does not create one twice.
+    known: HashSet<String>,
+    /// Held leases whose start was passed to the consumer.
+    started: HashSet<String>,
+    /// Held leases being let go, and why.
+    letting: HashMap<String, Letting>,
+    liveness: Liveness,
+    rng: fastrand::Rng,
+    /// Handoffs this worker asked for and has not seen through.
+    asked: HashSet<String>,
+    labels: Vec<metrics::Label>,
+}
+
+type LetGo = BoxFuture<'static, String>;
+
+impl Worker {
+    pub(crate) fn new(
+        leases: Arc<Leases>,
+        settings: GroupSettings,
+        stream: String,
+        out: mpsc::UnboundedSender<Assignment>,
+    ) -> Self {
+        let labels = vec![
+            metrics::Label::new(STREAM, stream.clone()),
+            metrics::Label::new(WORKER, leases.worker.clone()),
+        ];
+        Self {
+            leases,
+            settings,
+            stream,
+            out,
+            ready: HashMap::new(),
+            known: HashSet::new(),
+            started: HashSet::new(),
+            letting: HashMap::new(),
+            liveness: Liveness::default(),
+            rng: fastrand::Rng::new(),
+            asked: HashSet::new(),
+            labels,
+        }
+    }
+
+    /// Runs until `stop` says the consumer has stopped (then every lease is released) or the
+    /// consumer is gone.
+    pub(crate) async fn run(
+        mut self,
+        mut input: Assignments,
+        mut lost: mpsc::UnboundedReceiver<String>,
+        mut stop: oneshot::Receiver<oneshot::Sender<()>>,
+    ) {
+        let mut tick = tokio::time::interval(self.settings.poll_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut letting_go: FuturesUnordered<LetGo> = FuturesUnordered::new();
+        let mut input_open = true;
+        loop {
+            let fast = !self.asked.is_empty();
+            tokio::select! {
+                biased;
+                done = &mut stop => {
+                    self.release_all().await;
+                    if let Ok(done) = done {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+                Some(key) = lost.recv() => self.lose(&key, &mut letting_go),
+                Some(key) = letting_go.next(), if !letting_go.is_empty() => self.let_go(key).await,
+                event = input.next(), if input_open => match event {
+                    Some(event) => self.assignment(event).await,
+                    None => input_open = false,
+                },
+                _ = tick.tick() => self.round(&mut letting_go).await,
+                () = tokio::time::sleep(PENDING_POLL), if fast => self.round(&mut letting_go).await,
+            }
+            if self.out.is_closed() {
+                // The consumer is gone without saying it stopped.
+                self.release_all().await;
+                return;
+            }
+        }
+    }
+
+    async fn assignment(&mut self, event: Assignment) {
+        match event {
+            Assignment::Start(start) => {
+                let key = start.shard_id().to_string();
+                if !self.known.contains(&key) {
+                    let parents = start.parents().iter().map(ToString::to_string).collect();
+                    match self.leases.backend.create(&Lease::new(&key, parents)).await {
+                        Ok(()) => {
+                            self.known.insert(key.clone());
+                        }
+                        Err(error) => {
+                            tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "creating the lease failed; trying again at the next listing");
+                        }
+                    }
+                }
+                self.ready.insert(key.clone(), start);
+                if self.leases.get(&key).is_some() && !self.letting.contains_key(&key) {
+                    self.start(&key);
+                }
+            }
+            Assignment::Ended(shard) => {
+                let key = shard.to_string();
+                self.ready.remove(&key);
+                self.started.remove(&key);
+                if self.leases.get(&key).is_some() && !self.letting.contains_key(&key) {
+                    self.release(&key, None).await;
+                }
+                let _ = self.out.send(Assignment::Ended(shard));
+            }
+            other => {
+                let _ = self.out.send(other);
+            }
+        }
+    }
+
+    /// Passes the shard's start to the consumer, once per holding.
+    fn start(&mut self, key: &str) {
+        if self.started.contains(key) {
+            return;
+        }
+        if let Some(start) = self.ready.get(key) {
+            self.started.insert(key.to_owned());
+            let _ = self.out.send(Assignment::Start(start.clone()));
+        }
+    }
+
+    /// One listing and what follows from it.
+    async fn round(&mut self, letting_go: &mut FuturesUnordered<LetGo>) {
+        let listing = self.leases.backend.list().await;
+        let now = Instant::now();
+        let table = match listing {
+            Ok(table) => table,
+            Err(error) => {
+                tracing::warn!(worker = %self.leases.worker, %error, "listing the lease table failed; held leases are renewed, nothing new is taken");
+                self.renew_due(now).await;
+                return;
+            }
+        };
+        self.liveness.update(&table, now);
+        self.leases.set_listed(
+            table
+                .iter()
+                .map(|lease| (lease.key.clone(), lease.checkpoint))
+                .collect(),
+        );
+        self.known
+            .extend(table.iter().map(|lease| lease.key.clone()));
+        let by_key: HashMap<&str, &Lease> = table.iter().map(|l| (l.key.as_str(), l)).collect();
+
+        // What happened to the leases held here.
+        for (key, _) in self.leases.all() {
+            if self.letting.contains_key(&key) {
+                continue;
+            }
+            match by_key.get(key.as_str()) {
+                Some(lease) if lease.is_owned_by(&self.leases.worker) => {
+                    if let Some(to) = lease.handoff_to.clone() {
+                        self.hand_off(&key, to, letting_go);
+                    }
+                }
+                // Another worker took it (or the row is gone): stop at once.
+                _ => {
+                    if let Some(held) = self.leases.get(&key) {
+                        let mut state = held.state.lock().await;
+                        self.leases.mark_lost(
+                            &key,
+                            &mut state,
+                            "another worker took it".to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+        self.renew_due(now).await;
+
+        // Leases handed to this worker, or held here before a restart.
+        for lease in &table {
+            if lease.is_owned_by(&self.leases.worker)
+                && self.leases.get(&lease.key).is_none()
+                && !lease.is_finished()
+                && self.ready.contains_key(&lease.key)
+            {
+                self.asked.remove(&lease.key);
+                self.leases
+                    .insert(&lease.key, lease.counter, lease.checkpoint);
+                if self.renew_now(&lease.key).await {
+                    self.acquired(&lease.key, "handed over");
+                }
+            }
+        }
+        self.asked.retain(|key| {
+            by_key
+                .get(key.as_str())
+                .is_some_and(|l| l.handoff_to.as_deref() == Some(&*self.leases.worker))
+        });
+
+        let ready: HashSet<String> = self
+            .ready
+            .keys()
+            .filter(|key| self.leases.get(key).is_none())
+            .cloned()
+            .collect();
+        let plan = plan(
+            &PlanInput {
+                me: &self.leases.worker,
+                leases: &table,
+                liveness: &self.liveness,
+                now,
+                lease_duration: self.settings.lease_duration,
+                max_leases: self.settings.max_leases,
+                ready: &ready,
+            },
+            &mut self.rng,
+        );
+        for seen in plan.claim {
+            match self.leases.backend.claim(&seen, &self.leases.worker).await {
+                Ok(Some(lease)) => {
+                    self.leases
+                        .insert(&lease.key, lease.counter, lease.checkpoint);
+                    let from = seen.owner.as_deref().unwrap_or("nobody");
+                    self.acquired(&lease.key, from);
+                }
+                Ok(None) => {
+                    tracing::debug!(worker = %self.leases.worker, shard = %seen.key, "another worker claimed the lease first");
+                }
+                Err(error) => {
+                    tracing::warn!(worker = %self.leases.worker, shard = %seen.key, %error, "claiming the lease failed");
+                }
+            }
+        }
+        for (key, owner) in plan.handoff {
+            match self
+                .leases
+                .backend
+                .request_handoff(&key, &owner, &self.leases.worker)
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(worker = %self.leases.worker, shard = %key, %owner, "asked for a handoff");
+                    self.asked.insert(key);
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "asking for a handoff failed");
+                }
+            }
+        }
+        metrics::gauge!(LEASES_HELD, self.labels.clone()).set(self.leases.count() as f64);
+    }
+
+    fn acquired(&mut self, key: &str, from: &str) {
+        tracing::info!(worker = %self.leases.worker, shard = %key, %from, "lease acquired");
+        metrics::counter!(LEASES_ACQUIRED_TOTAL, self.labels.clone()).increment(1);
+        self.start(key);
+    }
+
+    /// Renews every held lease whose renewal (or pending checkpoint) is due, at once.
+    async fn renew_due(&mut self, now: Instant) {
+        let renew_interval = self.settings.renew_interval();
+        let checkpoint_interval = self.settings.checkpoint_interval;
+        let leases = self.leases.clone();
+        let writes = leases.all().into_iter().map(|(key, held)| {
+            let leases = leases.clone();
+            async move {
+                let mut state = held.state.lock().await;
+                let due = now.saturating_duration_since(state.renewed_at) >= renew_interval
+                    || state
+                        .pending_since
+                        .is_some_and(|at| now.saturating_duration_since(at) >= checkpoint_interval)
+                    || leases.self_expired(&state, now);
+                if !due || state.lost.is_some() {
+                    return;
+                }
+                if let Err(error) = leases.write(&key, &mut state).await {
+                    tracing::warn!(worker = %leases.worker, shard = %key, %error, "renewing the lease failed; trying again");
+                }
+            }
+        });
+        futures::future::join_all(writes).await;
+    }
+
+    /// Renews one lease now; false if it turned out lost.
+    async fn renew_now(&mut self, key: &str) -> bool {
+        let Some(held) = self.leases.get(key) else {
+            return false;
+        };
+        let mut state = held.state.lock().await;
+        match self.leases.write(key, &mut state).await {
+            Ok(Written::Done) => true,
+            Ok(Written::Lost) => false,
+            Err(error) => {
+                tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "renewing the lease failed; trying again");
+                true
+            }
+        }
+    }
+
+    /// Another worker asked for the lease: stop the shard here, then hand it over.
+    fn hand_off(&mut self, key: &str, to: String, letting_go: &mut FuturesUnordered<LetGo>) {
+        tracing::info!(worker = %self.leases.worker, shard = %key, %to, "handoff requested; finishing the shard");
+        self.letting.insert(key.to_owned(), Letting::HandOff(to));
+        self.revoke(key, letting_go, self.settings.handoff_timeout);
+    }
+
+    /// The lease is gone: stop the shard at once; nothing more is written under it.
+    fn lose(&mut self, key: &str, letting_go: &mut FuturesUnordered<LetGo>) {
+        if matches!(self.letting.get(key), Some(Letting::Lost)) || self.leases.get(key).is_none() {
+            return;
+        }
+        metrics::counter!(LEASES_LOST_TOTAL, self.labels.clone()).increment(1);
+        self.letting.insert(key.to_owned(), Letting::Lost);
+        self.revoke(key, letting_go, Duration::MAX);
+    }
+
+    fn revoke(&mut self, key: &str, letting_go: &mut FuturesUnordered<LetGo>, timeout: Duration) {
+        let was_started = self.started.remove(key);
+        let key = key.to_owned();
+        if !was_started {
+            letting_go.push(Box::pin(async move { key }));
+            return;
+        }
+        let (revocation, done) = Revocation::new(key.as_str());
+        let _ = self.out.send(Assignment::Revoke(revocation));
+        letting_go.push(Box::pin(async move {
+            // Past the timeout the lease goes anyway: what the shard still writes is refused.
+            let _ = tokio::time::timeout(timeout, done).await;
+            key
+        }));
+    }
+
+    /// The shard is stopped here: hand the lease over (with the shard's last checkpoint), or
+    /// forget a lost one.
+    async fn let_go(&mut self, key: String) {
+        match self.letting.remove(&key) {
+            Some(Letting::HandOff(to)) => {
+                if self.release(&key, Some(&to)).await {
+                    metrics::counter!(LEASE_HANDOFFS_TOTAL, self.labels.clone()).increment(1);
+                }
+            }
+            Some(Letting::Lost) | None => self.leases.remove(&key),
+        }
+        metrics::gauge!(LEASES_HELD, self.labels.clone()).set(self.leases.count() as f64);
+    }
+
+    /// Writes the lease's pending checkpoint, then lets it go (to `to`, or to nobody). True if
+    /// the release was written.
+    async fn release(&mut self, key: &str, to: Option<&str>) -> bool {
+        self.started.remove(key);
+        let Some(held) = self.leases.get(key) else {
+            return false;
+        };
+        let released = {
+            let mut state = held.state.lock().await;
+            let flushed = if state.pending.is_some() {
+                self.leases.write(key, &mut state).await
+            } else {
+                Ok(Written::Done)
+            };
+            match flushed {
+                Ok(Written::Done) if state.lost.is_none() => {
+                    let counter = state.counter;
+                    match self
+                        .leases
+                        .backend
+                        .release(key, &self.leases.worker, counter, to)
+                        .await
+                    {
+                        Ok(true) => {
+                            state.lost = Some("released".to_owned());
+                            true
+                        }
+                        Ok(false) => false,
+                        Err(error) => {
+                            tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "releasing the lease failed; it expires after the lease duration");
+                            false
+                        }
+                    }
+                }
+                Ok(_) => false,
+                Err(error) => {
+                    tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "writing the last checkpoint before release failed; the lease expires after the lease duration");
+                    false
+                }
+            }
+        };
+        self.leases.remove(key);
+        if released {
+            tracing::info!(worker = %self.leases.worker, shard = %key, to = to.unwrap_or("nobody"), stream = %self.stream, "lease released");
+        }
+        released
+    }
+
+    /// The consumer stopped and flushed: let every lease go so others take over at once.
+    async fn release_all(&mut self) {
+        let keys: Vec<String> = self.leases.all().into_iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let to = match self.letting.remove(&key) {
+                Some(Letting::HandOff(to)) => Some(to),
+                Some(Letting::Lost) => {
+                    self.leases.remove(&key);
+                    continue;
+                }
+                None => None,
+            };
+            self.release(&key, to.as_deref()).await;
+        }
+        metrics::gauge!(LEASES_HELD, self.labels.clone()).set(0.0);
+    }
+}
