@@ -76,7 +76,7 @@ pub use dynamodb::DynamoDbLeases;
 pub use lease::{Lease, LeaseBackend, LeaseError};
 pub use memory::MemoryLeases;
 #[cfg(feature = "postgres")]
-pub use postgres::PostgresLeases;
+pub use postgres::{PostgresLeases, DEFAULT_LEASE_TABLE};
 pub use store::GroupStore;
 
 /// How a group times its leases.

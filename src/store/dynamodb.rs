@@ -135,39 +135,7 @@ impl DynamoDbStore {
     }
 
     async fn wait_until_active(&self) -> Result<(), StoreError> {
-        let deadline = Instant::now() + ACTIVE_DEADLINE;
-        // Polls for a state, not a retry of a failure (describe table retries its own).
-        let mut polls = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-        loop {
-            let status = with_retries(BACKEND, "describe table", || async {
-                self.client
-                    .describe_table()
-                    .table_name(&self.table)
-                    .send()
-                    .await
-                    .map(|out| out.table().and_then(|t| t.table_status().cloned()))
-                    .map_err(|e| self.error("describe table", None, None, e))
-            })
-            .await?;
-            if status == Some(TableStatus::Active) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(StoreError::Backend {
-                    backend: BACKEND,
-                    operation: "create table",
-                    namespace: None,
-                    shard_id: None,
-                    retryable: true,
-                    source: format!(
-                        "table {} is still {status:?} after {ACTIVE_DEADLINE:?}; try again later",
-                        self.table
-                    )
-                    .into(),
-                });
-            }
-            tokio::time::sleep(polls.next_delay()).await;
-        }
+        wait_until_active(&self.client, &self.table).await
     }
 
     fn error<E>(
@@ -180,27 +148,48 @@ impl DynamoDbStore {
     where
         E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
     {
-        let class = classify(&e);
-        let detail = DisplayErrorContext(&e).to_string();
-        let message = if class == Class::TableMissing {
-            format!(
-                "table {} does not exist: create it with DynamoDbStore::create_table (partition key namespace (S), sort key shard_id (S)) or fix the table name, region and endpoint ({detail})",
-                self.table
-            )
-        } else {
-            detail
-        };
-        StoreError::Backend {
-            backend: BACKEND,
-            operation,
-            namespace: namespace.map(str::to_owned),
-            shard_id: shard_id.map(str::to_owned),
-            retryable: class == Class::Retryable,
-            source: Box::new(DynamoError {
-                message,
-                source: Box::new(e),
-            }),
-        }
+        sdk_error(&self.table, operation, namespace, shard_id, e)
+    }
+}
+
+/// A DynamoDB error for an operation on the whole table.
+fn table_error<E>(table: &str, operation: &'static str, e: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+{
+    sdk_error(table, operation, None, None, e)
+}
+
+/// A DynamoDB error in words, classified (retryable, missing table), with its context.
+pub(crate) fn sdk_error<E>(
+    table: &str,
+    operation: &'static str,
+    namespace: Option<&str>,
+    shard_id: Option<&str>,
+    e: SdkError<E, HttpResponse>,
+) -> StoreError
+where
+    E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+{
+    let class = classify(&e);
+    let detail = DisplayErrorContext(&e).to_string();
+    let message = if class == Class::TableMissing {
+        format!(
+            "table {table} does not exist: create it with create_table or fix the table name, region and endpoint ({detail})"
+        )
+    } else {
+        detail
+    };
+    StoreError::Backend {
+        backend: BACKEND,
+        operation,
+        namespace: namespace.map(str::to_owned),
+        shard_id: shard_id.map(str::to_owned),
+        retryable: class == Class::Retryable,
+        source: Box::new(DynamoError {
+            message,
+            source: Box::new(e),
+        }),
     }
 }
 
@@ -383,6 +372,43 @@ where
     }
 }
 
+/// Waits until `table` is ACTIVE (for up to five minutes).
+pub(crate) async fn wait_until_active(client: &Client, table: &str) -> Result<(), StoreError> {
+    let deadline = Instant::now() + ACTIVE_DEADLINE;
+    // Polls for a state, not a retry of a failure (describe table retries its own).
+    let mut polls = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    loop {
+        let status = with_retries(BACKEND, "describe table", || async {
+            client
+                .describe_table()
+                .table_name(table)
+                .send()
+                .await
+                .map(|out| out.table().and_then(|t| t.table_status().cloned()))
+                .map_err(|e| table_error(table, "describe table", e))
+        })
+        .await?;
+        if status == Some(TableStatus::Active) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(StoreError::Backend {
+                backend: BACKEND,
+                operation: "create table",
+                namespace: None,
+                shard_id: None,
+                retryable: true,
+                source: format!(
+                    "table {} is still {status:?} after {ACTIVE_DEADLINE:?}; try again later",
+                    table
+                )
+                .into(),
+            });
+        }
+        tokio::time::sleep(polls.next_delay()).await;
+    }
+}
+
 fn parse(
     namespace: &str,
     shard_id: &str,
@@ -431,7 +457,7 @@ fn build_error(operation: &'static str, e: impl StdError + Send + Sync + 'static
 }
 
 /// DynamoDB's own rule for table names.
-fn validate_table(table: &str) -> Result<(), StoreError> {
+pub(crate) fn validate_table(table: &str) -> Result<(), StoreError> {
     let ok = (3..=255).contains(&table.len())
         && table
             .bytes()

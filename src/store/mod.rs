@@ -35,15 +35,15 @@ pub use self::redis::RedisStore;
 pub const DEFAULT_TABLE: &str = "kinesis_checkpoints";
 
 #[cfg(feature = "dynamodb")]
-mod dynamodb;
+pub(crate) mod dynamodb;
 #[cfg(feature = "dynamodb")]
 pub use dynamodb::DynamoDbStore;
 
 #[cfg(any(feature = "postgres", feature = "mysql"))]
-mod sql;
+pub(crate) mod sql;
 
 #[cfg(feature = "postgres")]
-mod postgres;
+pub(crate) mod postgres;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 

@@ -11,7 +11,7 @@ use super::sql::{sql_store, Columns, ErrorKind};
 
 const BACKEND: &str = "postgres";
 
-const ERRORS: ErrorKind = ErrorKind {
+pub(crate) const ERRORS: ErrorKind = ErrorKind {
     backend: BACKEND,
     database: is_retryable_code,
 };

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
+use kinesis_tower_layers::kpl::is_aggregate;
 use kinesis_tower_layers::{Batch, BatchEnd, Checkpoint, Record, ShardId};
 use tokio::time::{sleep_until, Instant};
 
@@ -305,7 +306,21 @@ impl Reader {
                     start_to_record = false;
                 }
             }
-            let mut batch = Batch::new(self.shard.clone(), page.records);
+            let mut records = page.records;
+            if let Some(Checkpoint::Sequence {
+                sequence_number, ..
+            }) = resume_after
+            {
+                if records.first().is_some_and(|first| {
+                    first.sequence_number == sequence_number && !is_aggregate(&first.data)
+                }) {
+                    // A plain record is its own only user record (index 0), so a checkpoint
+                    // inside it (as the KCL writes for every record) covers it whole.
+                    records.remove(0);
+                    resume_after = None;
+                }
+            }
+            let mut batch = Batch::new(self.shard.clone(), records);
             batch.millis_behind_latest = page.millis_behind_latest;
             if !batch.is_empty() {
                 batch.resume_after = resume_after.take();
