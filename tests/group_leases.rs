@@ -492,9 +492,9 @@ async fn a_group_resumes_from_the_kcls_checkpoints() {
     }
     let last = |i: usize| put[&ids[i]][9].clone();
     let listed = leases.list().await.unwrap();
-    for i in 0..3 {
+    for (i, shard) in ids.iter().enumerate() {
         assert_eq!(
-            find(&listed, &ids[i]).checkpoint,
+            find(&listed, shard).checkpoint,
             Some(Checkpoint::at(last(i).parse().unwrap())),
             "shard {i} checkpointed at its last record"
         );
