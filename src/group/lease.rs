@@ -2,6 +2,8 @@
 //! conditional, so two workers can never both believe they hold a shard and write its
 //! checkpoint.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use kinesis_tower_layers::{BoxError, Checkpoint};
 
@@ -169,3 +171,54 @@ pub trait LeaseBackend: Send + Sync + 'static {
         worker: &str,
     ) -> Result<bool, LeaseError>;
 }
+
+macro_rules! forward {
+    ($($ptr:ident),*) => {$(
+        #[async_trait]
+        impl<T: LeaseBackend + ?Sized> LeaseBackend for $ptr<T> {
+            fn name(&self) -> &'static str {
+                (**self).name()
+            }
+            async fn list(&self) -> Result<Vec<Lease>, LeaseError> {
+                (**self).list().await
+            }
+            async fn create(&self, lease: &Lease) -> Result<(), LeaseError> {
+                (**self).create(lease).await
+            }
+            async fn claim(&self, seen: &Lease, worker: &str) -> Result<Option<Lease>, LeaseError> {
+                (**self).claim(seen, worker).await
+            }
+            async fn renew(&self, key: &str, worker: &str, counter: u64) -> Result<bool, LeaseError> {
+                (**self).renew(key, worker, counter).await
+            }
+            async fn checkpoint(
+                &self,
+                key: &str,
+                worker: &str,
+                counter: u64,
+                checkpoint: Checkpoint,
+            ) -> Result<bool, LeaseError> {
+                (**self).checkpoint(key, worker, counter, checkpoint).await
+            }
+            async fn release(
+                &self,
+                key: &str,
+                worker: &str,
+                counter: u64,
+                to: Option<&str>,
+            ) -> Result<bool, LeaseError> {
+                (**self).release(key, worker, counter, to).await
+            }
+            async fn request_handoff(
+                &self,
+                key: &str,
+                owner: &str,
+                worker: &str,
+            ) -> Result<bool, LeaseError> {
+                (**self).request_handoff(key, owner, worker).await
+            }
+        }
+    )*};
+}
+
+forward!(Box, Arc);

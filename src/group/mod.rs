@@ -140,6 +140,19 @@ impl ConsumerGroup {
         &self.inner.leases.worker
     }
 
+    /// The shards whose leases this worker holds now, sorted.
+    pub fn held(&self) -> Vec<String> {
+        let mut held: Vec<String> = self
+            .inner
+            .leases
+            .all()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        held.sort();
+        held
+    }
+
     /// The checkpoint store of the group (its lease table), which
     /// [`ConsumerBuilder::group`](crate::ConsumerBuilder::group) installs.
     pub fn store(&self) -> GroupStore {

@@ -143,7 +143,9 @@ pub(crate) fn plan(input: &PlanInput<'_>, rng: &mut fastrand::Rng) -> Plan {
     let asked = claimable
         .iter()
         .filter(|lease| {
-            lease.handoff_to.as_deref() == Some(input.me) && !lease.is_owned_by(input.me)
+            lease.handoff_to.as_deref() == Some(input.me)
+                && !lease.is_owned_by(input.me)
+                && !expired(lease)
         })
         .count();
     let mut plan = Plan {
@@ -384,6 +386,22 @@ mod tests {
         let keys: Vec<_> = p.claim.iter().map(|l| l.key.clone()).collect();
         assert_eq!(keys, vec![shard(2), shard(3)]);
         assert!(p.handoff.is_empty(), "free leases first: {p:?}");
+    }
+
+    #[test]
+    fn a_handoff_asked_of_a_worker_that_died_is_claimed_once_expired() {
+        let start = Instant::now();
+        let mut table = leases(4, |_| Some("dead"));
+        table[0].handoff_to = Some("b".into());
+        table[1].handoff_to = Some("b".into());
+        let liveness = seen(&table, start);
+        // Still live: the requests are pending, nothing more to ask for.
+        let p = plan_at("b", &table, &liveness, start, None);
+        assert_eq!((p.claim.len(), p.handoff.len()), (0, 0), "{p:?}");
+        // Expired: every lease is claimed, the asked ones included.
+        let later = start + LEASE + Duration::from_secs(1);
+        let p = plan_at("b", &table, &liveness, later, None);
+        assert_eq!(p.claim.len(), 4, "{p:?}");
     }
 
     #[test]

@@ -24,6 +24,10 @@ use crate::assignment::{Assignment, Assignments, Revocation, ShardStart};
 /// How long a requester waits between listings while its handoff requests are pending.
 const PENDING_POLL: Duration = Duration::from_millis(100);
 
+/// How long after a start (of a shard not held here) the worker plans, so that a burst of
+/// starts (the first listing) is planned at once.
+const START_DEBOUNCE: Duration = Duration::from_millis(10);
+
 /// Why a held lease is being let go.
 enum Letting {
     /// Another worker asked for it: hand it over once the shard is finished here.
@@ -93,6 +97,8 @@ impl Worker {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut letting_go: FuturesUnordered<LetGo> = FuturesUnordered::new();
         let mut input_open = true;
+        // A start for a shard not held here: plan soon (once a burst of starts is in).
+        let mut plan_soon = false;
         loop {
             let fast = !self.asked.is_empty();
             tokio::select! {
@@ -107,9 +113,18 @@ impl Worker {
                 Some(key) = lost.recv() => self.lose(&key, &mut letting_go),
                 Some(key) = letting_go.next(), if !letting_go.is_empty() => self.let_go(key).await,
                 event = input.next(), if input_open => match event {
-                    Some(event) => self.assignment(event).await,
+                    Some(event) => {
+                        if let Assignment::Start(start) = &event {
+                            plan_soon |= self.leases.get(start.shard_id()).is_none();
+                        }
+                        self.assignment(event).await;
+                    }
                     None => input_open = false,
                 },
+                () = tokio::time::sleep(START_DEBOUNCE), if plan_soon => {
+                    plan_soon = false;
+                    self.round(&mut letting_go).await;
+                }
                 _ = tick.tick() => self.round(&mut letting_go).await,
                 () = tokio::time::sleep(PENDING_POLL), if fast => self.round(&mut letting_go).await,
             }
