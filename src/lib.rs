@@ -18,6 +18,10 @@
 //! tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer`
 //! stack with them.
 //!
+//! With the `lambda` feature, the same stack runs inside AWS Lambda, behind a Kinesis event
+//! source mapping: the `lambda` module (`lambda::LambdaLayer` where the consumer has
+//! `CheckpointLayer`; partial batch responses instead of checkpoints).
+//!
 //! ```no_run
 //! use kinesis_tower::{service_fn, store::MemoryStore, Batch, BoxError, Consumer};
 //!
@@ -40,6 +44,8 @@
 mod consumer;
 mod error;
 pub mod kinesis;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 mod retrying;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
