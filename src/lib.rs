@@ -77,7 +77,8 @@ pub use kinesis_tower_layers::{
     feature = "redis",
     feature = "postgres",
     feature = "mysql",
-    feature = "dynamodb"
+    feature = "dynamodb",
+    feature = "lambda"
 ))]
 #[doc = include_str!("../README.md")]
 mod readme {}

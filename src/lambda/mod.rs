@@ -92,11 +92,12 @@
 //! use kinesis_tower::{service_fn, Batch, BoxError};
 //! use tower::ServiceBuilder;
 //!
-//! let function = ServiceBuilder::new()
+//! fn function<S: tower::Service<lambda_runtime::LambdaEvent<kinesis_tower::lambda::KinesisEvent>>>(_: S) {}
+//!
+//! function(ServiceBuilder::new()
 //!     .layer(LambdaLayer::new())
 //!     .layer(BatchLayer::new())
-//!     .service(service_fn(|_: Batch| async { Ok::<_, BoxError>(()) }));
-//! # async fn run() { let _ = lambda_runtime::run(function).await; }
+//!     .service(service_fn(|_: Batch| async { Ok::<_, BoxError>(()) })));
 //! ```
 
 mod event;
