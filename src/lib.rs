@@ -18,6 +18,10 @@
 //! tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer`
 //! stack with them.
 //!
+//! With the `lambda` feature, the same stack runs inside AWS Lambda, behind a Kinesis event
+//! source mapping: the `lambda` module (`lambda::LambdaLayer` where the consumer has
+//! `CheckpointLayer`; partial batch responses instead of checkpoints).
+//!
 //! ```no_run
 //! use kinesis_tower::{service_fn, store::MemoryStore, Batch, BoxError, Consumer};
 //!
@@ -41,6 +45,8 @@ mod consumer;
 mod error;
 pub mod group;
 pub mod kinesis;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 mod retrying;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
@@ -72,7 +78,8 @@ pub use kinesis_tower_layers::{
     feature = "redis",
     feature = "postgres",
     feature = "mysql",
-    feature = "dynamodb"
+    feature = "dynamodb",
+    feature = "lambda"
 ))]
 #[doc = include_str!("../README.md")]
 mod readme {}

@@ -1,19 +1,72 @@
 //! `PerRecordLayer`: runs a per-record handler (`Service<Record>`) over each batch, in order.
 
+use std::error::Error as StdError;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::checkpoint::Processed;
-use crate::record::{Batch, Record};
+use crate::checkpoint::{Checkpoint, Processed};
+use crate::record::{Batch, Record, ShardId};
 use crate::BoxError;
+
+/// A batch failed at one of its records: the records before it were handled, this one and
+/// the ones after it were not.
+///
+/// [`PerRecordLayer`] wraps the per-record handler's error in it, and a batch handler that
+/// works through its records one by one may return it too
+/// (`Err(RecordFailed::new(&record, error).into())`). Under `Consumer::run` it is an error
+/// like any other (the batch is not checkpointed); inside AWS Lambda (the `lambda` feature of
+/// `kinesis-tower`) it is what lets the function answer with this record, so Lambda retries
+/// from it instead of from the start of the batch.
+///
+/// It displays its position and the error it wraps, and its `source()` is that error, so
+/// [`is_transient`](crate::retry::is_transient) and downcasts along the chain still find what
+/// the handler returned.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "record {position} of shard {shard_id} failed (the records before it were handled): {source}"
+)]
+pub struct RecordFailed {
+    /// The shard.
+    pub shard_id: ShardId,
+    /// The record that failed: its sequence number, and its sub-sequence number for a user
+    /// record of a KPL aggregate.
+    pub position: Checkpoint,
+    /// The handler's error.
+    #[source]
+    pub source: BoxError,
+}
+
+impl RecordFailed {
+    /// `record` failed with `error`.
+    pub fn new(record: &Record, error: impl Into<BoxError>) -> Self {
+        Self {
+            shard_id: record.shard_id.clone(),
+            position: record.checkpoint(),
+            source: error.into(),
+        }
+    }
+
+    /// The first `RecordFailed` in `error`'s `source()` chain, `error` included.
+    pub fn find<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a RecordFailed> {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(found) = e.downcast_ref::<RecordFailed>() {
+                return Some(found);
+            }
+            next = e.source();
+        }
+        None
+    }
+}
 
 /// Adapts a `Service<Record>` into a `Service<Batch>` that calls it for each record of the batch,
 /// one after the other, in shard order, waiting for readiness before each call.
 ///
-/// The first error stops the batch and is returned (records before it were handled; with
-/// `CheckpointLayer` outside, none of the batch is checkpointed). Each record's response says
+/// The first error stops the batch and is returned in a [`RecordFailed`] naming the record
+/// (records before it were handled; with `CheckpointLayer` outside, none of the batch is
+/// checkpointed). Each record's response says
 /// how far it may be checkpointed ([`Processed`]; `()` means checkpoint): a record answering
 /// [`Processed::SkipCheckpoint`] is covered by the next record that does not.
 ///
@@ -73,13 +126,22 @@ where
             let mut covered = None;
             let mut last_checkpointed = true;
             let mut first = true;
+            let shard_id = batch.shard_id;
             for record in batch.records {
+                let position = record.checkpoint();
+                let failed = |e: BoxError| -> BoxError {
+                    Box::new(RecordFailed {
+                        shard_id: shard_id.clone(),
+                        position,
+                        source: e,
+                    })
+                };
                 if !first {
-                    inner.ready().await.map_err(Into::into)?;
+                    inner.ready().await.map_err(|e| failed(e.into()))?;
                 }
                 first = false;
-                let position = record.checkpoint();
-                match inner.call(record).await.map_err(Into::into)?.into() {
+                let answer = inner.call(record).await.map_err(|e| failed(e.into()))?;
+                match answer.into() {
                     Processed::Checkpoint => {
                         covered = Some(position);
                         last_checkpointed = true;
@@ -139,7 +201,15 @@ mod tests {
             .call(batch([3, 4]))
             .await
             .unwrap_err();
-        assert_eq!(err.to_string(), "record 3 failed");
+        // The error names the record that failed and wraps the handler's.
+        let failed = RecordFailed::find(&*err).expect("a RecordFailed");
+        assert_eq!(failed.position, at(3));
+        assert_eq!(&*failed.shard_id, "shard-0");
+        assert_eq!(failed.source.to_string(), "record 3 failed");
+        assert_eq!(
+            err.to_string(),
+            "record 3 of shard shard-0 failed (the records before it were handled): record 3 failed"
+        );
         assert_eq!(*seen.lock().unwrap(), vec![1, 2, 3]);
     }
 

@@ -21,6 +21,7 @@ pub fn build(name: &str) -> PathBuf {
         ("redis", cfg!(feature = "redis")),
         ("dynamodb", cfg!(feature = "dynamodb")),
         ("test-util", cfg!(feature = "test-util")),
+        ("lambda", cfg!(feature = "lambda")),
     ]
     .into_iter()
     .filter_map(|(name, on)| on.then_some(name))
