@@ -61,7 +61,7 @@ pub use tower::service_fn;
 
 // One module per layer (its Layer, Service, future and errors), as in tower-http.
 pub use kinesis_tower_layers::{
-    backoff, batch, checkpoint, kpl, metric_names, metrics, per_record, retry,
+    backoff, batch, checkpoint, keyed, kpl, metric_names, metrics, per_record, retry,
 };
 
 // The README's examples use every store.

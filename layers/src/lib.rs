@@ -18,6 +18,8 @@
 //! - [`kpl`]: replace KPL aggregates by their user records (`DeaggregateLayer`), and build
 //!   aggregates (`Aggregator`).
 //! - [`per_record`]: run a `Service<Record>` over each batch, in order.
+//! - [`keyed`]: handle the records of different partition keys of a batch at the same time,
+//!   each key in order, checkpointing only the prefix of the batch that succeeded.
 //!
 //! [`backoff`] is the one backoff policy of the consumer, its stores and `RetryLayer`.
 //!
@@ -32,6 +34,7 @@
 pub mod backoff;
 pub mod batch;
 pub mod checkpoint;
+pub mod keyed;
 pub mod kpl;
 pub mod metric_names;
 pub mod metrics;
