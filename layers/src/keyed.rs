@@ -97,6 +97,13 @@ impl KeyOf for PartitionKey {
 /// including those that had succeeded (the [`PartialFailure`] is transparent to the
 /// classifier).
 ///
+/// **With KPL aggregates.** Put it inside [`DeaggregateLayer`](crate::kpl::DeaggregateLayer):
+/// an aggregate packs records of many partition keys under the key of one of them, so keys
+/// must be taken after unpacking (before it, one key's records could sit in two aggregates
+/// handled at once). Inside it, the checkpoint of a
+/// partly failed batch may be inside an aggregate (a sub-sequence number), where a restart
+/// resumes.
+///
 /// **Empty batches** (heartbeats, and the empty last batch of a shard) are passed to the inner
 /// service as they are. The [`Batch::end`] of a batch with records is passed on after its
 /// records, in an empty batch with that end, once every key succeeded (so layers inside can

@@ -75,7 +75,7 @@ pub struct CheckpointWriteError {
 /// walks on to [`source`](Self::source), so a `RetryLayer` outside retries the whole batch when
 /// the handler's error is transient.
 #[derive(Debug, thiserror::Error)]
-#[error("handler failed on shard {shard_id} at {}; records up to {} succeeded and may be checkpointed, a restart delivers again from the first record after that: {source}", first_failed_text(.first_failed, .partition_key.as_deref()), checkpoint_text(.checkpoint))]
+#[error("{} of shard {shard_id} failed: {source}; {}", first_failed_text(.first_failed, .partition_key.as_deref()), checkpoint_text(.checkpoint))]
 pub struct PartialFailure {
     /// The shard of the batch.
     pub shard_id: ShardId,
@@ -96,14 +96,16 @@ fn first_failed_text(first_failed: &Option<Checkpoint>, key: Option<&str>) -> St
     match (first_failed, key) {
         (Some(at), Some(key)) => format!("record {at} (partition key {key:?})"),
         (Some(at), None) => format!("record {at}"),
-        (None, _) => "the end of the batch, after its records".to_owned(),
+        (None, _) => "passing on the end of a batch after its records".to_owned(),
     }
 }
 
 fn checkpoint_text(checkpoint: &Option<Checkpoint>) -> String {
     match checkpoint {
-        Some(at) => at.to_string(),
-        None => "none of the batch".to_owned(),
+        Some(at) => format!(
+            "the records up to {at} succeeded and may be checkpointed; a restart delivers again from the record after it"
+        ),
+        None => "no record of the batch before it succeeded; a restart delivers the whole batch again".to_owned(),
     }
 }
 
