@@ -13,10 +13,10 @@
 //!
 //! Processing is composed from `tower` layers: [`checkpoint::CheckpointLayer`] records progress in
 //! a [`CheckpointStore`] after the handler succeeded, [`per_record::PerRecordLayer`] runs a
-//! per-record handler, [`metrics::MetricsLayer`] counts and times the handler's calls (the
-//! readers and checkpoints report their own metrics; [`metric_names`] lists them all), and
-//! tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer`
-//! stack with them.
+//! per-record handler, [`keyed::KeyedConcurrencyLayer`] handles a shard's partition keys at
+//! the same time (each key in order), [`metrics::MetricsLayer`] counts and times the handler's
+//! calls (the readers and checkpoints report their own metrics; [`metric_names`] lists them
+//! all), and tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer` stack with them.
 //!
 //! ```no_run
 //! use kinesis_tower::{service_fn, store::MemoryStore, Batch, BoxError, Consumer};

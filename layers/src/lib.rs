@@ -27,7 +27,9 @@
 //! handlers and layers with, and has a checkpoint store that fails when told to.
 //!
 //! The recommended order, outermost first: `BatchLayer`, `MetricsLayer`, `CheckpointLayer`,
-//! `RetryLayer`, `DeaggregateLayer`, then the handler (the README says why).
+//! `RetryLayer`, `DeaggregateLayer`, then the handler (the README says why). With
+//! `KeyedConcurrencyLayer`: `BatchLayer`, `MetricsLayer`, `CheckpointLayer`, `DeaggregateLayer`,
+//! `KeyedConcurrencyLayer`, `RetryLayer`, then the handler.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
