@@ -65,8 +65,9 @@ impl KeyOf for PartitionKey {
 /// **When it helps.** A handler that waits on something per record or per key (a database
 /// round trip, an HTTP call): a shard handled one record after the other does at most one such
 /// wait at a time (20 ms each caps it at 50 records/s); with this layer, a batch over many keys
-/// does up to `max_in_flight` of them at once. It does not help a batch of one key, nor a
-/// handler that is CPU-bound.
+/// does up to `max_in_flight` of them at once. The calls run on the task that handles the
+/// batch (they are not spawned): it does not help a handler that is CPU-bound, nor a batch of
+/// one key. A batch ends when its slowest key ends, as the shard's next batch waits for it.
 ///
 /// **The order it keeps: per key, not per shard.** The records of one key reach the inner
 /// service in shard order, in one call per batch, and never while another call for that key is
@@ -100,9 +101,8 @@ impl KeyOf for PartitionKey {
 /// **With KPL aggregates.** Put it inside [`DeaggregateLayer`](crate::kpl::DeaggregateLayer):
 /// an aggregate packs records of many partition keys under the key of one of them, so keys
 /// must be taken after unpacking (before it, one key's records could sit in two aggregates
-/// handled at once). Inside it, the checkpoint of a
-/// partly failed batch may be inside an aggregate (a sub-sequence number), where a restart
-/// resumes.
+/// handled at once). Inside it, the checkpoint of a partly failed batch may be inside an
+/// aggregate (a sub-sequence number), where a restart resumes.
 ///
 /// **Empty batches** (heartbeats, and the empty last batch of a shard) are passed to the inner
 /// service as they are. The [`Batch::end`] of a batch with records is passed on after its
@@ -901,6 +901,32 @@ mod tests {
                 BTreeMap::from([(vec![1, 3], expected), (vec![2], 3), (vec![4], expected)]),
                 "retry outside: {retry_outside}"
             );
+        }
+    }
+
+    /// RetryLayer outside, a key that keeps failing: a permanent error is not retried, a
+    /// transient one until max attempts, each attempt calling every key again; either way the
+    /// last PartialFailure reaches CheckpointLayer, which writes the prefix that succeeded.
+    #[tokio::test(start_paused = true)]
+    async fn retries_outside_give_up_with_the_prefix_checkpointed() {
+        let records = [(1, "a"), (2, "b"), (3, "a"), (4, "c")];
+        for transient in [false, true] {
+            let (store, checkpointer) = setup();
+            let mut handler = Handler::new(|_| Duration::from_millis(1)).fail(2, u32::MAX);
+            handler.transient = transient;
+            let mut svc = ServiceBuilder::new()
+                .layer(CheckpointLayer::new(checkpointer))
+                .layer(RetryLayer::new().max_attempts(3))
+                .layer(KeyedConcurrencyLayer::new())
+                .service(handler.clone());
+            let error = send(&mut svc, batch_of_keys(&records)).await.unwrap_err();
+            let partial = PartialFailure::find(&*error).expect("a PartialFailure");
+            assert_eq!(partial.checkpoint, Some(at(1)));
+            assert_eq!(crate::retry::is_transient(&*error), transient);
+            assert_eq!(store.get("ns", SHARD).await.unwrap(), Some(at(1)));
+            let attempts = if transient { 3 } else { 1 };
+            let calls = handler.log().calls.len();
+            assert_eq!(calls, 3 * attempts, "transient: {transient}");
         }
     }
 
