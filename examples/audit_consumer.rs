@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --example audit_consumer --all-features -- --stream NAME --store STORE --log PATH
 //!     [--app NAME] [--flush-ms N] [--max-records-per-call N] [--from trim-horizon|latest]
+//!     [--keyed N] [--handler-ms N]
 //! ```
 //!
 //! STORE is `sqlite:PATH`, `postgres://...`, `mysql://...`, `redis://...` or `dynamodb:TABLE`
@@ -13,7 +14,9 @@
 //! Each log line is `shard<TAB>sequence number<TAB>sub-sequence<TAB>unix micros`, written and
 //! flushed to the file before the batch's handler returns, so a record whose checkpoint was
 //! written is always in the log. Shards without a checkpoint start at TRIM_HORIZON unless
-//! `--from latest`. SIGTERM or Ctrl-C stop it gracefully; SIGKILL is what the crash tests use.
+//! `--from latest`. With `--handler-ms N` the handler takes N ms per record, as a database
+//! call would; with `--keyed N` it runs under `KeyedConcurrencyLayer` (N calls at once, each
+//! partition key in order). SIGTERM or Ctrl-C stop it gracefully; SIGKILL is what the crash tests use.
 
 #[path = "support/cli.rs"]
 mod cli;
@@ -27,7 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::bail;
 use clap::Parser;
 use kinesis_tower::checkpoint::CheckpointLayer;
-use kinesis_tower::{Batch, BoxError, CheckpointStore};
+use kinesis_tower::keyed::KeyedConcurrencyLayer;
+use kinesis_tower::{Batch, BoxError, CheckpointStore, Processed};
 use tower::{service_fn, ServiceBuilder};
 
 /// Consumes a Kinesis stream with checkpoints in any store and appends one line per handled
@@ -51,6 +55,15 @@ struct Args {
     /// Flush interval of the buffered stores (Postgres, MySQL, DynamoDB), in milliseconds
     #[arg(long = "flush-ms", value_name = "N", default_value = "1000", value_parser = millis)]
     flush: Duration,
+
+    /// Handle the records of different partition keys at once, at most N calls at a time
+    /// (KeyedConcurrencyLayer); 0: one batch after the other, as read
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keyed: usize,
+
+    /// Time the handler takes per record, after logging it, in milliseconds
+    #[arg(long = "handler-ms", value_name = "N", default_value = "0", value_parser = millis)]
+    handler: Duration,
 }
 
 fn millis(text: &str) -> Result<Duration, std::num::ParseIntError> {
@@ -76,11 +89,12 @@ async fn main() -> anyhow::Result<()> {
             .append(true)
             .open(&args.log)?,
     ));
+    let work = args.handler;
     let handler = service_fn(move |batch: Batch| {
         let log = log.clone();
         async move {
             if batch.records.is_empty() {
-                return Ok::<_, BoxError>(());
+                return Ok::<_, BoxError>(Processed::Checkpoint);
             }
             let micros = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros();
             let mut lines = String::with_capacity(batch.records.len() * 96);
@@ -95,14 +109,22 @@ async fn main() -> anyhow::Result<()> {
             }
             // One write per batch (O_APPEND), so a kill never leaves half a line, then flushed
             // to the OS before the checkpoint can be written.
-            let mut file = log.lock().map_err(|_| "audit log lock poisoned")?;
-            file.write_all(lines.as_bytes())?;
-            file.flush()?;
-            Ok(())
+            {
+                let mut file = log.lock().map_err(|_| "audit log lock poisoned")?;
+                file.write_all(lines.as_bytes())?;
+                file.flush()?;
+            }
+            if !work.is_zero() {
+                let records = u32::try_from(batch.records.len()).unwrap_or(u32::MAX);
+                tokio::time::sleep(work.saturating_mul(records)).await;
+            }
+            Ok(Processed::Checkpoint)
         }
     });
+    let keyed = (args.keyed > 0).then(|| KeyedConcurrencyLayer::new().max_in_flight(args.keyed));
     let service = ServiceBuilder::new()
         .layer(CheckpointLayer::new(consumer.checkpointer()))
+        .option_layer(keyed)
         .service(handler);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

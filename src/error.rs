@@ -82,7 +82,10 @@ pub enum Error {
     },
 
     /// The handler (the service given to `run`) failed; the shard's checkpoint stays before the
-    /// failed batch, so its records are delivered again on the next run.
+    /// failed batch, so its records are delivered again on the next run. When the error is a
+    /// [`PartialFailure`](crate::checkpoint::PartialFailure) (from `KeyedConcurrencyLayer`) and
+    /// `CheckpointLayer` is in the stack, the checkpoint moved to the part of the batch that
+    /// succeeded first, and the next run delivers again from the record after it.
     #[error("handler failed on stream {stream}, shard {shard}{}: {source}", sequence_suffix(first_sequence_number.as_deref(), last_sequence_number.as_deref()))]
     Handler {
         /// The stream.

@@ -13,10 +13,10 @@
 //!
 //! Processing is composed from `tower` layers: [`checkpoint::CheckpointLayer`] records progress in
 //! a [`CheckpointStore`] after the handler succeeded, [`per_record::PerRecordLayer`] runs a
-//! per-record handler, [`metrics::MetricsLayer`] counts and times the handler's calls (the
-//! readers and checkpoints report their own metrics; [`metric_names`] lists them all), and
-//! tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer`
-//! stack with them.
+//! per-record handler, [`keyed::KeyedConcurrencyLayer`] handles a shard's partition keys at
+//! the same time (each key in order), [`metrics::MetricsLayer`] counts and times the handler's
+//! calls (the readers and checkpoints report their own metrics; [`metric_names`] lists them
+//! all), and tower's own `ConcurrencyLimit`, `RateLimit`, `Timeout`, `Buffer` stack with them.
 //!
 //! With the `lambda` feature, the same stack runs inside AWS Lambda, behind a Kinesis event
 //! source mapping: the `lambda` module (`lambda::LambdaLayer` where the consumer has
@@ -68,7 +68,7 @@ pub use tower::service_fn;
 
 // One module per layer (its Layer, Service, future and errors), as in tower-http.
 pub use kinesis_tower_layers::{
-    backoff, batch, checkpoint, kpl, metric_names, metrics, per_record, retry,
+    backoff, batch, checkpoint, keyed, kpl, metric_names, metrics, per_record, retry,
 };
 
 // The README's examples use every store.

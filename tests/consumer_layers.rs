@@ -1,6 +1,6 @@
 //! tower's layers (ConcurrencyLimit, Timeout, RateLimit) and ours (BatchLayer, CheckpointLayer,
-//! PerRecordLayer) stacked under `Consumer::run`. Time is paused: sleeps complete as soon as every
-//! task is idle.
+//! PerRecordLayer, KeyedConcurrencyLayer) stacked under `Consumer::run`. Time is paused: sleeps
+//! complete as soon as every task is idle.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -175,4 +175,104 @@ async fn a_buffering_call_does_not_stall_another_shard_behind_a_concurrency_limi
         "6 records took {elapsed:?}"
     );
     assert_eq!(seen.of(&shard_name(1)).len(), 1, "flushed at shutdown");
+}
+
+/// `CheckpointLayer → KeyedConcurrencyLayer → handler` under `run`: a key that fails ends the
+/// run with `Error::Handler` carrying a `PartialFailure`; the checkpoint stands at the last
+/// record before the failed key's first record of the batch; a restart delivers from the
+/// record after it, every key in order.
+#[tokio::test(start_paused = true)]
+async fn a_failed_key_checkpoints_the_prefix_and_a_restart_resumes_after_it() {
+    use kinesis_tower::checkpoint::PartialFailure;
+    use kinesis_tower::keyed::KeyedConcurrencyLayer;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    let kinesis = MemoryKinesis::with_shards(1);
+    let shard = shard_name(0);
+    for i in 0..30 {
+        kinesis.put(&shard, &format!("k{}", i % 5), format!("{i}"));
+    }
+    let records = kinesis.records(&shard);
+    let store = Arc::new(MemoryStore::new());
+    // Record 17 (key k2) fails once: its key's first record in the batch of records 10..19
+    // is 12, so the checkpoint may cover up to record 11.
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+    let handler = {
+        let (failed_once, seen) = (failed_once.clone(), seen.clone());
+        service_fn(move |batch: Batch| {
+            let (failed_once, seen) = (failed_once.clone(), seen.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let ids: Vec<usize> = batch
+                    .records
+                    .iter()
+                    .map(|r| std::str::from_utf8(&r.data).unwrap().parse().unwrap())
+                    .collect();
+                if ids.contains(&17) && !failed_once.swap(true, Ordering::SeqCst) {
+                    return Err::<(), BoxError>("record 17 failed".into());
+                }
+                let mut seen = seen.lock().unwrap();
+                for (record, id) in batch.records.iter().zip(ids) {
+                    seen.push((record.partition_key.to_string(), id));
+                }
+                Ok(())
+            }
+        })
+    };
+    let stack = |consumer: &kinesis_tower::Consumer| {
+        ServiceBuilder::new()
+            .layer(CheckpointLayer::new(consumer.checkpointer()))
+            .layer(KeyedConcurrencyLayer::new())
+            .service(handler.clone())
+    };
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .max_records_per_call(10)
+        .build()
+        .unwrap();
+    let err = consumer.run(stack(&consumer)).await.unwrap_err();
+    let Error::Handler { source, .. } = &err else {
+        panic!("not a handler error: {err}");
+    };
+    let partial = PartialFailure::find(&**source).expect("a PartialFailure");
+    assert_eq!(partial.checkpoint, Some(records[11].checkpoint()));
+    assert_eq!(partial.first_failed, Some(records[12].checkpoint()));
+    assert!(err.to_string().contains("record 17 failed"), "{err}");
+    assert_eq!(
+        store.get(consumer.namespace(), &shard).await.unwrap(),
+        Some(records[11].checkpoint())
+    );
+    let first_run = seen.lock().unwrap().len();
+    // The other keys of the failed batch finished: 10 records before it, 8 of the batch.
+    assert_eq!(first_run, 18);
+
+    let consumer = builder(&kinesis)
+        .store_arc(store.clone())
+        .max_records_per_call(10)
+        .build()
+        .unwrap();
+    let run = Running::start(&consumer, stack(&consumer));
+    wait_for(Duration::from_secs(60), || {
+        seen.lock().unwrap().len() == first_run + 18
+    })
+    .await;
+    run.stop().await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let mut again: Vec<usize> = seen[first_run..].iter().map(|(_, id)| *id).collect();
+    again.sort_unstable();
+    assert_eq!(again, (12..30).collect::<Vec<_>>());
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    for (key, id) in &seen[first_run..] {
+        let key = key.as_str();
+        if let Some(previous) = last.insert(key, *id) {
+            assert!(previous < *id, "key {key}: {id} after {previous}");
+        }
+    }
+    assert_eq!(
+        store.get(consumer.namespace(), &shard).await.unwrap(),
+        Some(records[29].checkpoint())
+    );
 }

@@ -18,6 +18,8 @@
 //! - [`kpl`]: replace KPL aggregates by their user records (`DeaggregateLayer`), and build
 //!   aggregates (`Aggregator`).
 //! - [`per_record`]: run a `Service<Record>` over each batch, in order.
+//! - [`keyed`]: handle the records of different partition keys of a batch at the same time,
+//!   each key in order, checkpointing only the prefix of the batch that succeeded.
 //!
 //! [`backoff`] is the one backoff policy of the consumer, its stores and `RetryLayer`.
 //!
@@ -25,13 +27,16 @@
 //! handlers and layers with, and has a checkpoint store that fails when told to.
 //!
 //! The recommended order, outermost first: `BatchLayer`, `MetricsLayer`, `CheckpointLayer`,
-//! `RetryLayer`, `DeaggregateLayer`, then the handler (the README says why).
+//! `RetryLayer`, `DeaggregateLayer`, then the handler (the README says why). With
+//! `KeyedConcurrencyLayer`: `BatchLayer`, `MetricsLayer`, `CheckpointLayer`, `DeaggregateLayer`,
+//! `KeyedConcurrencyLayer`, `RetryLayer`, then the handler.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod batch;
 pub mod checkpoint;
+pub mod keyed;
 pub mod kpl;
 pub mod metric_names;
 pub mod metrics;

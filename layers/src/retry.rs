@@ -232,6 +232,12 @@ where
 /// every attempt failed), and a transient checkpoint-store error is not answered by handling
 /// the batch again.
 ///
+/// A partly failed batch ([`PartialFailure`](crate::checkpoint::PartialFailure), from
+/// [`KeyedConcurrencyLayer`](crate::keyed::KeyedConcurrencyLayer)) is classified by the
+/// handler's error it carries, and retried whole: every key of it is called again, those that
+/// had succeeded too. Put `RetryLayer` inside `KeyedConcurrencyLayer` to retry only the key
+/// that failed.
+///
 /// ```
 /// use std::time::Duration;
 /// use kinesis_tower_layers::{Batch, BoxError, Checkpointer, MemoryStore};

@@ -61,11 +61,75 @@ pub struct CheckpointWriteError {
     pub source: StoreError,
 }
 
+/// A batch failed after part of it was handled: the records up to [`checkpoint`](Self::checkpoint)
+/// all succeeded, the first record after them did not.
+///
+/// A service inside [`CheckpointLayer`] returns it (boxed, or anywhere in its error's
+/// `source()` chain) to say how far the batch may be checkpointed although it failed, as
+/// [`KeyedConcurrencyLayer`](crate::keyed::KeyedConcurrencyLayer) does. `CheckpointLayer` writes
+/// that checkpoint, then returns the error unchanged: the consumer stops, and a restart
+/// delivers again from the first record after the checkpoint. Any other error leaves the
+/// checkpoint where it was.
+///
+/// It is transparent to retry classification: [`is_transient`](crate::retry::is_transient)
+/// walks on to [`source`](Self::source), so a `RetryLayer` outside retries the whole batch when
+/// the handler's error is transient.
+#[derive(Debug, thiserror::Error)]
+#[error("{} of shard {shard_id} failed: {source}; {}", first_failed_text(.first_failed, .partition_key.as_deref()), checkpoint_text(.checkpoint))]
+pub struct PartialFailure {
+    /// The shard of the batch.
+    pub shard_id: ShardId,
+    /// How far the batch may be checkpointed: every record of the batch at or before it
+    /// succeeded. `None`: not even the first record did.
+    pub checkpoint: Option<Checkpoint>,
+    /// The position of the first record of the batch that did not succeed; `None` when every
+    /// record succeeded and what failed came after them (passing on the batch's end).
+    pub first_failed: Option<Checkpoint>,
+    /// The partition key of that record.
+    pub partition_key: Option<std::sync::Arc<str>>,
+    /// The handler's error.
+    #[source]
+    pub source: BoxError,
+}
+
+fn first_failed_text(first_failed: &Option<Checkpoint>, key: Option<&str>) -> String {
+    match (first_failed, key) {
+        (Some(at), Some(key)) => format!("record {at} (partition key {key:?})"),
+        (Some(at), None) => format!("record {at}"),
+        (None, _) => "passing on the end of a batch after its records".to_owned(),
+    }
+}
+
+fn checkpoint_text(checkpoint: &Option<Checkpoint>) -> String {
+    match checkpoint {
+        Some(at) => format!(
+            "the records up to {at} succeeded and may be checkpointed; a restart delivers again from the record after it"
+        ),
+        None => "no record of the batch before it succeeded; a restart delivers the whole batch again".to_owned(),
+    }
+}
+
+impl PartialFailure {
+    /// The first [`PartialFailure`] in `error` or its `source()` chain.
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a PartialFailure> {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(partial) = e.downcast_ref::<PartialFailure>() {
+                return Some(partial);
+            }
+            next = e.source();
+        }
+        None
+    }
+}
+
 /// A [`Layer`] that checkpoints each batch after the inner service handled it successfully.
 ///
 /// The inner service's response says how far to checkpoint ([`Processed`]; `()` means the whole
 /// batch). An error from the inner service leaves the checkpoint where it was and is returned
-/// unchanged. The last batch of a closed shard checkpoints [`Checkpoint::ShardEnd`], which is
+/// unchanged, except a [`PartialFailure`]: its checkpoint (when it is inside the batch) is
+/// written first, then the error is returned unchanged (a failure to write it is logged, and
+/// the handler's error is still the one returned). The last batch of a closed shard checkpoints [`Checkpoint::ShardEnd`], which is
 /// what lets the shard's children start after a restart without reading it again.
 ///
 /// Put it *outside* retries (so it sees only the final outcome) and *inside* batching (so it
@@ -168,6 +232,11 @@ pin_project_lite::pin_project! {
     enum State<F> {
         Inner { #[pin] future: F },
         Writing { future: BoxFuture<'static, Result<(), CheckpointWriteError>> },
+        // Writing the checkpoint of a partly failed batch; then `error` is returned.
+        WritingPartial {
+            future: BoxFuture<'static, Result<(), CheckpointWriteError>>,
+            error: Option<BoxError>,
+        },
     }
 }
 
@@ -184,7 +253,23 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Inner { future } => {
-                    let processed: Processed = ready!(future.poll(cx)).map_err(Into::into)?.into();
+                    let processed: Processed = match ready!(future.poll(cx)) {
+                        Ok(response) => response.into(),
+                        Err(error) => {
+                            let error: BoxError = error.into();
+                            let Some(checkpoint) =
+                                partial_checkpoint(&error, this.shard_id, *this.target)
+                            else {
+                                return Poll::Ready(Err(error));
+                            };
+                            let future = write(this.checkpointer, this.shard_id, checkpoint);
+                            this.state.set(State::WritingPartial {
+                                future,
+                                error: Some(error),
+                            });
+                            continue;
+                        }
+                    };
                     *this.response = processed;
                     let position = match (processed, *this.target) {
                         (_, None) | (Processed::SkipCheckpoint, _) => None,
@@ -203,28 +288,63 @@ where
                     let Some(checkpoint) = position else {
                         return Poll::Ready(Ok(processed));
                     };
-                    let checkpointer = this.checkpointer.clone();
-                    let shard_id = this.shard_id.clone();
-                    let future = Box::pin(async move {
-                        checkpointer
-                            .set(&shard_id, checkpoint)
-                            .await
-                            .map(drop)
-                            .map_err(|source| CheckpointWriteError {
-                                shard_id,
-                                checkpoint,
-                                source,
-                            })
-                    });
+                    let future = write(this.checkpointer, this.shard_id, checkpoint);
                     this.state.set(State::Writing { future });
                 }
                 StateProj::Writing { future } => {
                     ready!(future.as_mut().poll(cx)).map_err(|e| Box::new(e) as BoxError)?;
                     return Poll::Ready(Ok(*this.response));
                 }
+                StateProj::WritingPartial { future, error } => {
+                    if let Err(write) = ready!(future.as_mut().poll(cx)) {
+                        tracing::warn!(shard = %this.shard_id, error = %write,
+                            "the checkpoint of a partly failed batch was not written; a restart delivers the whole batch again");
+                    }
+                    let error = error
+                        .take()
+                        .unwrap_or_else(|| "checkpoint future polled after completion".into());
+                    return Poll::Ready(Err(error));
+                }
             }
         }
     }
+}
+
+fn write(
+    checkpointer: &Checkpointer,
+    shard_id: &ShardId,
+    checkpoint: Checkpoint,
+) -> BoxFuture<'static, Result<(), CheckpointWriteError>> {
+    let checkpointer = checkpointer.clone();
+    let shard_id = shard_id.clone();
+    Box::pin(async move {
+        checkpointer
+            .set(&shard_id, checkpoint)
+            .await
+            .map(drop)
+            .map_err(|source| CheckpointWriteError {
+                shard_id,
+                checkpoint,
+                source,
+            })
+    })
+}
+
+/// The checkpoint a failed batch may still write: a [`PartialFailure`]'s, when it is of this
+/// shard and inside the batch (`last`); anything else writes nothing.
+fn partial_checkpoint(
+    error: &BoxError,
+    shard_id: &ShardId,
+    last: Option<Checkpoint>,
+) -> Option<Checkpoint> {
+    let partial = PartialFailure::find(&**error)?;
+    let (checkpoint, last) = (partial.checkpoint?, last?);
+    if partial.shard_id != *shard_id || checkpoint > last {
+        tracing::warn!(shard = %shard_id, %checkpoint, %last, reported_shard = %partial.shard_id,
+            "a partly failed batch reported a checkpoint outside the batch; not writing it");
+        return None;
+    }
+    Some(checkpoint)
 }
 
 #[cfg(test)]
@@ -333,5 +453,47 @@ mod tests {
             store.get("ns", "shard-0").await.unwrap(),
             Some(Checkpoint::ShardEnd)
         );
+    }
+
+    /// A PartialFailure's checkpoint is written, then its error returned; one of another shard
+    /// or past the batch is not written; a failed write still returns the handler's error.
+    #[tokio::test]
+    async fn a_partial_failure_writes_its_checkpoint_then_fails() {
+        use crate::testing::FaultyStore;
+        let partial = |shard: &str, checkpoint| PartialFailure {
+            shard_id: shard.into(),
+            checkpoint: Some(checkpoint),
+            first_failed: Some(at(6)),
+            partition_key: Some("k".into()),
+            source: "key k failed".into(),
+        };
+        let store = Arc::new(FaultyStore::new());
+        let checkpointer = Checkpointer::from_arc(store.clone(), "ns");
+        let cases = [
+            (partial("shard-0", at(5)), false, Some(at(5))),
+            (partial("shard-1", at(6)), false, Some(at(5))),
+            (partial("shard-0", at(99)), false, Some(at(5))),
+            (partial("shard-0", at(7)), true, Some(at(5))),
+        ];
+        for (error, fail_write, expected) in cases {
+            store.fail_writes(fail_write);
+            let error = std::sync::Mutex::new(Some(error));
+            let handler = service_fn(move |_b: Batch| {
+                let error = error.lock().unwrap().take().unwrap();
+                async move { Err::<(), BoxError>(Box::new(error)) }
+            });
+            let mut svc = CheckpointLayer::new(checkpointer.clone()).layer(handler);
+            let err = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(batch([4, 5, 6, 7, 8]))
+                .await
+                .unwrap_err();
+            assert!(err.is::<PartialFailure>(), "{err}");
+            assert!(err.to_string().contains("key k failed"), "{err}");
+            store.fail_writes(false);
+            assert_eq!(store.get("ns", "shard-0").await.unwrap(), expected);
+        }
     }
 }

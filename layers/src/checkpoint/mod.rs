@@ -8,7 +8,7 @@ mod store;
 
 pub use layer::{
     CheckpointFuture, CheckpointLayer, CheckpointPastBatch, CheckpointService,
-    CheckpointWriteError, Processed,
+    CheckpointWriteError, PartialFailure, Processed,
 };
 pub use memory::MemoryStore;
 pub use store::{CheckpointStore, Checkpointer, SetOutcome, StoreError};
