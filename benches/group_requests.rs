@@ -69,7 +69,9 @@ impl LeaseBackend for Counting {
         checkpoint: Checkpoint,
     ) -> Result<bool, LeaseError> {
         self.count(4);
-        self.inner.checkpoint(key, worker, counter, checkpoint).await
+        self.inner
+            .checkpoint(key, worker, counter, checkpoint)
+            .await
     }
     async fn release(
         &self,
