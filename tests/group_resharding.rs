@@ -234,3 +234,110 @@ async fn parents_are_read_before_children_across_workers() {
     }
     common::delete_stream(&client, &stream).await;
 }
+
+/// At `LATEST`, a closed parent needs no reading: the group marks its lease finished, so its
+/// children are claimable and read (a parent lease left unfinished would hold them forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_of_a_parent_skipped_at_latest_are_read() {
+    let client = common::kinesis_mock_client().await;
+    let stream = common::unique_stream_name("grp-latest");
+    common::create_stream(&client, &stream, 1).await;
+    common::wait_for_stream_active(&client, &stream, Duration::from_secs(30)).await;
+    let parent = common::list_all_shards(&client, &stream).await.remove(0);
+    let (start, end) = range(&parent);
+    client
+        .split_shard()
+        .stream_name(&stream)
+        .shard_to_split(parent.shard_id())
+        .new_starting_hash_key((start + (end - start) / 2 + 1).to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("SplitShard: {}", common::error_chain(e)));
+    common::wait_for_stream_active(&client, &stream, Duration::from_secs(30)).await;
+
+    let group_name = common::unique_stream_name("kt-latest");
+    let leases = PostgresLeases::connect(&postgres_url(), &group_name)
+        .await
+        .unwrap();
+    leases.create_table().await.unwrap();
+    let group = ConsumerGroup::builder(leases, "a")
+        .lease_duration(Duration::from_secs(3))
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let consumer = Consumer::builder()
+        .client(client.clone())
+        .stream_name(&stream)
+        .start_position(StartPosition::Latest)
+        .poll_interval(Duration::from_millis(100))
+        .group(group.clone())
+        .build()
+        .unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let handler = {
+        let seen = seen.clone();
+        service_fn(move |batch: Batch| {
+            let seen = seen.clone();
+            async move {
+                let mut seen = seen.lock().unwrap();
+                seen.extend(batch.records.iter().map(|r| r.sequence_number.to_string()));
+                Ok::<_, BoxError>(())
+            }
+        })
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        consumer
+            .process_until(handler, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    // Both children held (their starts at LATEST are durable once read), then records.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while group.held().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the children were never claimed: held {:?}",
+            group.held()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut put = Vec::new();
+    for n in 0..20 {
+        let out = client
+            .put_record()
+            .stream_name(&stream)
+            .partition_key(format!("k{n}"))
+            .data(Blob::new(n.to_string()))
+            .send()
+            .await
+            .unwrap();
+        put.push(out.sequence_number().to_owned());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let missing = {
+            let seen = seen.lock().unwrap();
+            put.iter().filter(|s| !seen.contains(s)).count()
+        };
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of 20 records never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(()).unwrap();
+    run.await.unwrap().unwrap();
+    if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
+        let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
+            .bind(&group_name)
+            .execute(&pool)
+            .await;
+    }
+    common::delete_stream(&client, &stream).await;
+}

@@ -433,10 +433,13 @@ impl LeaseBackend for DynamoDbLeases {
             Some(owner) => update
                 .condition_expression("leaseOwner = :old AND leaseCounter = :c")
                 .expression_attribute_values(":old", s(owner)),
-            None => update.condition_expression(
-                "attribute_exists(leaseKey) AND attribute_not_exists(leaseOwner) AND \
-                 (leaseCounter = :c OR (attribute_not_exists(leaseCounter) AND :c = :zero))",
-            ),
+            None => update
+                .condition_expression(
+                    "attribute_exists(leaseKey) \
+                     AND (attribute_not_exists(leaseOwner) OR attribute_type(leaseOwner, :null)) \
+                     AND (leaseCounter = :c OR (attribute_not_exists(leaseCounter) AND :c = :zero))",
+                )
+                .expression_attribute_values(":null", s("NULL")),
         };
         match update.send().await {
             Ok(out) => match out.attributes() {

@@ -198,7 +198,6 @@ impl Leases {
             }
             None => self.backend.renew(key, &self.worker, counter).await?,
         };
-        let written = written || self.landed_anyway(key, counter, pending).await;
         if written {
             state.counter = counter + 1;
             state.renewed_at = now;
@@ -207,25 +206,37 @@ impl Leases {
             }
             state.pending = None;
             state.pending_since = None;
-            Ok(Written::Done)
-        } else {
-            self.mark_lost(key, state, "another worker took it".to_owned());
-            Ok(Written::Lost)
+            return Ok(Written::Done);
+        }
+        // The condition failed. A write of this worker may have landed unseen (this one, its
+        // answer lost and the request sent again; or an earlier one that answered an error):
+        // the row then shows this worker one counter further. Take the row as it is and, if
+        // this checkpoint is not in it yet, write it once more.
+        match self.row(key).await {
+            Some(row) if row.is_owned_by(&self.worker) && row.counter == counter + 1 => {
+                state.counter = row.counter;
+                state.renewed_at = now;
+                state.stored = row.checkpoint;
+                if pending.is_some_and(|p| row.checkpoint.is_some_and(|c| c >= p))
+                    || pending.is_none()
+                {
+                    state.pending = None;
+                    state.pending_since = None;
+                    return Ok(Written::Done);
+                }
+                Box::pin(self.write(key, state)).await
+            }
+            _ => {
+                self.mark_lost(key, state, "another worker took it".to_owned());
+                Ok(Written::Lost)
+            }
         }
     }
 
-    /// A write whose condition failed may still have landed (its answer was lost and the SDK
-    /// sent it again): the row then shows this worker at the next counter, with the checkpoint.
-    async fn landed_anyway(&self, key: &str, counter: u64, checkpoint: Option<Checkpoint>) -> bool {
-        let Ok(leases) = self.backend.list().await else {
-            return false;
-        };
-        leases.iter().any(|lease| {
-            lease.key == key
-                && lease.is_owned_by(&self.worker)
-                && lease.counter == counter + 1
-                && checkpoint.is_none_or(|c| lease.checkpoint == Some(c))
-        })
+    /// The lease's row as the table holds it now; `None` if it is gone or cannot be read.
+    async fn row(&self, key: &str) -> Option<super::lease::Lease> {
+        let leases = self.backend.list().await.ok()?;
+        leases.into_iter().find(|lease| lease.key == key)
     }
 
     pub(crate) fn mark_lost(&self, key: &str, state: &mut HeldState, reason: String) {

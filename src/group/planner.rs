@@ -30,6 +30,8 @@ struct Observed {
     owner: Option<String>,
     /// When the counter last changed; `None` for a lease first seen unowned.
     changed_at: Option<Instant>,
+    /// Since when the lease has been seen without an owner.
+    unowned_since: Option<Instant>,
 }
 
 impl Liveness {
@@ -37,7 +39,13 @@ impl Liveness {
     pub(crate) fn update(&mut self, leases: &[Lease], now: Instant) {
         let mut seen = HashMap::with_capacity(leases.len());
         for lease in leases {
-            let changed_at = match self.seen.remove(&lease.key) {
+            let old = self.seen.remove(&lease.key);
+            let unowned_since = match &old {
+                _ if lease.owner.is_some() => None,
+                Some(old) if old.owner.is_none() => old.unowned_since,
+                _ => Some(now),
+            };
+            let changed_at = match old {
                 Some(old) if old.counter == lease.counter && old.owner == lease.owner => {
                     old.changed_at
                 }
@@ -50,6 +58,7 @@ impl Liveness {
                     counter: lease.counter,
                     owner: lease.owner.clone(),
                     changed_at,
+                    unowned_since,
                 },
             );
         }
@@ -62,6 +71,12 @@ impl Liveness {
         observed
             .changed_at
             .map(|at| now.saturating_duration_since(at))
+    }
+
+    /// How long the lease has been seen without an owner.
+    pub(crate) fn unowned_for(&self, key: &str, now: Instant) -> Option<Duration> {
+        let since = self.seen.get(key)?.unowned_since?;
+        Some(now.saturating_duration_since(since))
     }
 
     /// Whether the lease has an owner whose counter has not moved for `lease_duration`.
@@ -100,7 +115,41 @@ pub(crate) struct Plan {
 }
 
 /// Plans one round. `rng` shuffles the candidates.
+///
+/// Besides the fair share: a lease left unowned for a third of the lease duration (every
+/// worker had its listings to claim it; some are capped by `max_leases`) is claimed by a
+/// worker below its own cap, one per round, rather than left unread.
 pub(crate) fn plan(input: &PlanInput<'_>, rng: &mut fastrand::Rng) -> Plan {
+    let mut plan = fair_share(input, rng);
+    let mine = input
+        .leases
+        .iter()
+        .filter(|lease| lease.is_owned_by(input.me) && !lease.is_finished())
+        .count();
+    let below_cap = input
+        .max_leases
+        .is_none_or(|max| mine + plan.claim.len() < max);
+    if below_cap {
+        let patience = input.lease_duration / 3;
+        let leftover = input.leases.iter().find(|lease| {
+            lease.owner.is_none()
+                && !lease.is_finished()
+                && input.ready.contains(&lease.key)
+                && !plan.claim.iter().any(|c| c.key == lease.key)
+                && input
+                    .liveness
+                    .unowned_for(&lease.key, input.now)
+                    .is_some_and(|d| d >= patience)
+        });
+        if let Some(lease) = leftover {
+            plan.claim.push(lease.clone());
+        }
+    }
+    plan
+}
+
+/// The fair share: claims and handoff requests up to `ceil(claimable / live workers)`.
+fn fair_share(input: &PlanInput<'_>, rng: &mut fastrand::Rng) -> Plan {
     let by_key: HashMap<&str, &Lease> = input
         .leases
         .iter()
@@ -118,10 +167,19 @@ pub(crate) fn plan(input: &PlanInput<'_>, rng: &mut fastrand::Rng) -> Plan {
             .liveness
             .is_expired(lease, input.now, input.lease_duration)
     };
+    // Leases somebody reads or this worker can read: a row no worker can read (a shard gone
+    // from the stream) does not count.
     let claimable: Vec<&Lease> = input
         .leases
         .iter()
         .filter(|lease| !lease.is_finished() && parents_finished(lease))
+        .filter(|lease| {
+            input.ready.contains(&lease.key)
+                || lease
+                    .owner
+                    .as_deref()
+                    .is_some_and(|owner| owner == input.me || !expired(lease))
+        })
         .collect();
 
     // Live owners and what each holds.
@@ -169,7 +227,8 @@ pub(crate) fn plan(input: &PlanInput<'_>, rng: &mut fastrand::Rng) -> Plan {
         .copied()
         .filter(|lease| !lease.is_owned_by(input.me) && lease.owner.is_some() && expired(lease))
         .collect();
-    let free_somewhere = !unowned.is_empty() || !stale.is_empty();
+    // Free leases this worker cannot read yet are left to its discovery, not taken from others.
+    let free_somewhere = unowned.iter().chain(&stale).any(&readable);
     rng.shuffle(&mut unowned);
     // Oldest first: the longest idle (never seen renewed counts as oldest).
     stale.sort_by_key(|lease| {
@@ -188,8 +247,6 @@ pub(crate) fn plan(input: &PlanInput<'_>, rng: &mut fastrand::Rng) -> Plan {
         need -= 1;
     }
     if need == 0 || free_somewhere {
-        // Free leases this worker cannot read yet are left to its discovery, not taken from
-        // others.
         return plan;
     }
 
@@ -436,6 +493,51 @@ mod tests {
         let orphan = vec![Lease::new("child", vec!["gone".into()])];
         let p = plan_at("a", &orphan, &seen(&orphan, now), now, None);
         assert_eq!(p.claim.len(), 1);
+    }
+
+    #[test]
+    fn a_lease_left_by_a_capped_worker_is_claimed_after_a_while() {
+        let start = Instant::now();
+        // a is capped at 1 and holds 1; b holds 2 (its share of 4 over 2 workers); one left.
+        let table = leases(4, |i| match i {
+            0 => Some("a"),
+            1 | 2 => Some("b"),
+            _ => None,
+        });
+        let liveness = seen(&table, start);
+        let p = plan_at("b", &table, &liveness, start, None);
+        assert!(p.claim.is_empty(), "not at once: {p:?}");
+        let later = start + LEASE / 3;
+        let mut liveness = liveness;
+        liveness.update(&table, later);
+        let p = plan_at("b", &table, &liveness, later, None);
+        assert_eq!(p.claim.len(), 1, "{p:?}");
+        // A capped worker does not.
+        let p = plan_at("a", &table, &liveness, later, Some(1));
+        assert!(p.claim.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn rows_nobody_can_read_do_not_count_or_block_handoffs() {
+        let now = Instant::now();
+        let mut table = leases(4, |_| Some("a"));
+        // A row for a shard gone from the stream: unowned, never readable.
+        table.push(Lease::new("shardId-gone", Vec::new()));
+        let liveness = seen(&table, now);
+        let ready: HashSet<String> = table[..4].iter().map(|l| l.key.clone()).collect();
+        let p = plan(
+            &PlanInput {
+                me: "b",
+                leases: &table,
+                liveness: &liveness,
+                now,
+                lease_duration: LEASE,
+                max_leases: None,
+                ready: &ready,
+            },
+            &mut fastrand::Rng::with_seed(3),
+        );
+        assert_eq!((p.target, p.handoff.len()), (2, 2), "{p:?}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use kinesis_tower_layers::metric_names::{
     LEASES_ACQUIRED_TOTAL, LEASES_HELD, LEASES_LOST_TOTAL, LEASE_HANDOFFS_TOTAL, STREAM, WORKER,
 };
+use kinesis_tower_layers::Checkpoint;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -160,8 +161,18 @@ impl Worker {
                 let key = shard.to_string();
                 self.ready.remove(&key);
                 self.started.remove(&key);
-                if self.leases.get(&key).is_some() && !self.letting.contains_key(&key) {
-                    self.release(&key, None).await;
+                if let Some(held) = self.leases.get(&key) {
+                    if !self.letting.contains_key(&key) {
+                        // Finished here, read to its end or needing no reading (skipped,
+                        // expired): its lease says so, or its children would wait forever.
+                        let mut state = held.state.lock().await;
+                        if state.lost.is_none() && state.current() != Some(Checkpoint::ShardEnd) {
+                            state.pending = Some(Checkpoint::ShardEnd);
+                            state.pending_since.get_or_insert_with(Instant::now);
+                        }
+                        drop(state);
+                        self.release(&key, None).await;
+                    }
                 }
                 let _ = self.out.send(Assignment::Ended(shard));
             }
@@ -204,6 +215,15 @@ impl Worker {
         self.known
             .extend(table.iter().map(|lease| lease.key.clone()));
         let by_key: HashMap<&str, &Lease> = table.iter().map(|l| (l.key.as_str(), l)).collect();
+        // A start whose row could not be created then (or whose row was deleted since).
+        for (key, start) in &self.ready {
+            if !by_key.contains_key(key.as_str()) {
+                let parents = start.parents().iter().map(ToString::to_string).collect();
+                if let Err(error) = self.leases.backend.create(&Lease::new(key, parents)).await {
+                    tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "creating the lease failed; trying again at the next listing");
+                }
+            }
+        }
 
         // What happened to the leases held here.
         for (key, _) in self.leases.all() {
@@ -366,6 +386,11 @@ impl Worker {
             return;
         }
         metrics::counter!(LEASES_LOST_TOTAL, self.labels.clone()).increment(1);
+        if let Some(letting) = self.letting.get_mut(key) {
+            // Being handed over: the revocation under way serves; nothing is written after it.
+            *letting = Letting::Lost;
+            return;
+        }
         self.letting.insert(key.to_owned(), Letting::Lost);
         self.revoke(key, letting_go, Duration::MAX);
     }
@@ -389,6 +414,7 @@ impl Worker {
     /// The shard is stopped here: hand the lease over (with the shard's last checkpoint), or
     /// forget a lost one.
     async fn let_go(&mut self, key: String) {
+        self.started.remove(&key);
         match self.letting.remove(&key) {
             Some(Letting::HandOff(to)) => {
                 if self.release(&key, Some(&to)).await {
@@ -404,54 +430,15 @@ impl Worker {
     /// the release was written.
     async fn release(&mut self, key: &str, to: Option<&str>) -> bool {
         self.started.remove(key);
-        let Some(held) = self.leases.get(key) else {
-            return false;
-        };
-        let released = {
-            let mut state = held.state.lock().await;
-            let flushed = if state.pending.is_some() {
-                self.leases.write(key, &mut state).await
-            } else {
-                Ok(Written::Done)
-            };
-            match flushed {
-                Ok(Written::Done) if state.lost.is_none() => {
-                    let counter = state.counter;
-                    match self
-                        .leases
-                        .backend
-                        .release(key, &self.leases.worker, counter, to)
-                        .await
-                    {
-                        Ok(true) => {
-                            state.lost = Some("released".to_owned());
-                            true
-                        }
-                        Ok(false) => false,
-                        Err(error) => {
-                            tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "releasing the lease failed; it expires after the lease duration");
-                            false
-                        }
-                    }
-                }
-                Ok(_) => false,
-                Err(error) => {
-                    tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "writing the last checkpoint before release failed; the lease expires after the lease duration");
-                    false
-                }
-            }
-        };
-        self.leases.remove(key);
-        if released {
-            tracing::info!(worker = %self.leases.worker, shard = %key, to = to.unwrap_or("nobody"), stream = %self.stream, "lease released");
-        }
-        released
+        release(&self.leases, &self.stream, key, to).await
     }
 
     /// The consumer stopped and flushed: let every lease go so others take over at once.
     async fn release_all(&mut self) {
         let keys: Vec<String> = self.leases.all().into_iter().map(|(k, _)| k).collect();
+        let mut releases = Vec::new();
         for key in keys {
+            self.started.remove(&key);
             let to = match self.letting.remove(&key) {
                 Some(Letting::HandOff(to)) => Some(to),
                 Some(Letting::Lost) => {
@@ -460,8 +447,62 @@ impl Worker {
                 }
                 None => None,
             };
-            self.release(&key, to.as_deref()).await;
+            releases.push((key, to));
         }
+        // All at once: shutdown waits for them.
+        let (leases, stream) = (&self.leases, &self.stream);
+        futures::future::join_all(
+            releases
+                .iter()
+                .map(|(key, to)| release(leases, stream, key, to.as_deref())),
+        )
+        .await;
         metrics::gauge!(LEASES_HELD, self.labels.clone()).set(0.0);
     }
+}
+
+/// Writes the lease's pending checkpoint, then lets it go (to `to`, or to nobody), and stops
+/// holding it. True if the release was written.
+async fn release(leases: &Leases, stream: &str, key: &str, to: Option<&str>) -> bool {
+    let Some(held) = leases.get(key) else {
+        return false;
+    };
+    let released = {
+        let mut state = held.state.lock().await;
+        let flushed = if state.pending.is_some() {
+            leases.write(key, &mut state).await
+        } else {
+            Ok(Written::Done)
+        };
+        match flushed {
+            Ok(Written::Done) if state.lost.is_none() => {
+                let counter = state.counter;
+                match leases
+                    .backend
+                    .release(key, &leases.worker, counter, to)
+                    .await
+                {
+                    Ok(true) => {
+                        state.lost = Some("released".to_owned());
+                        true
+                    }
+                    Ok(false) => false,
+                    Err(error) => {
+                        tracing::warn!(worker = %leases.worker, shard = %key, %error, "releasing the lease failed; it expires after the lease duration");
+                        false
+                    }
+                }
+            }
+            Ok(_) => false,
+            Err(error) => {
+                tracing::warn!(worker = %leases.worker, shard = %key, %error, "writing the last checkpoint before release failed; the lease expires after the lease duration");
+                false
+            }
+        }
+    };
+    leases.remove(key);
+    if released {
+        tracing::info!(worker = %leases.worker, shard = %key, to = to.unwrap_or("nobody"), %stream, "lease released");
+    }
+    released
 }

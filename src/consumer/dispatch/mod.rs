@@ -410,6 +410,9 @@ impl Dispatcher {
             lane.reader.abort();
             self.dispatchable.retain(|s| s != shard);
             self.release(shard.clone(), lane.revocations);
+            if let Some(start) = lane.restart {
+                self.start(start);
+            }
         }
     }
 
@@ -582,6 +585,11 @@ impl Dispatcher {
                     let _ = self.feedback.send(Feedback::Finished { shard, read });
                 }
             }
+            ReaderEvent::Failed(error) if lease_lost(&error) => {
+                // A group moved the shard elsewhere while its reader wrote where it started.
+                tracing::warn!(stream = %self.stream, %shard, %error, "lease lost while starting the shard; stopping the shard");
+                self.drop_lane(&shard);
+            }
             ReaderEvent::Failed(error) => {
                 tracing::error!(stream = %self.stream, %shard, %error, "shard reader failed; stopping");
                 self.fail(error);
@@ -688,10 +696,10 @@ impl Dispatcher {
 fn lease_lost(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(error) = next {
-        if matches!(
-            error.downcast_ref::<StoreError>(),
-            Some(StoreError::LeaseLost { .. })
-        ) {
+        let store = error
+            .downcast_ref::<StoreError>()
+            .or_else(|| error.downcast_ref::<Box<StoreError>>().map(|b| &**b));
+        if matches!(store, Some(StoreError::LeaseLost { .. })) {
             return true;
         }
         next = error.source();
