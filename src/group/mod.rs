@@ -110,7 +110,11 @@ impl Default for GroupSettings {
 
 /// A worker of a consumer group: give it to [`ConsumerBuilder::group`](crate::ConsumerBuilder::group).
 ///
-/// Cheap to clone; one consumer runs it at a time.
+/// Cheap to clone. One run at a time: a worker holds one set of leases, so do not run two
+/// consumers (or two runs of one consumer) with the same `ConsumerGroup` at once; give each
+/// its own worker name. A run that ends (a signal, an error, `ShutdownHandle::shutdown`)
+/// releases every lease after its final checkpoint flush; a run whose future is dropped
+/// without finishing leaves its leases to expire (one lease duration).
 #[derive(Clone, Debug)]
 pub struct ConsumerGroup {
     inner: Arc<Inner>,
