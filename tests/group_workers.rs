@@ -517,8 +517,8 @@ async fn graceful_leave(backend: Backend) {
 async fn crash(backend: Backend) {
     const LEASE: u64 = 3_000;
     let world = World::new(backend, "crash").await;
-    let mut a = world.worker("a", LEASE, 250);
-    let mut b = world.worker("b", LEASE, 250);
+    let mut a = world.worker("a", LEASE, 100);
+    let mut b = world.worker("b", LEASE, 100);
     until(Duration::from_secs(30), "5/5", || {
         balanced(&[&a, &b], &[5, 5])
     })
@@ -541,12 +541,12 @@ async fn crash(backend: Backend) {
 async fn crash_during_handoff(backend: Backend) {
     const LEASE: u64 = 3_000;
     let world = World::new(backend, "handoff-crash").await;
-    let mut a = world.worker("a", LEASE, 250);
+    let mut a = world.worker("a", LEASE, 100);
     until(Duration::from_secs(30), "a holds every shard", || {
         a.held().len() == SHARDS
     })
     .await;
-    let mut b = world.worker("b", LEASE, 250);
+    let mut b = world.worker("b", LEASE, 100);
     // The moment b's first handoff request is in the table.
     let table = world.table.clone();
     let deadline = Instant::now() + Duration::from_secs(10);
