@@ -62,6 +62,8 @@ pub(crate) struct Leases {
     listed: Mutex<HashMap<String, Option<Checkpoint>>>,
     /// Tells the running worker loop that a write found a lease lost.
     lost: Mutex<Option<mpsc::UnboundedSender<String>>>,
+    /// The run is stopping: renew what is held, take nothing new.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for dyn LeaseBackend {
@@ -83,6 +85,7 @@ impl Leases {
             held: Mutex::default(),
             listed: Mutex::default(),
             lost: Mutex::default(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

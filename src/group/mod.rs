@@ -180,6 +180,10 @@ impl AssignmentFilter for ConsumerGroup {
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         self.inner.leases.set_lost_channel(Some(lost_tx));
+        self.inner
+            .leases
+            .stopping
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         *self
             .inner
             .stop
@@ -205,6 +209,13 @@ impl AssignmentFilter for ConsumerGroup {
             events.poll_recv(cx)
         })
         .boxed()
+    }
+
+    fn stopping(&self) {
+        self.inner
+            .leases
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn finish(&self) -> BoxFuture<'static, ()> {

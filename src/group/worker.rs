@@ -195,6 +195,15 @@ impl Worker {
 
     /// One listing and what follows from it.
     async fn round(&mut self, letting_go: &mut FuturesUnordered<LetGo>) {
+        if self
+            .leases
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // The consumer takes no new shard: keep what is held alive until it is released.
+            self.renew_due(Instant::now()).await;
+            return;
+        }
         let listing = self.leases.backend.list().await;
         let now = Instant::now();
         let table = match listing {

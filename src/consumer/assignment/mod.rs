@@ -170,6 +170,11 @@ pub trait AssignmentFilter: Send + Sync + 'static {
     /// The events this consumer acts on, from every event discovery and lineage produce.
     fn filter(&self, assignments: Assignments) -> Assignments;
 
+    /// Called when the run starts to stop (a shutdown signal or a failure): from now on the
+    /// consumer takes no new start. A consumer group stops claiming leases here. Does nothing
+    /// by default.
+    fn stopping(&self) {}
+
     /// Called once per run, after the run has stopped reading and flushed its checkpoints,
     /// and awaited (up to the drain timeout, at least 5 s) before the run returns. A consumer
     /// group releases its leases here. Does nothing by default.

@@ -249,6 +249,7 @@ impl Dispatcher {
         if self.phase != Phase::Running {
             return;
         }
+        self.shared.filter.stopping();
         self.phase = Phase::Draining {
             deadline: Instant::now()
                 .checked_add(self.shared.settings.drain_timeout)
