@@ -34,21 +34,26 @@ fn range(shard: &Shard) -> (u128, u128) {
 /// (order of handling, worker, shard, sequence number), for every record handled.
 type Log = Arc<Mutex<Vec<(u64, String, String, String)>>>;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parents_are_read_before_children_across_workers() {
-    let client = common::kinesis_mock_client().await;
-    let stream = common::unique_stream_name("grp-reshard");
-    common::create_stream(&client, &stream, 3).await;
-    common::wait_for_stream_active(&client, &stream, Duration::from_secs(30)).await;
-    let mut initial = common::list_all_shards(&client, &stream).await;
-    initial.sort_by_key(|s| range(s).0);
+/// A running group worker: its group, what stops it, its run.
+struct Worker {
+    group: ConsumerGroup,
+    stop: tokio::sync::oneshot::Sender<()>,
+    run: tokio::task::JoinHandle<Result<(), kinesis_tower::Error>>,
+}
 
-    let group = common::unique_stream_name("kt-reshard");
-    let log: Log = Arc::default();
-    let order = Arc::new(AtomicU64::new(0));
-    let mut runs = Vec::new();
-    for name in ["a", "b", "c"] {
-        let leases = PostgresLeases::connect(&postgres_url(), &group)
+impl Worker {
+    /// Worker `name` of `group` (Postgres leases: lease 3 s, listing every 100 ms) reading
+    /// `stream` from `start`, logging each record it handles in `log`.
+    async fn start(
+        client: &aws_sdk_kinesis::Client,
+        stream: &str,
+        group: &str,
+        name: &'static str,
+        start: StartPosition,
+        log: &Log,
+    ) -> Self {
+        static ORDER: AtomicU64 = AtomicU64::new(0);
+        let leases = PostgresLeases::connect(&postgres_url(), group)
             .await
             .unwrap();
         leases.create_table().await.unwrap();
@@ -59,21 +64,21 @@ async fn parents_are_read_before_children_across_workers() {
             .unwrap();
         let consumer = Consumer::builder()
             .client(client.clone())
-            .stream_name(&stream)
-            .start_position(StartPosition::TrimHorizon)
+            .stream_name(stream)
+            .start_position(start)
             .poll_interval(Duration::from_millis(100))
             .shard_refresh_interval(Duration::from_secs(1))
-            .group(group)
+            .group(group.clone())
             .build()
             .unwrap();
-        let (log, order) = (log.clone(), order.clone());
+        let log = log.clone();
         let handler = service_fn(move |batch: Batch| {
-            let (log, order) = (log.clone(), order.clone());
+            let log = log.clone();
             async move {
                 let mut log = log.lock().unwrap();
                 for record in &batch.records {
                     log.push((
-                        order.fetch_add(1, Ordering::SeqCst),
+                        ORDER.fetch_add(1, Ordering::SeqCst),
                         name.to_owned(),
                         batch.shard_id.to_string(),
                         record.sequence_number.to_string(),
@@ -90,7 +95,39 @@ async fn parents_are_read_before_children_across_workers() {
                 })
                 .await
         });
-        runs.push((stop, run));
+        Worker { group, stop, run }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.run.await.unwrap().unwrap();
+    }
+}
+
+async fn delete_group(group: &str) {
+    if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
+        let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
+            .bind(group)
+            .execute(&pool)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parents_are_read_before_children_across_workers() {
+    let client = common::kinesis_mock_client().await;
+    let stream = common::unique_stream_name("grp-reshard");
+    common::create_stream(&client, &stream, 3).await;
+    common::wait_for_stream_active(&client, &stream, Duration::from_secs(30)).await;
+    let mut initial = common::list_all_shards(&client, &stream).await;
+    initial.sort_by_key(|s| range(s).0);
+
+    let group = common::unique_stream_name("kt-reshard");
+    let log: Log = Arc::default();
+    let mut workers = Vec::new();
+    for name in ["a", "b", "c"] {
+        let start = StartPosition::TrimHorizon;
+        workers.push(Worker::start(&client, &stream, &group, name, start, &log).await);
     }
 
     // Records with twenty keys, all the time.
@@ -176,9 +213,8 @@ async fn parents_are_read_before_children_across_workers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for (stop, run) in runs {
-        let _ = stop.send(());
-        run.await.unwrap().unwrap();
+    for worker in workers {
+        worker.stop().await;
     }
 
     let all = common::list_all_shards(&client, &stream).await;
@@ -226,12 +262,7 @@ async fn parents_are_read_before_children_across_workers() {
         "reshard across workers: {} records handled by {workers:?}",
         log.len()
     );
-    if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
-        let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
-            .bind(&group)
-            .execute(&pool)
-            .await;
-    }
+    delete_group(&group).await;
     common::delete_stream(&client, &stream).await;
 }
 
@@ -256,43 +287,17 @@ async fn children_of_a_parent_skipped_at_latest_are_read() {
     common::wait_for_stream_active(&client, &stream, Duration::from_secs(30)).await;
 
     let group_name = common::unique_stream_name("kt-latest");
-    let leases = PostgresLeases::connect(&postgres_url(), &group_name)
-        .await
-        .unwrap();
-    leases.create_table().await.unwrap();
-    let group = ConsumerGroup::builder(leases, "a")
-        .lease_duration(Duration::from_secs(3))
-        .poll_interval(Duration::from_millis(100))
-        .build()
-        .unwrap();
-    let consumer = Consumer::builder()
-        .client(client.clone())
-        .stream_name(&stream)
-        .start_position(StartPosition::Latest)
-        .poll_interval(Duration::from_millis(100))
-        .group(group.clone())
-        .build()
-        .unwrap();
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let handler = {
-        let seen = seen.clone();
-        service_fn(move |batch: Batch| {
-            let seen = seen.clone();
-            async move {
-                let mut seen = seen.lock().unwrap();
-                seen.extend(batch.records.iter().map(|r| r.sequence_number.to_string()));
-                Ok::<_, BoxError>(())
-            }
-        })
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(async move {
-        consumer
-            .process_until(handler, async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let log: Log = Arc::default();
+    let worker = Worker::start(
+        &client,
+        &stream,
+        &group_name,
+        "a",
+        StartPosition::Latest,
+        &log,
+    )
+    .await;
+    let group = worker.group.clone();
     // Both children held (their starts at LATEST are durable once read), then records.
     let deadline = Instant::now() + Duration::from_secs(30);
     while group.held().len() < 2 {
@@ -319,8 +324,10 @@ async fn children_of_a_parent_skipped_at_latest_are_read() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let missing = {
-            let seen = seen.lock().unwrap();
-            put.iter().filter(|s| !seen.contains(s)).count()
+            let log = log.lock().unwrap();
+            put.iter()
+                .filter(|s| !log.iter().any(|(_, _, _, seq)| seq == *s))
+                .count()
         };
         if missing == 0 {
             break;
@@ -331,13 +338,7 @@ async fn children_of_a_parent_skipped_at_latest_are_read() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.send(()).unwrap();
-    run.await.unwrap().unwrap();
-    if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
-        let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
-            .bind(&group_name)
-            .execute(&pool)
-            .await;
-    }
+    worker.stop().await;
+    delete_group(&group_name).await;
     common::delete_stream(&client, &stream).await;
 }

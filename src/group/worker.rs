@@ -44,8 +44,6 @@ pub(crate) struct Worker {
     pub(crate) out: mpsc::UnboundedSender<Assignment>,
     /// Starts from this worker's discovery: what it may read.
     ready: HashMap<String, ShardStart>,
-    /// Lease rows this worker created or saw, so a start does not create one twice.
-    known: HashSet<String>,
     /// Held leases whose start was passed to the consumer.
     started: HashSet<String>,
     /// Held leases being let go, and why.
@@ -76,7 +74,6 @@ impl Worker {
             stream,
             out,
             ready: HashMap::new(),
-            known: HashSet::new(),
             started: HashSet::new(),
             letting: HashMap::new(),
             liveness: Liveness::default(),
@@ -141,16 +138,8 @@ impl Worker {
         match event {
             Assignment::Start(start) => {
                 let key = start.shard_id().to_string();
-                if !self.known.contains(&key) {
-                    let parents = start.parents().iter().map(ToString::to_string).collect();
-                    match self.leases.backend.create(&Lease::new(&key, parents)).await {
-                        Ok(()) => {
-                            self.known.insert(key.clone());
-                        }
-                        Err(error) => {
-                            tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "creating the lease failed; trying again at the next listing");
-                        }
-                    }
+                if self.leases.listed(&key).is_none() {
+                    create_row(&self.leases, &start).await;
                 }
                 self.ready.insert(key.clone(), start);
                 if self.leases.get(&key).is_some() && !self.letting.contains_key(&key) {
@@ -221,16 +210,11 @@ impl Worker {
                 .map(|lease| (lease.key.clone(), lease.checkpoint))
                 .collect(),
         );
-        self.known
-            .extend(table.iter().map(|lease| lease.key.clone()));
         let by_key: HashMap<&str, &Lease> = table.iter().map(|l| (l.key.as_str(), l)).collect();
         // A start whose row could not be created then (or whose row was deleted since).
         for (key, start) in &self.ready {
             if !by_key.contains_key(key.as_str()) {
-                let parents = start.parents().iter().map(ToString::to_string).collect();
-                if let Err(error) = self.leases.backend.create(&Lease::new(key, parents)).await {
-                    tracing::warn!(worker = %self.leases.worker, shard = %key, %error, "creating the lease failed; trying again at the next listing");
-                }
+                create_row(&self.leases, start).await;
             }
         }
 
@@ -521,4 +505,14 @@ async fn release(leases: &Leases, stream: &str, key: &str, to: Option<&str>) -> 
         tracing::info!(worker = %leases.worker, shard = %key, to = to.unwrap_or("nobody"), %stream, "lease released");
     }
     released
+}
+
+/// Creates the lease row of a shard that may start, unless it exists; a failure is tried
+/// again at the next listing.
+async fn create_row(leases: &Leases, start: &ShardStart) {
+    let key = start.shard_id().as_str();
+    let parents = start.parents().iter().map(ToString::to_string).collect();
+    if let Err(error) = leases.backend.create(&Lease::new(key, parents)).await {
+        tracing::warn!(worker = %leases.worker, shard = %key, %error, "creating the lease failed; trying again at the next listing");
+    }
 }
