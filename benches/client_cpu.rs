@@ -20,8 +20,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use aws_sdk_kinesis::types::ShardIteratorType;
-use aws_sdk_kinesis::Client;
 use futures::StreamExt;
 use kinesis_tower::batch::BatchLayer;
 use kinesis_tower::checkpoint::CheckpointLayer;
@@ -118,7 +116,7 @@ fn consumer() {
         };
         let start = cpu_time();
         match variant.as_str() {
-            "bare_sdk_loop" => assert_eq!(bare_sdk_loop(&client, &stream).await, records),
+            "bare_sdk_loop" => assert_eq!(common::bare_sdk_loop(&client, &stream).await, records),
             "run_checkpoint" => support::run_until_handled(&builder(), records).await,
             "records_chunks" => {
                 let stream_of_records = builder().records();
@@ -155,47 +153,6 @@ fn consumer() {
         cpu_time() - start
     });
     println!("cpu_us {} rss_kib {}", spent.as_micros(), peak_rss_kib());
-}
-
-/// Every record of every shard with GetRecords loops, one task per shard, as fast as it goes.
-async fn bare_sdk_loop(client: &Client, stream: &str) -> u64 {
-    let shards = common::list_all_shards(client, stream).await;
-    let mut tasks = Vec::new();
-    for shard in shards {
-        let (client, stream) = (client.clone(), stream.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let mut iterator = client
-                .get_shard_iterator()
-                .stream_name(&stream)
-                .shard_id(shard.shard_id)
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("iterator")
-                .shard_iterator;
-            let mut read = 0u64;
-            while let Some(it) = iterator {
-                let page = client
-                    .get_records()
-                    .shard_iterator(it)
-                    .limit(10_000)
-                    .send()
-                    .await
-                    .expect("records");
-                if page.records.is_empty() {
-                    break;
-                }
-                read += page.records.len() as u64;
-                iterator = page.next_shard_iterator;
-            }
-            read
-        }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.expect("reader");
-    }
-    total
 }
 
 fn parent() {

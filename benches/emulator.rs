@@ -15,7 +15,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_sdk_kinesis::Client;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kinesis_tower::store::MemoryStore;
@@ -33,47 +32,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-/// Every record of every shard with GetRecords loops, one task per shard, as fast as it goes.
-async fn bare_sdk_loop(client: &Client, stream: &str) -> usize {
-    let shards = common::list_all_shards(client, stream).await;
-    let mut tasks = Vec::new();
-    for shard in shards {
-        let (client, stream) = (client.clone(), stream.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let mut iterator = client
-                .get_shard_iterator()
-                .stream_name(&stream)
-                .shard_id(shard.shard_id)
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("iterator")
-                .shard_iterator;
-            let mut read = 0;
-            while let Some(it) = iterator {
-                let page = client
-                    .get_records()
-                    .shard_iterator(it)
-                    .limit(10_000)
-                    .send()
-                    .await
-                    .expect("records");
-                if page.records.is_empty() {
-                    break;
-                }
-                read += page.records.len();
-                iterator = page.next_shard_iterator;
-            }
-            read
-        }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.expect("reader");
-    }
-    total
 }
 
 /// Every record through the consumer.
@@ -107,7 +65,12 @@ fn emulator(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(RECORDS as u64));
     group.bench_function("bare_sdk_get_records", |b| {
-        b.iter(|| assert_eq!(rt.block_on(bare_sdk_loop(&client, &stream)), RECORDS))
+        b.iter(|| {
+            assert_eq!(
+                rt.block_on(common::bare_sdk_loop(&client, &stream)),
+                RECORDS as u64
+            )
+        })
     });
     group.bench_function("run_checkpoint_noop", |b| {
         b.iter(|| rt.block_on(through_run(&client, &stream, RECORDS as u64)))

@@ -268,3 +268,45 @@ where
 pub fn error_chain(err: impl std::error::Error + Send + Sync + 'static) -> String {
     format!("{:#}", anyhow::Error::new(err))
 }
+
+/// The floor the benches compare with: every record of every shard with bare aws-sdk-kinesis
+/// GetRecords loops, one task per shard, as fast as it goes; answers how many it read.
+pub async fn bare_sdk_loop(client: &aws_sdk_kinesis::Client, stream: &str) -> u64 {
+    let shards = list_all_shards(client, stream).await;
+    let mut tasks = Vec::new();
+    for shard in shards {
+        let (client, stream) = (client.clone(), stream.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut iterator = client
+                .get_shard_iterator()
+                .stream_name(&stream)
+                .shard_id(shard.shard_id)
+                .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .expect("iterator")
+                .shard_iterator;
+            let mut read = 0u64;
+            while let Some(it) = iterator {
+                let page = client
+                    .get_records()
+                    .shard_iterator(it)
+                    .limit(10_000)
+                    .send()
+                    .await
+                    .expect("records");
+                if page.records.is_empty() {
+                    break;
+                }
+                read += page.records.len() as u64;
+                iterator = page.next_shard_iterator;
+            }
+            read
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("reader");
+    }
+    total
+}
