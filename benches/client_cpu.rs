@@ -9,7 +9,8 @@
 //! just before its first call to the last record, and its peak RSS (`VmHWM`).
 //!
 //! `cargo bench --bench client_cpu --features test-util` (`RECORDS`, default 1,000,000 of
-//! 100 B over 4 shards; `ROUNDS`, default 5)
+//! 100 B over 4 shards; `ROUNDS`, default 5). With `PROFILE=<variant>` it runs that one
+//! consumer under `perf record -g` instead and says where the profile is.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -178,6 +179,26 @@ fn parent() {
             .collect();
         common::put_records(&client, &stream, &data).await;
     });
+
+    if let Ok(variant) = std::env::var("PROFILE") {
+        // One consumer of that variant under `perf record`, instead of the rounds.
+        let data = format!("/tmp/client_cpu-{variant}.perf.data");
+        let status = Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-o", &data, "--"])
+            .arg(&exe)
+            .env("KT_ROLE", "consumer")
+            .env("KT_VARIANT", &variant)
+            .env("KT_ENDPOINT", &endpoint)
+            .env("KT_STREAM", &stream)
+            .env("RECORDS", records.to_string())
+            .status()
+            .expect("run perf record (is perf installed?)");
+        let _ = emulator.kill();
+        let _ = emulator.wait();
+        assert!(status.success(), "perf record failed");
+        println!("profile of {variant} in {data}: perf report -i {data} --no-children");
+        return;
+    }
 
     let mut results: Vec<Vec<(f64, u64)>> = vec![Vec::new(); VARIANTS.len()];
     for round in 0..rounds {
