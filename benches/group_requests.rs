@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use kinesis_tower::group::{ConsumerGroup, DynamoDbLeases, Lease, LeaseBackend, LeaseError};
 use kinesis_tower::{service_fn, Batch, BoxError, Checkpoint, Consumer, StartPosition};
 
@@ -107,15 +106,7 @@ fn main() {
         let stream = common::unique_stream_name("group-requests");
         common::create_stream(&kinesis.client, &stream, 10).await;
         common::wait_for_stream_active(&kinesis.client, &stream, Duration::from_secs(10)).await;
-        let endpoint = std::env::var("AWS_ENDPOINT_URL_DYNAMODB")
-            .unwrap_or_else(|_| "http://127.0.0.1:4568".to_owned());
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "bench"))
-            .endpoint_url(endpoint)
-            .load()
-            .await;
-        let dynamodb = aws_sdk_dynamodb::Client::new(&config);
+        let dynamodb = common::dynamodb_client().await;
         let table = common::unique_stream_name("kt-group-requests");
         let leases = DynamoDbLeases::new(dynamodb.clone(), &table).unwrap();
         leases.create_table().await.unwrap();

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_dynamodb::types::AttributeValue;
 use kinesis_tower::group::{
     ConsumerGroup, DynamoDbLeases, Lease, LeaseBackend, MemoryLeases, PostgresLeases,
@@ -21,40 +20,16 @@ use kinesis_tower::group::{
 use kinesis_tower::{service_fn, Batch, BoxError, Checkpoint, Consumer, StartPosition};
 use kinesis_tower_layers::testing::{at, at_sub};
 
-fn dynamodb_endpoint() -> String {
-    std::env::var("AWS_ENDPOINT_URL_DYNAMODB")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "http://127.0.0.1:4568".to_owned())
-}
-
-async fn dynamodb() -> aws_sdk_dynamodb::Client {
-    let config = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-        .endpoint_url(dynamodb_endpoint())
-        .load()
-        .await;
-    aws_sdk_dynamodb::Client::new(&config)
-}
-
-fn postgres_url() -> String {
-    std::env::var("KT_POSTGRES_URL")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
 /// A fresh DynamoDB lease table; deleted by [`drop_dynamodb`].
 async fn dynamodb_leases(test: &str) -> DynamoDbLeases {
     let table = common::unique_stream_name(&format!("kt-leases-{test}"));
-    let leases = DynamoDbLeases::new(dynamodb().await, &table).unwrap();
+    let leases = DynamoDbLeases::new(common::dynamodb_client().await, &table).unwrap();
     leases.create_table().await.unwrap();
     leases
 }
 
 async fn drop_dynamodb(leases: &DynamoDbLeases) {
-    let _ = dynamodb()
+    let _ = common::dynamodb_client()
         .await
         .delete_table()
         .table_name(leases.table())
@@ -65,7 +40,7 @@ async fn drop_dynamodb(leases: &DynamoDbLeases) {
 /// A fresh Postgres group in the default lease table; its rows deleted by [`drop_postgres`].
 async fn postgres_leases(test: &str) -> PostgresLeases {
     let group = common::unique_stream_name(&format!("kt-{test}"));
-    let leases = PostgresLeases::connect(&postgres_url(), &group)
+    let leases = PostgresLeases::connect(&common::postgres_url(), &group)
         .await
         .unwrap();
     leases.create_table().await.unwrap();
@@ -236,11 +211,11 @@ async fn postgres_fences_every_write() {
 
 #[tokio::test]
 async fn invalid_names_are_refused() {
-    let client = dynamodb().await;
+    let client = common::dynamodb_client().await;
     for bad in ["", "ab", "a b", "tab/le"] {
         assert!(DynamoDbLeases::new(client.clone(), bad).is_err(), "{bad:?}");
     }
-    let pool = sqlx::PgPool::connect_lazy(&postgres_url()).unwrap();
+    let pool = sqlx::PgPool::connect_lazy(&common::postgres_url()).unwrap();
     assert!(PostgresLeases::with_table(pool.clone(), "g", "drop table;").is_err());
     assert!(PostgresLeases::with_table(pool.clone(), "", "kinesis_leases").is_err());
     assert!(PostgresLeases::with_table(pool, "g", "public.kinesis_leases").is_ok());
@@ -340,7 +315,7 @@ async fn a_group_resumes_from_the_kcls_checkpoints() {
     }
 
     let leases = dynamodb_leases("kcl").await;
-    let client = dynamodb().await;
+    let client = common::dynamodb_client().await;
     // Shard 0: the KCL processed records 0..=3 (a plain record: sub-sequence 0).
     // Shard 1: fully processed and closed? No: SHARD_END on an open shard would be wrong;
     //          the KCL's worker still owns it, holding a checkpoint at record 6.

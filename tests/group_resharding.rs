@@ -16,13 +16,6 @@ use aws_sdk_kinesis::types::Shard;
 use kinesis_tower::group::{ConsumerGroup, PostgresLeases};
 use kinesis_tower::{service_fn, Batch, BoxError, Consumer, StartPosition};
 
-fn postgres_url() -> String {
-    std::env::var("KT_POSTGRES_URL")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
 fn range(shard: &Shard) -> (u128, u128) {
     let r = shard.hash_key_range().unwrap();
     (
@@ -53,7 +46,7 @@ impl Worker {
         log: &Log,
     ) -> Self {
         static ORDER: AtomicU64 = AtomicU64::new(0);
-        let leases = PostgresLeases::connect(&postgres_url(), group)
+        let leases = PostgresLeases::connect(&common::postgres_url(), group)
             .await
             .unwrap();
         leases.create_table().await.unwrap();
@@ -105,7 +98,7 @@ impl Worker {
 }
 
 async fn delete_group(group: &str) {
-    if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
+    if let Ok(pool) = sqlx::PgPool::connect(&common::postgres_url()).await {
         let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
             .bind(group)
             .execute(&pool)

@@ -22,25 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use kinesis_tower::group::{DynamoDbLeases, LeaseBackend, PostgresLeases};
 use kinesis_tower::Checkpoint;
 
 const SHARDS: usize = 10;
-
-fn dynamodb_endpoint() -> String {
-    std::env::var("AWS_ENDPOINT_URL_DYNAMODB")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "http://127.0.0.1:4568".to_owned())
-}
-
-fn postgres_url() -> String {
-    std::env::var("KT_POSTGRES_URL")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
 
 fn example() -> &'static PathBuf {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
@@ -78,23 +63,16 @@ impl World {
         let group = common::unique_stream_name(&format!("kt-{test}"));
         let (leases_url, table): (String, Arc<dyn LeaseBackend>) = match backend {
             Backend::DynamoDb => {
-                let config = aws_config::defaults(BehaviorVersion::latest())
-                    .region(Region::new("us-east-1"))
-                    .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-                    .endpoint_url(dynamodb_endpoint())
-                    .load()
-                    .await;
-                let leases =
-                    DynamoDbLeases::new(aws_sdk_dynamodb::Client::new(&config), &group).unwrap();
+                let leases = DynamoDbLeases::new(common::dynamodb_client().await, &group).unwrap();
                 leases.create_table().await.unwrap();
                 (format!("dynamodb://{group}"), Arc::new(leases))
             }
             Backend::Postgres => {
-                let leases = PostgresLeases::connect(&postgres_url(), &group)
+                let leases = PostgresLeases::connect(&common::postgres_url(), &group)
                     .await
                     .unwrap();
                 leases.create_table().await.unwrap();
-                (postgres_url(), Arc::new(leases))
+                (common::postgres_url(), Arc::new(leases))
             }
         };
         let mut world = World {
@@ -179,7 +157,7 @@ impl World {
     fn worker(&self, name: &str, lease_ms: u64, poll_ms: u64) -> Worker {
         let mut command = common::example::command(example(), &self.kinesis.endpoint);
         command
-            .env("AWS_ENDPOINT_URL_DYNAMODB", dynamodb_endpoint())
+            .env("AWS_ENDPOINT_URL_DYNAMODB", common::dynamodb_endpoint())
             .env("RUST_LOG", "kinesis_tower=info")
             .args(["--stream", &self.stream, "--from", "trim-horizon"])
             .args([
@@ -258,20 +236,15 @@ impl World {
         check_exclusive(workers, Duration::from_millis(500));
         match self.backend {
             Backend::DynamoDb => {
-                let config = aws_config::defaults(BehaviorVersion::latest())
-                    .region(Region::new("us-east-1"))
-                    .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
-                    .endpoint_url(dynamodb_endpoint())
-                    .load()
-                    .await;
-                let _ = aws_sdk_dynamodb::Client::new(&config)
+                let _ = common::dynamodb_client()
+                    .await
                     .delete_table()
                     .table_name(&self.group)
                     .send()
                     .await;
             }
             Backend::Postgres => {
-                if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
+                if let Ok(pool) = sqlx::PgPool::connect(&common::postgres_url()).await {
                     let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
                         .bind(&self.group)
                         .execute(&pool)
@@ -513,6 +486,22 @@ async fn graceful_leave(backend: Backend) {
     world.finish(&mut [&mut a, &mut b, &mut c]).await;
 }
 
+/// After a kill -9 (`what`): waits until `survivor` holds every shard, prints the time and
+/// checks it against the lease duration + 1 s.
+async fn taken_over(backend: Backend, what: &str, survivor: &Worker, lease_ms: u64) {
+    let taken = until(
+        Duration::from_secs(15),
+        "the survivor holds every shard",
+        || survivor.held().len() == SHARDS,
+    )
+    .await;
+    eprintln!("[figure] {backend:?} {what}, lease {lease_ms} ms: every shard held again {taken:?} after the kill");
+    assert!(
+        taken <= Duration::from_millis(lease_ms + 1_000),
+        "took {taken:?}"
+    );
+}
+
 /// kill -9 one of two workers: its shards are held again within the lease duration + 1 s.
 async fn crash(backend: Backend) {
     const LEASE: u64 = 3_000;
@@ -524,15 +513,7 @@ async fn crash(backend: Backend) {
     })
     .await;
     b.kill9();
-    let taken = until(Duration::from_secs(15), "a holds every shard", || {
-        a.held().len() == SHARDS
-    })
-    .await;
-    eprintln!("[figure] {backend:?} kill -9, lease {LEASE} ms: shards held again {taken:?} after the kill");
-    assert!(
-        taken <= Duration::from_millis(LEASE + 1_000),
-        "took {taken:?}"
-    );
+    taken_over(backend, "kill -9", &a, LEASE).await;
     world.finish(&mut [&mut a, &mut b]).await;
 }
 
@@ -559,15 +540,7 @@ async fn crash_during_handoff(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     a.kill9();
-    let taken = until(Duration::from_secs(15), "b holds every shard", || {
-        b.held().len() == SHARDS
-    })
-    .await;
-    eprintln!("[figure] {backend:?} kill -9 mid-handoff, lease {LEASE} ms: every shard held again {taken:?} after the kill");
-    assert!(
-        taken <= Duration::from_millis(LEASE + 1_000),
-        "took {taken:?}"
-    );
+    taken_over(backend, "kill -9 mid-handoff", &b, LEASE).await;
     world.finish(&mut [&mut a, &mut b]).await;
 }
 

@@ -310,3 +310,37 @@ pub async fn bare_sdk_loop(client: &aws_sdk_kinesis::Client, stream: &str) -> u6
     }
     total
 }
+
+/// The PostgreSQL the tests use: `KT_POSTGRES_URL`, else the local server's `test` database.
+pub fn postgres_url() -> String {
+    std::env::var("KT_POSTGRES_URL")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// The DynamoDB the tests use: `AWS_ENDPOINT_URL_DYNAMODB`, else dynalite on 127.0.0.1:4568.
+pub fn dynamodb_endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL_DYNAMODB")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "http://127.0.0.1:4568".to_owned())
+}
+
+/// A DynamoDB client for [`dynamodb_endpoint`]: region us-east-1, test credentials.
+#[cfg(feature = "dynamodb")]
+pub async fn dynamodb_client() -> aws_sdk_dynamodb::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "kinesis-tower-tests",
+        ))
+        .endpoint_url(dynamodb_endpoint())
+        .load()
+        .await;
+    aws_sdk_dynamodb::Client::new(&config)
+}
