@@ -145,6 +145,21 @@ pub enum Error {
         timeout: std::time::Duration,
     },
 
+    /// Enhanced fan-out could not be set up or used: the stream consumer could not be
+    /// registered, found or made active, or the credentials may not use it.
+    #[error("enhanced fan-out consumer {consumer} of stream {stream}: {reason}")]
+    FanOut {
+        /// The stream.
+        stream: String,
+        /// The stream consumer's name.
+        consumer: String,
+        /// What went wrong and what to do.
+        reason: String,
+        /// The Kinesis failure behind it, if there was one.
+        #[source]
+        source: Option<Box<KinesisError>>,
+    },
+
     /// A background task of the consumer panicked or was cancelled unexpectedly.
     #[error("internal task of stream {stream} failed: {reason}")]
     Task {
@@ -178,6 +193,9 @@ impl Error {
             | Error::ShardNotFound { .. }
             | Error::AccessDenied { .. } => false,
             Error::Kinesis { source, .. } => source.is_retryable(),
+            Error::FanOut { source, .. } => {
+                source.as_deref().is_some_and(KinesisError::is_retryable)
+            }
             Error::Store { source, .. } => source.is_retryable(),
             Error::Handler { .. }
             | Error::ServiceNotReady { .. }

@@ -54,7 +54,8 @@ pub mod testing;
 
 pub use consumer::assignment;
 pub use consumer::{
-    shutdown_signal, Consumer, ConsumerBuilder, RecordStream, ShutdownHandle, StartPosition,
+    shutdown_signal, Consumer, ConsumerBuilder, EnhancedFanOut, RecordStream, ShutdownHandle,
+    StartPosition,
 };
 pub use error::Error;
 

@@ -89,6 +89,23 @@ pub const CHECKPOINT_DURATION_SECONDS: &str = "kinesis_checkpoint_duration_secon
 /// Counter: checkpoint writes the store failed.
 pub const CHECKPOINT_ERRORS_TOTAL: &str = "kinesis_checkpoint_errors_total";
 
+/// Counter: SubscribeToShard subscriptions opened (enhanced fan-out), first ones and again.
+pub const SUBSCRIPTIONS_TOTAL: &str = "kinesis_subscriptions_total";
+/// Counter: subscriptions opened again after one ended (Kinesis ends each after 5 minutes),
+/// broke, or was cancelled because the handler stalled.
+pub const RESUBSCRIPTIONS_TOTAL: &str = "kinesis_resubscriptions_total";
+/// Counter: SubscribeToShard events received (with records or without).
+pub const SUBSCRIPTION_EVENTS_TOTAL: &str = "kinesis_subscription_events_total";
+
+/// The enhanced fan-out reader's own metrics (labels [`STREAM`] and [`SHARD`]); it also
+/// records [`RECORDS_READ_TOTAL`], [`BYTES_READ_TOTAL`], [`READ_THROTTLES_TOTAL`] and
+/// [`MILLIS_BEHIND_LATEST`], as the polling reader does.
+pub const FAN_OUT: [&str; 3] = [
+    SUBSCRIPTIONS_TOTAL,
+    RESUBSCRIPTIONS_TOTAL,
+    SUBSCRIPTION_EVENTS_TOTAL,
+];
+
 /// Gauge: leases this consumer group worker holds.
 pub const LEASES_HELD: &str = "kinesis_leases_held";
 /// Counter: leases this worker claimed or was handed.
@@ -204,6 +221,21 @@ pub fn describe() {
         CHECKPOINT_ERRORS_TOTAL,
         Unit::Count,
         "Checkpoint writes the store failed."
+    );
+    describe_counter!(
+        SUBSCRIPTIONS_TOTAL,
+        Unit::Count,
+        "SubscribeToShard subscriptions opened (enhanced fan-out)."
+    );
+    describe_counter!(
+        RESUBSCRIPTIONS_TOTAL,
+        Unit::Count,
+        "Subscriptions opened again after one ended, broke or was cancelled for a stalled handler."
+    );
+    describe_counter!(
+        SUBSCRIPTION_EVENTS_TOTAL,
+        Unit::Count,
+        "SubscribeToShard events received."
     );
     describe_gauge!(
         LEASES_HELD,

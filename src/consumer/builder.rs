@@ -7,7 +7,7 @@ use kinesis_tower_layers::{CheckpointStore, Checkpointer, MemoryStore, ShardId};
 
 use super::assignment::{AssignmentFilter, EveryShard, OnlyShards};
 use super::handle::{Consumer, Shared};
-use super::settings::{Settings, StartPosition};
+use super::settings::{EnhancedFanOut, Settings, StartPosition};
 use crate::group::ConsumerGroup;
 use crate::kinesis::{EnvClient, KinesisApi, StreamRef};
 use crate::Error;
@@ -152,6 +152,16 @@ impl ConsumerBuilder {
     /// `ConcurrencyLimit` like any other. Off by default.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
         self.settings.heartbeat_interval = Some(interval);
+        self
+    }
+
+    /// Reads every shard through enhanced fan-out (SubscribeToShard) as the stream consumer
+    /// `fan_out` names (a name, or [`EnhancedFanOut`] with its options), instead of polling
+    /// GetRecords. Everything else (start positions, checkpoints, layers, `records()`,
+    /// resharding, groups) works the same. The polling settings (`poll_interval`,
+    /// `min_get_records_interval`, `read_bytes_per_second`) do not apply; the buffer caps do.
+    pub fn enhanced_fan_out(mut self, fan_out: impl Into<EnhancedFanOut>) -> Self {
+        self.settings.fan_out = Some(fan_out.into());
         self
     }
 

@@ -15,7 +15,7 @@ mod stream;
 
 pub use builder::ConsumerBuilder;
 pub use handle::{shutdown_signal, Consumer};
-pub use settings::StartPosition;
+pub use settings::{EnhancedFanOut, StartPosition};
 pub use stream::{RecordStream, ShutdownHandle};
 
 #[cfg(test)]

@@ -52,6 +52,77 @@ pub enum StartPosition {
     },
 }
 
+/// Enhanced fan-out: the consumer reads each shard through SubscribeToShard as a registered
+/// stream consumer, with its own 2 MiB/s per shard and records pushed as they arrive, instead
+/// of polling GetRecords (which shares 2 MiB/s per shard among every polling consumer of the
+/// stream and adds up to one poll interval of latency). Set with
+/// [`ConsumerBuilder::enhanced_fan_out`](crate::ConsumerBuilder::enhanced_fan_out).
+///
+/// The stream consumer is registered under `name` at the first run, or found when it exists
+/// (every worker and every restart of one application uses the same name, and so the same
+/// consumer), and the run waits until it is active. It stays registered when the run ends
+/// unless [`deregister_on_shutdown`](Self::deregister_on_shutdown) says otherwise: other
+/// workers of the application may still be using it. Kinesis allows 20 consumers per stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnhancedFanOut {
+    pub(crate) name: String,
+    pub(crate) deregister_on_shutdown: bool,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) activation_timeout: Duration,
+}
+
+impl EnhancedFanOut {
+    /// Reads as the stream consumer `name` (1 to 128 of `a-z A-Z 0-9 _ . -`).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            deregister_on_shutdown: false,
+            stall_timeout: defaults::FAN_OUT_STALL_TIMEOUT,
+            activation_timeout: defaults::FAN_OUT_ACTIVATION_TIMEOUT,
+        }
+    }
+
+    /// Deregisters the stream consumer when the run ends. Off by default: other workers of
+    /// the same application may still be reading through it.
+    pub fn deregister_on_shutdown(mut self, deregister: bool) -> Self {
+        self.deregister_on_shutdown = deregister;
+        self
+    }
+
+    /// How long a shard's subscription may wait for room in the shard's buffer (a handler that
+    /// does not keep up) before it is cancelled; the shard subscribes again, after the last
+    /// record it delivered, once there is room. While it waits no events are pulled, so nothing
+    /// piles up in memory. Default 30 s.
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// How long the first run waits for a newly registered consumer to become active.
+    /// Default 2 minutes (Kinesis takes seconds).
+    pub fn activation_timeout(mut self, timeout: Duration) -> Self {
+        self.activation_timeout = timeout;
+        self
+    }
+
+    /// The stream consumer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl From<&str> for EnhancedFanOut {
+    fn from(name: &str) -> Self {
+        Self::new(name)
+    }
+}
+
+impl From<String> for EnhancedFanOut {
+    fn from(name: String) -> Self {
+        Self::new(name)
+    }
+}
+
 /// Every setting of a consumer: the builder starts from [`Settings::default`] (the defaults),
 /// its setters write here, and `build` validates the result. The one field list.
 #[derive(Clone, Debug)]
@@ -71,6 +142,7 @@ pub(crate) struct Settings {
     pub list_shards_page_size: Option<i32>,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    pub fan_out: Option<EnhancedFanOut>,
 }
 
 impl Default for Settings {
@@ -92,6 +164,7 @@ impl Default for Settings {
             list_shards_page_size: None,
             backoff_base: defaults::BACKOFF_BASE,
             backoff_max: defaults::BACKOFF_MAX,
+            fan_out: None,
         }
     }
 }
@@ -129,6 +202,19 @@ impl Settings {
         if let Some(interval) = self.heartbeat_interval {
             duration_in_range("heartbeat_interval", interval, Duration::from_millis(1))?;
         }
+        if let Some(fan_out) = &self.fan_out {
+            validate_name("enhanced_fan_out", &fan_out.name)?;
+            duration_in_range(
+                "enhanced_fan_out.stall_timeout",
+                fan_out.stall_timeout,
+                Duration::from_millis(1),
+            )?;
+            duration_in_range(
+                "enhanced_fan_out.activation_timeout",
+                fan_out.activation_timeout,
+                any,
+            )?;
+        }
         Ok(())
     }
 
@@ -158,6 +244,8 @@ pub(crate) mod defaults {
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
     pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+    pub const FAN_OUT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const FAN_OUT_ACTIVATION_TIMEOUT: Duration = Duration::from_secs(120);
 }
 
 fn in_range<T>(field: &'static str, value: T, min: T, max: T) -> Result<(), crate::Error>

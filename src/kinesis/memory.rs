@@ -6,16 +6,18 @@
 //! served, so tests can assert what the consumer fetched.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use kinesis_tower_layers::{Record, SequenceNumber, ShardId};
 
 use super::{
-    ChildShard, IteratorPosition, KinesisApi, KinesisError, KinesisErrorKind, RecordsPage,
-    ShardDescription, ShardPage, StreamRef,
+    ChildShard, ConsumerStatus, IteratorPosition, KinesisApi, KinesisError, KinesisErrorKind,
+    RecordsPage, ShardDescription, ShardPage, StreamConsumer, StreamRef, Subscription,
+    SubscriptionEvent,
 };
 
 /// Which call a fault applies to.
@@ -27,6 +29,11 @@ pub enum Operation {
     GetShardIterator,
     /// GetRecords.
     GetRecords,
+    /// SubscribeToShard (the call that opens a subscription).
+    SubscribeToShard,
+    /// The next event of an open subscription: the fault arrives in its place and ends the
+    /// subscription, as a connection reset mid-stream does.
+    SubscriptionEvent,
 }
 
 #[derive(Debug)]
@@ -46,13 +53,30 @@ struct State {
     records_served: u64,
     get_records_calls: HashMap<ShardId, u64>,
     iterator_requests: Vec<(ShardId, IteratorPosition)>,
+    /// Registered stream consumers by name (ARN, and the describes left before it is active).
+    consumers: HashMap<String, (String, usize)>,
+    /// Describes a new consumer answers `Creating` to before it is active.
+    consumer_activation_describes: usize,
+    /// Events a subscription sends before the server ends it (Kinesis: 5 minutes).
+    events_per_subscription: Option<usize>,
+    subscription_requests: Vec<(ShardId, IteratorPosition)>,
+    /// Records per subscription event.
+    event_record_limit: usize,
 }
 
 /// An in-memory, single-stream Kinesis. Cheap to clone (shared).
 #[derive(Clone, Debug, Default)]
 pub struct MemoryKinesis {
     state: Arc<Mutex<State>>,
+    /// Subscriptions open now (dropped ones are not counted).
+    open_subscriptions: Arc<AtomicUsize>,
 }
+
+/// How often an open subscription looks for new records of a caught-up shard.
+const SUBSCRIPTION_POLL: Duration = Duration::from_millis(5);
+
+/// The stream's ARN in this in-memory Kinesis.
+const STREAM_ARN: &str = "arn:aws:kinesis:us-east-1:000000000000:stream/memory";
 
 impl MemoryKinesis {
     /// A stream with `shards` open shards named `shardId-000000000000`, ...
@@ -198,6 +222,37 @@ impl MemoryKinesis {
         self.lock().iterator_requests.clone()
     }
 
+    /// Makes the server end every subscription after `events` events (Kinesis ends each after
+    /// 5 minutes); the reader must subscribe again after the last record it delivered.
+    pub fn end_subscriptions_after(&self, events: usize) {
+        self.lock().events_per_subscription = Some(events.max(1));
+    }
+
+    /// At most `records` records per subscription event (default 10,000).
+    pub fn event_record_limit(&self, records: usize) {
+        self.lock().event_record_limit = records.max(1);
+    }
+
+    /// A newly registered consumer is `Creating` for the next `describes` describes.
+    pub fn consumer_activation_describes(&self, describes: usize) {
+        self.lock().consumer_activation_describes = describes;
+    }
+
+    /// Every SubscribeToShard request so far, in order.
+    pub fn subscription_requests(&self) -> Vec<(ShardId, IteratorPosition)> {
+        self.lock().subscription_requests.clone()
+    }
+
+    /// Subscriptions open now (a cancelled one, dropped by the reader, no longer counts).
+    pub fn open_subscriptions(&self) -> usize {
+        self.open_subscriptions.load(Ordering::SeqCst)
+    }
+
+    /// The registered stream consumers' names.
+    pub fn stream_consumers(&self) -> Vec<String> {
+        self.lock().consumers.keys().cloned().collect()
+    }
+
     /// Every record of `shard`.
     pub fn records(&self, shard: &str) -> Vec<Record> {
         self.lock()
@@ -219,6 +274,113 @@ fn next_sequence(state: &mut State) -> SequenceNumber {
     // Realistic width (56 digits), numerically increasing.
     SequenceNumber::parse(&format!("4959{:052}", state.next_sequence))
         .expect("generated sequence numbers are valid")
+}
+
+/// Where a read from `position` starts in `records`.
+fn start_index(records: &[Record], position: IteratorPosition) -> usize {
+    match position {
+        IteratorPosition::TrimHorizon => 0,
+        IteratorPosition::Latest => records.len(),
+        IteratorPosition::AtTimestamp(t) => records
+            .iter()
+            .position(|r| r.approximate_arrival_timestamp.is_some_and(|a| a >= t))
+            .unwrap_or(records.len()),
+        IteratorPosition::AtSequenceNumber(s) => records.partition_point(|r| r.sequence_number < s),
+        IteratorPosition::AfterSequenceNumber(s) => {
+            records.partition_point(|r| r.sequence_number <= s)
+        }
+    }
+}
+
+fn not_found(operation: &'static str, what: String) -> KinesisError {
+    KinesisError::new(KinesisErrorKind::ResourceNotFound, operation, what)
+}
+
+/// One open in-memory subscription: where it has got to, and how many events it may still send.
+struct OpenSubscription {
+    kinesis: MemoryKinesis,
+    shard: ShardId,
+    index: usize,
+    events_left: Option<usize>,
+    ended: bool,
+}
+
+impl OpenSubscription {
+    /// The next event, waiting while the shard is open and has nothing new; `None` when the
+    /// subscription is over.
+    async fn next(&mut self) -> Option<Result<SubscriptionEvent, KinesisError>> {
+        if self.ended || self.events_left == Some(0) {
+            return None;
+        }
+        loop {
+            {
+                let mut state = self.kinesis.lock();
+                if let Some(kind) =
+                    take_fault(&mut state, Some(&self.shard), Operation::SubscriptionEvent)
+                {
+                    self.ended = true;
+                    return Some(Err(fault(kind, "SubscribeToShard")));
+                }
+                let limit = match state.event_record_limit {
+                    0 => 10_000,
+                    n => n,
+                };
+                let children: Vec<ChildShard> = state
+                    .shards
+                    .iter()
+                    .filter(|s| s.description.parents().any(|p| *p == self.shard))
+                    .map(|s| ChildShard {
+                        shard_id: s.description.shard_id.clone(),
+                        parent_shards: s.description.parents().cloned().collect(),
+                    })
+                    .collect();
+                let Some(shard) = state
+                    .shards
+                    .iter()
+                    .find(|s| s.description.shard_id == self.shard)
+                else {
+                    self.ended = true;
+                    return Some(Err(not_found(
+                        "SubscribeToShard",
+                        format!("shard {} not found", self.shard),
+                    )));
+                };
+                let end = (self.index + limit).min(shard.records.len());
+                let records = shard.records[self.index..end].to_vec();
+                let at_end = end == shard.records.len();
+                let closed = shard.description.is_closed();
+                if !records.is_empty() || closed {
+                    self.index = end;
+                    state.records_served += records.len() as u64;
+                    let last = closed && at_end;
+                    self.ended = last;
+                    if let Some(left) = self.events_left.as_mut() {
+                        *left -= 1;
+                    }
+                    return Some(Ok(SubscriptionEvent {
+                        continuation_sequence_number: (!last).then(|| {
+                            records
+                                .last()
+                                .map_or_else(String::new, |r| r.sequence_number.to_string())
+                        }),
+                        millis_behind_latest: Some(if at_end { 0 } else { 1000 }),
+                        child_shards: if last { children } else { Vec::new() },
+                        records,
+                    }));
+                }
+            }
+            tokio::time::sleep(SUBSCRIPTION_POLL).await;
+        }
+    }
+}
+
+/// Counts a subscription as open until it is dropped.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn take_fault(
@@ -302,21 +464,7 @@ impl KinesisApi for MemoryKinesis {
                         format!("shard {shard_id} not found"),
                     )
                 })?;
-            let records = &shard.records;
-            let index = match position {
-                IteratorPosition::TrimHorizon => 0,
-                IteratorPosition::Latest => records.len(),
-                IteratorPosition::AtTimestamp(t) => records
-                    .iter()
-                    .position(|r| r.approximate_arrival_timestamp.is_some_and(|a| a >= t))
-                    .unwrap_or(records.len()),
-                IteratorPosition::AtSequenceNumber(s) => {
-                    records.partition_point(|r| r.sequence_number < s)
-                }
-                IteratorPosition::AfterSequenceNumber(s) => {
-                    records.partition_point(|r| r.sequence_number <= s)
-                }
-            };
+            let index = start_index(&shard.records, position);
             Ok(format!("{generation}|{index}|{shard_id}"))
         })();
         Box::pin(async move { result })
@@ -386,6 +534,135 @@ impl KinesisApi for MemoryKinesis {
                 millis_behind_latest,
                 child_shards,
             })
+        })();
+        Box::pin(async move { result })
+    }
+
+    fn stream_arn<'a>(
+        &'a self,
+        _stream: &'a StreamRef,
+    ) -> BoxFuture<'a, Result<String, KinesisError>> {
+        Box::pin(async { Ok(STREAM_ARN.to_owned()) })
+    }
+
+    fn register_stream_consumer<'a>(
+        &'a self,
+        _stream_arn: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<StreamConsumer, KinesisError>> {
+        let result = (|| {
+            let mut state = self.lock();
+            if state.consumers.contains_key(name) {
+                return Err(KinesisError::new(
+                    KinesisErrorKind::ResourceInUse,
+                    "RegisterStreamConsumer",
+                    format!("ResourceInUseException: consumer {name} exists"),
+                ));
+            }
+            let arn = format!("{STREAM_ARN}/consumer/{name}:1");
+            let describes = state.consumer_activation_describes;
+            state
+                .consumers
+                .insert(name.to_owned(), (arn.clone(), describes));
+            let status = if describes == 0 {
+                ConsumerStatus::Active
+            } else {
+                ConsumerStatus::Creating
+            };
+            Ok(StreamConsumer {
+                name: name.to_owned(),
+                arn,
+                status,
+            })
+        })();
+        Box::pin(async move { result })
+    }
+
+    fn describe_stream_consumer<'a>(
+        &'a self,
+        _stream_arn: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<StreamConsumer, KinesisError>> {
+        let result = (|| {
+            let mut state = self.lock();
+            let (arn, describes) = state.consumers.get_mut(name).ok_or_else(|| {
+                not_found(
+                    "DescribeStreamConsumer",
+                    format!("consumer {name} not found"),
+                )
+            })?;
+            let status = if *describes == 0 {
+                ConsumerStatus::Active
+            } else {
+                *describes -= 1;
+                ConsumerStatus::Creating
+            };
+            Ok(StreamConsumer {
+                name: name.to_owned(),
+                arn: arn.clone(),
+                status,
+            })
+        })();
+        Box::pin(async move { result })
+    }
+
+    fn deregister_stream_consumer<'a>(
+        &'a self,
+        consumer_arn: &'a str,
+    ) -> BoxFuture<'a, Result<(), KinesisError>> {
+        self.lock()
+            .consumers
+            .retain(|_, (arn, _)| arn != consumer_arn);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn subscribe_to_shard<'a>(
+        &'a self,
+        consumer_arn: &'a str,
+        shard_id: &'a ShardId,
+        position: IteratorPosition,
+    ) -> BoxFuture<'a, Result<Subscription, KinesisError>> {
+        let result = (|| {
+            let mut state = self.lock();
+            if let Some(kind) = take_fault(&mut state, Some(shard_id), Operation::SubscribeToShard)
+            {
+                return Err(fault(kind, "SubscribeToShard"));
+            }
+            if !state
+                .consumers
+                .values()
+                .any(|(arn, describes)| arn == consumer_arn && *describes == 0)
+            {
+                return Err(not_found(
+                    "SubscribeToShard",
+                    format!("no active consumer {consumer_arn}"),
+                ));
+            }
+            state
+                .subscription_requests
+                .push((shard_id.clone(), position));
+            let shard = state
+                .shards
+                .iter()
+                .find(|s| &s.description.shard_id == shard_id)
+                .ok_or_else(|| {
+                    not_found("SubscribeToShard", format!("shard {shard_id} not found"))
+                })?;
+            let subscription = OpenSubscription {
+                kinesis: self.clone(),
+                shard: shard_id.clone(),
+                index: start_index(&shard.records, position),
+                events_left: state.events_per_subscription,
+                ended: false,
+            };
+            self.open_subscriptions.fetch_add(1, Ordering::SeqCst);
+            let guard = OpenGuard(self.open_subscriptions.clone());
+            let events =
+                futures::stream::unfold((subscription, guard), |(mut open, guard)| async move {
+                    let event = open.next().await?;
+                    Some((event, (open, guard)))
+                });
+            Ok(Box::pin(events) as Subscription)
         })();
         Box::pin(async move { result })
     }

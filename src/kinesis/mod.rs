@@ -7,8 +7,10 @@
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;
 mod sdk;
+mod subscription;
 
 pub(crate) use sdk::EnvClient;
+pub use subscription::{ConsumerStatus, StreamConsumer, Subscription, SubscriptionEvent};
 
 use std::fmt;
 use std::time::SystemTime;
@@ -171,6 +173,10 @@ pub enum KinesisErrorKind {
     InvalidArgument,
     /// A timeout, a connection failure, a 5xx: retry with backoff.
     Transient,
+    /// ResourceInUse: the resource is busy (a stream being updated; a shard subscribed again
+    /// within 5 seconds; a stream consumer that exists already): retry with backoff, or, for
+    /// a registration, use the one that exists.
+    ResourceInUse,
     /// Anything else: not retried.
     Other,
 }
@@ -221,6 +227,7 @@ impl KinesisError {
             self.kind,
             KinesisErrorKind::Throttled
                 | KinesisErrorKind::Transient
+                | KinesisErrorKind::ResourceInUse
                 | KinesisErrorKind::ExpiredIterator
         )
     }
@@ -260,8 +267,22 @@ pub(crate) async fn timed<T>(
         })
 }
 
+/// What a [`KinesisApi`] without enhanced fan-out answers to its fan-out calls.
+fn fan_out_unsupported(operation: &'static str) -> KinesisError {
+    KinesisError::new(
+        KinesisErrorKind::Other,
+        operation,
+        "this KinesisApi implementation does not support enhanced fan-out: read by polling \
+         (remove .enhanced_fan_out(..)), or implement the stream-consumer calls",
+    )
+}
+
 /// The Kinesis calls the consumer makes. Implemented for `aws_sdk_kinesis::Client`; implement it
 /// to read from something else (a proxy, a recording, a fault-injecting wrapper).
+///
+/// The polling calls are required; the enhanced fan-out calls (stream ARN, stream consumers,
+/// SubscribeToShard) have defaults that answer "not supported", so an implementation that only
+/// polls need not write them.
 pub trait KinesisApi: Send + Sync + 'static {
     /// ListShards: the first page (`next_token` is `None`) or the page after `next_token`.
     fn list_shards<'a>(
@@ -287,4 +308,56 @@ pub trait KinesisApi: Send + Sync + 'static {
         iterator: &'a str,
         limit: i32,
     ) -> BoxFuture<'a, Result<RecordsPage, KinesisError>>;
+
+    /// DescribeStreamSummary: the stream's ARN (what stream consumers are registered under).
+    fn stream_arn<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+    ) -> BoxFuture<'a, Result<String, KinesisError>> {
+        let _ = stream;
+        Box::pin(async { Err(fan_out_unsupported("DescribeStreamSummary")) })
+    }
+
+    /// RegisterStreamConsumer: registers an enhanced fan-out consumer named `name`. Kinesis
+    /// answers ResourceInUse when one of that name exists.
+    fn register_stream_consumer<'a>(
+        &'a self,
+        stream_arn: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<StreamConsumer, KinesisError>> {
+        let _ = (stream_arn, name);
+        Box::pin(async { Err(fan_out_unsupported("RegisterStreamConsumer")) })
+    }
+
+    /// DescribeStreamConsumer: the consumer named `name` (ResourceNotFound when there is none).
+    fn describe_stream_consumer<'a>(
+        &'a self,
+        stream_arn: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<StreamConsumer, KinesisError>> {
+        let _ = (stream_arn, name);
+        Box::pin(async { Err(fan_out_unsupported("DescribeStreamConsumer")) })
+    }
+
+    /// DeregisterStreamConsumer.
+    fn deregister_stream_consumer<'a>(
+        &'a self,
+        consumer_arn: &'a str,
+    ) -> BoxFuture<'a, Result<(), KinesisError>> {
+        let _ = consumer_arn;
+        Box::pin(async { Err(fan_out_unsupported("DeregisterStreamConsumer")) })
+    }
+
+    /// SubscribeToShard: the shard's records from `position`, pushed as events until the
+    /// subscription ends (Kinesis ends each after 5 minutes) or the shard does (the last event
+    /// names the children). Records carry `shard_id`. Dropping the [`Subscription`] cancels it.
+    fn subscribe_to_shard<'a>(
+        &'a self,
+        consumer_arn: &'a str,
+        shard_id: &'a ShardId,
+        position: IteratorPosition,
+    ) -> BoxFuture<'a, Result<Subscription, KinesisError>> {
+        let _ = (consumer_arn, shard_id, position);
+        Box::pin(async { Err(fan_out_unsupported("SubscribeToShard")) })
+    }
 }

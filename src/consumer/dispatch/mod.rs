@@ -33,7 +33,7 @@ use super::assignment::{
 };
 use super::handle::Shared;
 use super::reader::{
-    BufferPermit, PollingReader, ReaderEvent, ReaderOutput, ShardBuffer, ShardReader,
+    BufferPermit, FanOutReader, PollingReader, ReaderEvent, ReaderOutput, ShardBuffer, ShardReader,
 };
 use crate::Error;
 use call::{tracked, Completed, Failure};
@@ -120,7 +120,10 @@ where
     let shared_store_configured = shared.store_configured;
     let mut d = Dispatcher {
         stream: shared.settings.stream.stream_name().to_owned(),
-        reader: Arc::new(PollingReader::new(shared.clone())),
+        reader: match &shared.settings.fan_out {
+            Some(fan_out) => Arc::new(FanOutReader::new(shared.clone(), fan_out.clone())),
+            None => Arc::new(PollingReader::new(shared.clone())),
+        },
         shared,
         reader_events: reader_events_tx,
         feedback: source.feedback,
@@ -229,6 +232,7 @@ where
         tracing::warn!(stream = %d.stream, "the assignment filter did not finish in {finish_timeout:?}");
     }
     d.unchecked.finished(&d.shared.checkpointer, &d.stream);
+    d.reader.finish().await;
     d.finish();
     match d.failure {
         Some(error) => Err(error),

@@ -1,8 +1,12 @@
 //! Shard readers: one interface that yields a shard's batches, in order, into the shard's
-//! bounded buffer. The polling reader (GetRecords in a loop) is the one there is today; a
-//! SubscribeToShard reader goes behind the same interface.
+//! bounded buffer. Two readers sit behind it: polling (GetRecords in a loop) and enhanced
+//! fan-out (SubscribeToShard). Both start a shard the same way (`cursor`) and report to the
+//! consumer the same way (`context`).
 
 pub(crate) mod buffer;
+mod context;
+mod cursor;
+mod fan_out;
 mod metrics;
 mod polling;
 
@@ -14,6 +18,7 @@ use super::assignment::{Read, ShardStart};
 use crate::kinesis::ChildShard;
 use crate::Error;
 pub(crate) use buffer::{BufferPermit, ShardBuffer};
+pub(crate) use fan_out::FanOutReader;
 pub(crate) use polling::PollingReader;
 
 /// What a reader tells the consumer about its shard.
@@ -67,4 +72,9 @@ pub(crate) trait ShardReader: Send + Sync + 'static {
         buffer: ShardBuffer,
         output: ReaderOutput,
     ) -> BoxFuture<'static, ()>;
+
+    /// Called once when the run ends, after every shard's reader has stopped.
+    fn finish(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }

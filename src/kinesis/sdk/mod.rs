@@ -1,5 +1,7 @@
 //! `KinesisApi` for the AWS SDK client.
 
+mod fan_out;
+
 use std::error::Error as StdError;
 use std::time::SystemTime;
 
@@ -13,7 +15,7 @@ use kinesis_tower_layers::{Record, SequenceNumber, ShardId};
 
 use super::{
     ChildShard, IteratorPosition, KinesisApi, KinesisError, KinesisErrorKind, RecordsPage,
-    ShardDescription, ShardPage, StreamRef,
+    ShardDescription, ShardPage, StreamConsumer, StreamRef, Subscription,
 };
 
 /// Sorts an SDK error into a [`KinesisErrorKind`] by its error code and HTTP status.
@@ -66,8 +68,8 @@ fn kind_of_code(code: Option<&str>) -> KinesisErrorKind {
         "InternalFailure"
         | "InternalFailureException"
         | "ServiceUnavailable"
-        | "ServiceUnavailableException"
-        | "ResourceInUseException" => KinesisErrorKind::Transient,
+        | "ServiceUnavailableException" => KinesisErrorKind::Transient,
+        "ResourceInUseException" => KinesisErrorKind::ResourceInUse,
         _ => KinesisErrorKind::Other,
     }
 }
@@ -90,10 +92,11 @@ fn parse_sequence(
 }
 
 fn convert_record(
+    operation: &'static str,
     shard_id: &ShardId,
     record: aws_sdk_kinesis::types::Record,
 ) -> Result<Record, KinesisError> {
-    let sequence_number = parse_sequence("GetRecords", shard_id, &record.sequence_number)?;
+    let sequence_number = parse_sequence(operation, shard_id, &record.sequence_number)?;
     Ok(Record {
         shard_id: shard_id.clone(),
         sequence_number,
@@ -175,6 +178,60 @@ impl KinesisApi for EnvClient {
         Box::pin(async move {
             let client = self.client("GetRecords").await?;
             KinesisApi::get_records(client, stream, shard_id, iterator, limit).await
+        })
+    }
+
+    fn stream_arn<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+    ) -> BoxFuture<'a, Result<String, KinesisError>> {
+        Box::pin(async move {
+            let client = self.client("DescribeStreamSummary").await?;
+            fan_out::stream_arn(client, stream).await
+        })
+    }
+
+    fn register_stream_consumer<'a>(
+        &'a self,
+        stream_arn: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<StreamConsumer, KinesisError>> {
+        Box::pin(async move {
+            let client = self.client("RegisterStreamConsumer").await?;
+            fan_out::register(client, stream_arn, name).await
+        })
+    }
+
+    fn describe_stream_consumer<'a>(
+        &'a self,
+        stream_arn: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<StreamConsumer, KinesisError>> {
+        Box::pin(async move {
+            let client = self.client("DescribeStreamConsumer").await?;
+            fan_out::describe(client, stream_arn, name).await
+        })
+    }
+
+    fn deregister_stream_consumer<'a>(
+        &'a self,
+        consumer_arn: &'a str,
+    ) -> BoxFuture<'a, Result<(), KinesisError>> {
+        Box::pin(async move {
+            let client = self.client("DeregisterStreamConsumer").await?;
+            fan_out::deregister(client, consumer_arn).await
+        })
+    }
+
+    fn subscribe_to_shard<'a>(
+        &'a self,
+        consumer_arn: &'a str,
+        shard_id: &'a ShardId,
+        position: IteratorPosition,
+    ) -> BoxFuture<'a, Result<Subscription, KinesisError>> {
+        Box::pin(async move {
+            let client = self.client("SubscribeToShard").await?;
+            fan_out::subscribe(client, consumer_arn, shard_id, position).await
         })
     }
 }
@@ -286,7 +343,7 @@ impl KinesisApi for Client {
             let records = output
                 .records
                 .into_iter()
-                .map(|r| convert_record(shard_id, r))
+                .map(|r| convert_record("GetRecords", shard_id, r))
                 .collect::<Result<Vec<_>, _>>()?;
             let child_shards = output
                 .child_shards
@@ -304,6 +361,45 @@ impl KinesisApi for Client {
                 child_shards,
             })
         })
+    }
+
+    fn stream_arn<'a>(
+        &'a self,
+        stream: &'a StreamRef,
+    ) -> BoxFuture<'a, Result<String, KinesisError>> {
+        Box::pin(fan_out::stream_arn(self, stream))
+    }
+
+    fn register_stream_consumer<'a>(
+        &'a self,
+        stream_arn: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<StreamConsumer, KinesisError>> {
+        Box::pin(fan_out::register(self, stream_arn, name))
+    }
+
+    fn describe_stream_consumer<'a>(
+        &'a self,
+        stream_arn: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<StreamConsumer, KinesisError>> {
+        Box::pin(fan_out::describe(self, stream_arn, name))
+    }
+
+    fn deregister_stream_consumer<'a>(
+        &'a self,
+        consumer_arn: &'a str,
+    ) -> BoxFuture<'a, Result<(), KinesisError>> {
+        Box::pin(fan_out::deregister(self, consumer_arn))
+    }
+
+    fn subscribe_to_shard<'a>(
+        &'a self,
+        consumer_arn: &'a str,
+        shard_id: &'a ShardId,
+        position: IteratorPosition,
+    ) -> BoxFuture<'a, Result<Subscription, KinesisError>> {
+        Box::pin(fan_out::subscribe(self, consumer_arn, shard_id, position))
     }
 }
 
