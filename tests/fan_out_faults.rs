@@ -360,3 +360,33 @@ fn consumer_names_are_validated() {
         assert!(error.to_string().contains("enhanced_fan_out"), "{error}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_event_larger_than_the_buffer_goes_out_in_parts_on_one_subscription() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.event_record_limit(1_000);
+    kinesis.fill(1_000, 10);
+    let consumer = builder(&kinesis)
+        .buffer_records(100)
+        .max_records_per_call(50)
+        .enhanced_fan_out(CONSUMER)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let largest = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let (seen, largest) = (seen.clone(), largest.clone());
+        service_fn(move |batch: Batch| {
+            largest.fetch_max(batch.len() as u64, Ordering::SeqCst);
+            seen.take(&batch);
+            async { Ok::<_, BoxError>(()) }
+        })
+    };
+    let run = Running::checkpointed(&consumer, handler);
+    wait_for(Duration::from_secs(30), || seen.count() == 1_000).await;
+    run.stop().await.unwrap();
+    assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
+    assert_eq!(largest.load(Ordering::SeqCst), 50);
+    // No subscription was given up for it (Kinesis refuses one again within 5 seconds).
+    assert_eq!(kinesis.subscription_requests().len(), 1);
+}

@@ -23,7 +23,10 @@ use aws_sdk_kinesis::Client;
 use futures::{FutureExt, StreamExt};
 use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::store::MemoryStore;
-use kinesis_tower::{Batch, BatchEnd, Checkpoint, Consumer, Error, SequenceNumber, StartPosition};
+use kinesis_tower::{
+    Batch, BatchEnd, Checkpoint, Consumer, ConsumerBuilder, EnhancedFanOut, Error, SequenceNumber,
+    StartPosition,
+};
 use kinesis_tower::{BoxError, CheckpointStore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +59,27 @@ where
     common::delete_stream(&client, &stream).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
+    }
+}
+
+/// How a test's consumer reads the shards: each test that says so runs with both readers and
+/// the same assertions.
+#[derive(Clone, Copy, Debug)]
+enum Reading {
+    /// GetRecords in a loop.
+    Polling,
+    /// SubscribeToShard as a registered stream consumer (deregistered when the run ends).
+    FanOut,
+}
+
+impl Reading {
+    fn configure(self, builder: ConsumerBuilder) -> ConsumerBuilder {
+        match self {
+            Reading::Polling => builder,
+            Reading::FanOut => builder.enhanced_fan_out(
+                EnhancedFanOut::new("kinesis-tower-tests").deregister_on_shutdown(true),
+            ),
+        }
     }
 }
 
@@ -161,6 +185,15 @@ fn assert_every_record_once_in_shard_order(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_stream_reads_every_record_once_in_shard_order() {
+    records_stream_reads_every_record_once_in_shard_order_with(Reading::Polling).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stream_reads_every_record_once_in_shard_order_over_fan_out() {
+    records_stream_reads_every_record_once_in_shard_order_with(Reading::FanOut).await;
+}
+
+async fn records_stream_reads_every_record_once_in_shard_order_with(reading: Reading) {
     with_stream("kt-records", 4, |client, stream| async move {
         let records = sample_records(2_000, 50);
         let written = common::put_records(&client, &stream, &records).await;
@@ -170,7 +203,8 @@ async fn records_stream_reads_every_record_once_in_shard_order() {
             "50 partition keys spread over all 4 shards"
         );
 
-        let consumer = Consumer::builder()
+        let consumer = reading
+            .configure(Consumer::builder())
             .client(client.clone())
             .stream_name(&stream)
             .app_name("records-stream")
@@ -307,6 +341,15 @@ impl Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_reads_every_record_once_in_shard_order() {
+    run_reads_every_record_once_in_shard_order_with(Reading::Polling).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_reads_every_record_once_in_shard_order_over_fan_out() {
+    run_reads_every_record_once_in_shard_order_with(Reading::FanOut).await;
+}
+
+async fn run_reads_every_record_once_in_shard_order_with(reading: Reading) {
     with_stream("kt-run", 4, |client, stream| async move {
         let records = sample_records(2_000, 50);
         let written = common::put_records(&client, &stream, &records).await;
@@ -314,7 +357,8 @@ async fn run_reads_every_record_once_in_shard_order() {
         assert_eq!(expected.len(), 4, "50 partition keys spread over 4 shards");
 
         let store = Arc::new(MemoryStore::new());
-        let consumer = Consumer::builder()
+        let consumer = reading
+            .configure(Consumer::builder())
             .client(client.clone())
             .stream_name(&stream)
             .app_name("run")
@@ -449,6 +493,15 @@ fn spawn_producer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_and_merge_while_consuming_loses_nothing_and_keeps_key_order() {
+    split_and_merge_while_consuming_loses_nothing_and_keeps_key_order_with(Reading::Polling).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_merge_while_consuming_loses_nothing_and_keeps_key_order_over_fan_out() {
+    split_and_merge_while_consuming_loses_nothing_and_keeps_key_order_with(Reading::FanOut).await;
+}
+
+async fn split_and_merge_while_consuming_loses_nothing_and_keeps_key_order_with(reading: Reading) {
     with_stream("kt-reshard", 3, |client, stream| async move {
         // Which shard to split and which two to merge: the lowest hash range is split, the
         // two others must be adjacent to be merged.
@@ -464,7 +517,7 @@ async fn split_and_merge_while_consuming_loses_nothing_and_keeps_key_order() {
         );
 
         let store = Arc::new(MemoryStore::new());
-        let consumer = Consumer::builder()
+        let consumer = reading.configure(Consumer::builder())
             .client(client.clone())
             .stream_name(&stream)
             .app_name("reshard")

@@ -13,21 +13,28 @@ use futures::StreamExt;
 use kinesis_tower_layers::metric_names as names;
 use kinesis_tower_layers::{BatchEnd, Record, ShardId};
 use metrics::Counter;
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 
-use super::buffer::ShardBuffer;
+use super::buffer::{BufferPermit, ShardBuffer};
 use super::context::{report, ShardContext, Stop};
 use super::cursor::Cursor;
 use super::{ReaderEvent, ReaderOutput, ShardReader};
 use crate::consumer::assignment::ShardStart;
 use crate::consumer::handle::Shared;
 use crate::consumer::settings::EnhancedFanOut;
-use crate::kinesis::{timed, KinesisErrorKind, Subscription, SubscriptionEvent};
+use crate::kinesis::{timed, ChildShard, KinesisErrorKind, Subscription, SubscriptionEvent};
 use registration::Registration;
 
 /// The longest a subscription may go without an event before it counts as broken (Kinesis
 /// sends one at least every 5 seconds, records or not).
 const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a caught-up subscription stays quiet before the reader checks, by polling once,
+/// whether the shard has closed (Kinesis says so in the subscription's last event, but an
+/// emulator may not); the check backs off, doubling up to [`END_CHECK_MAX`], while the shard
+/// stays quiet.
+const END_CHECK_FIRST: Duration = Duration::from_secs(5);
+const END_CHECK_MAX: Duration = Duration::from_secs(300);
 
 /// Reads shards through enhanced fan-out.
 pub(crate) struct FanOutReader {
@@ -60,6 +67,7 @@ impl ShardReader for FanOutReader {
                 ctx: ShardContext::new(shared, shard, buffer, output.clone()),
                 registration,
                 metrics,
+                end_check: EndCheck::new(),
             };
             report(&output, reader.run(start).await);
         })
@@ -103,6 +111,38 @@ struct Reader {
     ctx: ShardContext,
     registration: Arc<Registration>,
     metrics: FanOutMetrics,
+    end_check: EndCheck,
+}
+
+/// When a quiet shard is next checked for its end.
+struct EndCheck {
+    at: Instant,
+    interval: Duration,
+}
+
+impl EndCheck {
+    fn new() -> Self {
+        Self {
+            at: Instant::now() + END_CHECK_FIRST,
+            interval: END_CHECK_FIRST,
+        }
+    }
+
+    /// Records arrived: the shard is not quiet.
+    fn reset(&mut self) {
+        *self = Self::new();
+    }
+
+    /// Whether a check is due; if so, the next one is twice as far.
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.at {
+            return false;
+        }
+        self.interval = (self.interval * 2).min(END_CHECK_MAX);
+        self.at = now + self.interval;
+        true
+    }
 }
 
 impl Reader {
@@ -196,6 +236,22 @@ impl Reader {
         }
     }
 
+    /// Waits for room for `records` more records in the shard's buffer; `None` when the
+    /// handler has not made room within the stall timeout.
+    async fn room(&self, records: u32) -> Option<BufferPermit> {
+        let stall_timeout = self.registration.stall_timeout();
+        match timeout(stall_timeout, self.ctx.buffer.reserve_records(records)).await {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                tracing::info!(
+                    ?stall_timeout,
+                    "handler stalled; subscription cancelled until there is room"
+                );
+                None
+            }
+        }
+    }
+
     /// Reads one subscription's events into the shard's buffer until it ends.
     async fn read_subscription(
         &mut self,
@@ -203,23 +259,13 @@ impl Reader {
         cursor: &mut Cursor,
     ) -> Result<Ended, Stop> {
         let limit = self.limit();
-        let stall_timeout = self.registration.stall_timeout();
         loop {
             // Room first: while the buffer is full no event is pulled (the transport's flow
             // control holds the rest back); a handler stalled past the timeout cancels the
-            // subscription rather than leaving it hanging.
-            let mut permit =
-                match timeout(stall_timeout, self.ctx.buffer.reserve_records(limit)).await {
-                    Ok(permit) => permit,
-                    Err(_) => {
-                        drop(subscription);
-                        tracing::info!(
-                            ?stall_timeout,
-                            "handler stalled; subscription cancelled until there is room"
-                        );
-                        return Ok(Ended::Stalled);
-                    }
-                };
+            // subscription (dropped on return) rather than leaving it hanging.
+            let Some(permit) = self.room(limit).await else {
+                return Ok(Ended::Stalled);
+            };
             let event: SubscriptionEvent = match timeout(EVENT_TIMEOUT, subscription.next()).await {
                 Err(_) => {
                     tracing::warn!(
@@ -245,48 +291,140 @@ impl Reader {
             };
             self.ctx.backoff.reset();
             self.metrics.events.increment(1);
-            let shard_end = event.is_shard_end();
+            let announced_end = event.is_shard_end();
             let SubscriptionEvent {
-                mut records,
+                records,
                 millis_behind_latest,
                 child_shards,
                 ..
             } = event;
-            // An event larger than asked for must not overrun the buffer's caps: keep what fits
-            // and subscribe again after it.
-            let clamped = records.len() > limit as usize;
-            if clamped {
-                tracing::warn!(
-                    room = limit,
-                    answered = records.len(),
-                    "a subscription event brought more records than the buffer has room for; keeping the first and subscribing again after them"
-                );
-                records.truncate(limit as usize);
-            }
-            let count = records.len();
             let bytes: usize = records.iter().map(Record::size).sum();
-            self.ctx.metrics.read(count, bytes, millis_behind_latest);
-            tracing::trace!(count, bytes, millis_behind_latest, "SubscribeToShard event");
-            self.ctx.buffer.settle(&mut permit, count, bytes).await;
-            let mut batch = cursor
-                .batch(&self.ctx, records, millis_behind_latest)
-                .await?;
-            if shard_end && !clamped {
-                tracing::info!("shard closed and fully read");
-                self.ctx.metrics.shard_read();
-                if !child_shards.is_empty() {
-                    self.ctx.output.send(ReaderEvent::Children(child_shards));
+            self.ctx
+                .metrics
+                .read(records.len(), bytes, millis_behind_latest);
+            tracing::trace!(
+                count = records.len(),
+                bytes,
+                millis_behind_latest,
+                "SubscribeToShard event"
+            );
+            // Nothing to deliver now (whatever the lag says: an emulator may report a closed
+            // shard's age as lag).
+            let quiet = records.is_empty();
+            if !quiet {
+                self.end_check.reset();
+            }
+            let mut shard_end = announced_end.then_some(child_shards);
+            if shard_end.is_none() && quiet && self.end_check.due() {
+                shard_end = self.closed_and_read(cursor).await;
+            }
+            // An event may bring more records than the buffer has room for at once: they go
+            // out in parts, each when there is room for it (memory stays within the caps plus
+            // one event).
+            let mut parts = split_into_parts(records, limit as usize)
+                .into_iter()
+                .peekable();
+            let mut permit = Some(permit);
+            while let Some(part) = parts.next() {
+                let mut permit = match permit.take() {
+                    Some(permit) => permit,
+                    None => match self.room(limit).await {
+                        Some(permit) => permit,
+                        // What is left of the event is read again after what went out.
+                        None => return Ok(Ended::Stalled),
+                    },
+                };
+                let part_bytes = part.iter().map(Record::size).sum();
+                self.ctx
+                    .buffer
+                    .settle(&mut permit, part.len(), part_bytes)
+                    .await;
+                let mut batch = cursor.batch(&self.ctx, part, millis_behind_latest).await?;
+                if parts.peek().is_none() {
+                    if let Some(child_shards) = shard_end.take() {
+                        tracing::info!("shard closed and fully read");
+                        self.ctx.metrics.shard_read();
+                        if !child_shards.is_empty() {
+                            self.ctx.output.send(ReaderEvent::Children(child_shards));
+                        }
+                        batch.end = Some(BatchEnd::ShardEnd);
+                        self.ctx.output.send(ReaderEvent::Batch { batch, permit });
+                        return Ok(Ended::Done);
+                    }
                 }
-                batch.end = Some(BatchEnd::ShardEnd);
-                self.ctx.output.send(ReaderEvent::Batch { batch, permit });
-                return Ok(Ended::Done);
-            }
-            if !self.ctx.output.send(ReaderEvent::Batch { batch, permit }) {
-                return Ok(Ended::Done);
-            }
-            if clamped {
-                return Ok(Ended::Resubscribe);
+                if !self.ctx.output.send(ReaderEvent::Batch { batch, permit }) {
+                    return Ok(Ended::Done);
+                }
             }
         }
+    }
+
+    /// Whether the shard is closed and read to its end at the cursor, asked with one
+    /// GetRecords (Kinesis ends a closed shard's subscription with an event naming the
+    /// children; an emulator that does not would leave the shard's children waiting for
+    /// ever). Its children when it is; `None` when it is not, or the check failed (it is only
+    /// a check: the next one comes later).
+    async fn closed_and_read(&self, cursor: &Cursor) -> Option<Vec<ChildShard>> {
+        let shared = &self.ctx.shared;
+        let stream = &shared.settings.stream;
+        let checked = async {
+            let iterator = timed(
+                "GetShardIterator",
+                shared
+                    .api
+                    .get_shard_iterator(stream, &self.ctx.shard, cursor.position()),
+            )
+            .await?;
+            timed(
+                "GetRecords",
+                shared
+                    .api
+                    .get_records(stream, &self.ctx.shard, &iterator, 1),
+            )
+            .await
+        };
+        match checked.await {
+            Ok(page) if page.records.is_empty() && page.next_iterator.is_none() => {
+                tracing::debug!("the quiet shard is closed and read to its end");
+                Some(page.child_shards)
+            }
+            Ok(_) => None,
+            Err(error) => {
+                tracing::debug!(%error, "could not check whether the quiet shard has ended");
+                None
+            }
+        }
+    }
+}
+
+/// `records` in parts of at most `size` (one empty part when there are none: an event without
+/// records still goes out, as a heartbeat).
+fn split_into_parts(mut records: Vec<Record>, size: usize) -> Vec<Vec<Record>> {
+    if records.len() <= size {
+        return vec![records];
+    }
+    let mut parts = Vec::with_capacity(records.len().div_ceil(size));
+    while records.len() > size {
+        let rest = records.split_off(size);
+        parts.push(std::mem::replace(&mut records, rest));
+    }
+    parts.push(records);
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use kinesis_tower_layers::testing::record;
+
+    use super::split_into_parts;
+
+    #[test]
+    fn events_are_split_into_parts_in_order() {
+        let records: Vec<_> = (0..25u64).map(|n| record("s", n)).collect();
+        let parts = split_into_parts(records.clone(), 10);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
+        assert_eq!(parts.concat(), records);
+        assert_eq!(split_into_parts(Vec::new(), 10), vec![Vec::new()]);
+        assert_eq!(split_into_parts(records[..10].to_vec(), 10).len(), 1);
     }
 }
