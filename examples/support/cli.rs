@@ -24,9 +24,14 @@ pub struct Reading {
     #[arg(long, value_name = "POSITION", value_enum, default_value_t = Start::Latest)]
     pub from: Start,
 
-    /// Records per GetRecords call, so at most per batch
+    /// Records per GetRecords call (or per batch, with --fan-out), so at most per batch
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub max_records_per_call: usize,
+
+    /// Read through enhanced fan-out (SubscribeToShard) as this stream consumer, registered
+    /// if missing, instead of polling GetRecords
+    #[arg(long, value_name = "CONSUMER")]
+    pub fan_out: Option<String>,
 }
 
 /// A start position for the command line.
@@ -41,7 +46,7 @@ pub enum Start {
 impl Reading {
     /// A consumer builder with these settings and `config`.
     pub fn consumer(&self, config: &aws_config::SdkConfig) -> ConsumerBuilder {
-        Consumer::builder()
+        let builder = Consumer::builder()
             .sdk_config(config)
             .stream_name(&self.stream)
             .app_name(&self.app)
@@ -49,7 +54,11 @@ impl Reading {
                 Start::TrimHorizon => StartPosition::TrimHorizon,
                 Start::Latest => StartPosition::Latest,
             })
-            .max_records_per_call(self.max_records_per_call)
+            .max_records_per_call(self.max_records_per_call);
+        match &self.fan_out {
+            Some(name) => builder.enhanced_fan_out(name.as_str()),
+            None => builder,
+        }
     }
 }
 
