@@ -4,7 +4,8 @@
 //! Five aggregates of 100 user records are put on a one-shard stream. The first run (Checkpoint
 //! outside Deaggregate) checkpoints user record 37 of the third aggregate, `(sequence, 37)`,
 //! and fails on the next batch, so nothing later is checkpointed. A second consumer on the same
-//! store must deliver user record 38 of that aggregate first, then everything after it, once.
+//! store must deliver user record 38 of that aggregate first, then everything after it, once;
+//! read by polling, and through enhanced fan-out.
 
 mod common;
 
@@ -19,7 +20,7 @@ use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::kpl::Aggregator;
 use kinesis_tower::kpl::DeaggregateLayer;
 use kinesis_tower::store::MemoryStore;
-use kinesis_tower::{Batch, Checkpoint, Consumer, StartPosition};
+use kinesis_tower::{Batch, Checkpoint, Consumer, EnhancedFanOut, StartPosition};
 use kinesis_tower::{BoxError, CheckpointStore, Processed};
 use tokio::time::Instant;
 use tower::{service_fn, ServiceBuilder};
@@ -48,8 +49,14 @@ where
     }
 }
 
-fn consumer(client: &Client, stream: &str, store: &Arc<MemoryStore>) -> Consumer {
-    Consumer::builder()
+fn consumer(client: &Client, stream: &str, store: &Arc<MemoryStore>, fan_out: bool) -> Consumer {
+    let builder = if fan_out {
+        Consumer::builder()
+            .enhanced_fan_out(EnhancedFanOut::new("kpl-resume").deregister_on_shutdown(true))
+    } else {
+        Consumer::builder()
+    };
+    builder
         .client(client.clone())
         .stream_name(stream)
         .app_name("kpl-resume")
@@ -77,6 +84,15 @@ fn record_batch(seen: &Seen, batch: &Batch) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_inside_an_aggregate_delivers_the_next_user_record() {
+    restart_inside_an_aggregate(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_inside_an_aggregate_delivers_the_next_user_record_over_fan_out() {
+    restart_inside_an_aggregate(true).await;
+}
+
+async fn restart_inside_an_aggregate(fan_out: bool) {
     with_stream(|client, stream| async move {
         let mut aggregates = Vec::new();
         for a in 0..AGGREGATES {
@@ -93,7 +109,7 @@ async fn restart_inside_an_aggregate_delivers_the_next_user_record() {
         let store = Arc::new(MemoryStore::new());
 
         // First run: checkpoint at user record 37 of the third aggregate, then fail.
-        let first = consumer(&client, &stream, &store);
+        let first = consumer(&client, &stream, &store, fan_out);
         let seen_first: Seen = Arc::default();
         let handler = {
             let seen = seen_first.clone();
@@ -150,7 +166,7 @@ async fn restart_inside_an_aggregate_delivers_the_next_user_record() {
         );
 
         // Second run, a new consumer on the same store.
-        let second = consumer(&client, &stream, &store);
+        let second = consumer(&client, &stream, &store, fan_out);
         let seen: Seen = Arc::default();
         let handler = {
             let seen = seen.clone();
