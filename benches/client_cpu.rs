@@ -5,7 +5,8 @@
 //! The bench binary plays three roles: the parent (this text) starts the emulator (the
 //! embedded ferrokinesis, in a child process of its own on 127.0.0.1), puts the records, then
 //! starts one consumer process per variant and round; each consumer reads every record from
-//! `TRIM_HORIZON` and reports the CPU (user + system, from `/proc/self/stat`) it spent from
+//! `TRIM_HORIZON` (by polling; `run_checkpoint_fan_out` through enhanced fan-out) and reports
+//! the CPU (user + system, from `/proc/self/stat`) it spent from
 //! just before its first call to the last record, and its peak RSS (`VmHWM`).
 //!
 //! `cargo bench --bench client_cpu --features test-util` (`RECORDS`, default 1,000,000 of
@@ -27,13 +28,14 @@ use kinesis_tower::checkpoint::CheckpointLayer;
 use kinesis_tower::kpl::DeaggregateLayer;
 use kinesis_tower::retry::RetryLayer;
 use kinesis_tower::store::MemoryStore;
-use kinesis_tower::{Consumer, StartPosition};
+use kinesis_tower::{Consumer, ConsumerBuilder, StartPosition};
 use tower::ServiceBuilder;
 
 const SHARDS: i32 = 4;
-const VARIANTS: [&str; 4] = [
+const VARIANTS: [&str; 5] = [
     "bare_sdk_loop",
     "run_checkpoint",
+    "run_checkpoint_fan_out",
     "records_chunks",
     "full_stack",
 ];
@@ -103,8 +105,8 @@ fn consumer() {
     let records = env_or("RECORDS", 1_000_000);
     let spent = runtime().block_on(async {
         let client = common::kinesis_client(&endpoint).await;
-        let builder = || {
-            Consumer::builder()
+        let builder_with = |configure: fn(ConsumerBuilder) -> ConsumerBuilder| {
+            configure(Consumer::builder())
                 .client(client.clone())
                 .stream_name(&stream)
                 .start_position(StartPosition::TrimHorizon)
@@ -115,10 +117,15 @@ fn consumer() {
                 .build()
                 .expect("valid configuration")
         };
+        let builder = || builder_with(|b| b);
         let start = cpu_time();
         match variant.as_str() {
             "bare_sdk_loop" => assert_eq!(common::bare_sdk_loop(&client, &stream).await, records),
             "run_checkpoint" => support::run_until_handled(&builder(), records).await,
+            "run_checkpoint_fan_out" => {
+                let consumer = builder_with(|b| b.enhanced_fan_out("client-cpu"));
+                support::run_until_handled(&consumer, records).await
+            }
             "records_chunks" => {
                 let stream_of_records = builder().records();
                 let (checkpointer, stop) = (
