@@ -35,7 +35,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Where the records go and come from.
 enum Source {
-    Ferrokinesis(common::EmbeddedKinesis),
+    Ferrokinesis(Box<common::EmbeddedKinesis>),
     KinesisMock(aws_sdk_kinesis::Client),
     Memory(MemoryKinesis),
 }
@@ -112,7 +112,9 @@ fn main() {
                 continue;
             }
             let source = match name {
-                "ferrokinesis" => Source::Ferrokinesis(common::start_ferrokinesis().await),
+                "ferrokinesis" => {
+                    Source::Ferrokinesis(Box::new(common::start_ferrokinesis().await))
+                }
                 "memory" => Source::Memory(MemoryKinesis::with_shards(1)),
                 _ => {
                     let client = common::kinesis_mock_client().await;

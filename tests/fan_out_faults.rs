@@ -390,3 +390,32 @@ async fn an_event_larger_than_the_buffer_goes_out_in_parts_on_one_subscription()
     // No subscription was given up for it (Kinesis refuses one again within 5 seconds).
     assert_eq!(kinesis.subscription_requests().len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn access_denied_names_the_permissions_fan_out_needs() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.fill(1, 10);
+    kinesis.inject(
+        None,
+        Operation::SubscribeToShard,
+        KinesisErrorKind::AccessDenied,
+        1,
+    );
+    let consumer = builder(&kinesis)
+        .enhanced_fan_out(CONSUMER)
+        .build()
+        .unwrap();
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.process(service_fn(|_: Batch| async { Ok::<_, BoxError>(()) })),
+    )
+    .await
+    .expect("the run ends")
+    .unwrap_err();
+    assert!(matches!(error, Error::FanOut { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("kinesis:SubscribeToShard"),
+        "{error}"
+    );
+    assert!(!error.is_retryable());
+}

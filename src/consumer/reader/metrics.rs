@@ -84,7 +84,7 @@ mod tests {
 
     use crate::kinesis::memory::{shard_name, MemoryKinesis, Operation};
     use crate::kinesis::KinesisErrorKind;
-    use crate::{Consumer, StartPosition};
+    use crate::{Consumer, ConsumerBuilder, StartPosition};
 
     /// One snapshot of the recorder (taking one drains it), by (kind, name, shard), for the
     /// stream `stream` only.
@@ -121,6 +121,61 @@ mod tests {
         }
     }
 
+    /// Runs a consumer of `kinesis` (configured by `configure`) under MetricsLayer and
+    /// CheckpointLayer until `records` records were handled, recording into a recorder of its
+    /// own; the metrics of its stream.
+    fn run_recorded(
+        kinesis: &MemoryKinesis,
+        records: u64,
+        configure: impl FnOnce(ConsumerBuilder) -> ConsumerBuilder,
+    ) -> HashMap<(MetricKind, String, String), DebugValue> {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let builder = Consumer::builder()
+                    .kinesis_api(Arc::new(kinesis.clone()))
+                    .stream_name("metrics-stream")
+                    .app_name("tests")
+                    .start_position(StartPosition::TrimHorizon);
+                let consumer = configure(builder).build().unwrap();
+                let seen = Arc::new(AtomicU64::new(0));
+                let handler = service_fn({
+                    let seen = seen.clone();
+                    move |batch: Batch| {
+                        seen.fetch_add(batch.len() as u64, Ordering::SeqCst);
+                        async { Ok::<_, BoxError>(()) }
+                    }
+                });
+                let service = ServiceBuilder::new()
+                    .layer(MetricsLayer::new(consumer.stream_name()))
+                    .layer(CheckpointLayer::new(consumer.checkpointer()))
+                    .service(handler);
+                let stop = CancellationToken::new();
+                let run = tokio::spawn({
+                    let (consumer, stop) = (consumer.clone(), stop.clone());
+                    async move { consumer.run_until(service, stop.cancelled_owned()).await }
+                });
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while seen.load(Ordering::SeqCst) < records {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "records not handled"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                stop.cancel();
+                run.await.unwrap().unwrap();
+            })
+        });
+        values(snapshotter.snapshot(), "metrics-stream")
+    }
+
     #[test]
     fn reader_handler_and_checkpoint_metrics_follow_a_run_with_faults() {
         let kinesis = MemoryKinesis::with_shards(2);
@@ -144,54 +199,7 @@ mod tests {
             KinesisErrorKind::ExpiredIterator,
             2,
         );
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        metrics::with_local_recorder(&recorder, || {
-            runtime.block_on(async {
-                let consumer = Consumer::builder()
-                    .kinesis_api(Arc::new(kinesis.clone()))
-                    .stream_name("metrics-stream")
-                    .app_name("tests")
-                    .start_position(StartPosition::TrimHorizon)
-                    .max_records_per_call(20)
-                    .build()
-                    .unwrap();
-                let seen = Arc::new(AtomicU64::new(0));
-                let handler = service_fn({
-                    let seen = seen.clone();
-                    move |batch: Batch| {
-                        seen.fetch_add(batch.len() as u64, Ordering::SeqCst);
-                        async { Ok::<_, BoxError>(()) }
-                    }
-                });
-                let service = ServiceBuilder::new()
-                    .layer(MetricsLayer::new(consumer.stream_name()))
-                    .layer(CheckpointLayer::new(consumer.checkpointer()))
-                    .service(handler);
-                let stop = CancellationToken::new();
-                let run = tokio::spawn({
-                    let (consumer, stop) = (consumer.clone(), stop.clone());
-                    async move { consumer.run_until(service, stop.cancelled_owned()).await }
-                });
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-                while seen.load(Ordering::SeqCst) < 100 {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "records not handled"
-                    );
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                stop.cancel();
-                run.await.unwrap().unwrap();
-            })
-        });
-
-        let values = values(snapshotter.snapshot(), "metrics-stream");
+        let values = run_recorded(&kinesis, 100, |builder| builder.max_records_per_call(20));
         for shard in [&s0, &s1] {
             let records = kinesis.records(shard);
             let bytes: usize = records.iter().map(Record::size).sum();
@@ -237,5 +245,36 @@ mod tests {
         assert_eq!(counter(&values, names::ITERATOR_REFRESHES_TOTAL, &s1), 2);
         // 6 GetRecords answers per shard at least (3 with records), plus the failed ones.
         assert!(kinesis.get_records_calls(&s0) >= 3 + 3);
+    }
+
+    #[test]
+    fn fan_out_metrics_count_subscriptions_resubscriptions_and_events() {
+        let kinesis = MemoryKinesis::with_shards(2);
+        kinesis.event_record_limit(10);
+        kinesis.end_subscriptions_after(2);
+        kinesis.fill(50, 10);
+        let (s0, s1) = (shard_name(0), shard_name(1));
+        kinesis.inject(
+            Some(&s0),
+            Operation::SubscribeToShard,
+            KinesisErrorKind::Throttled,
+            1,
+        );
+        let values = run_recorded(&kinesis, 100, |builder| builder.enhanced_fan_out("metrics"));
+        for shard in [&s0, &s1] {
+            let bytes: usize = kinesis.records(shard).iter().map(Record::size).sum();
+            assert_eq!(counter(&values, names::RECORDS_READ_TOTAL, shard), 50);
+            assert_eq!(
+                counter(&values, names::BYTES_READ_TOTAL, shard),
+                bytes as u64
+            );
+            // 5 events of 10 records, 2 per subscription: 3 subscriptions, 2 of them again.
+            assert_eq!(counter(&values, names::SUBSCRIPTION_EVENTS_TOTAL, shard), 5);
+            assert_eq!(counter(&values, names::SUBSCRIPTIONS_TOTAL, shard), 3);
+            assert_eq!(counter(&values, names::RESUBSCRIPTIONS_TOTAL, shard), 2);
+            assert_eq!(counter(&values, names::HANDLER_RECORDS_TOTAL, shard), 50);
+        }
+        assert_eq!(counter(&values, names::READ_THROTTLES_TOTAL, &s0), 1);
+        assert_eq!(counter(&values, names::READ_THROTTLES_TOTAL, &s1), 0);
     }
 }
