@@ -124,15 +124,15 @@ struct Line {
 }
 
 fn read_log(path: &Path) -> Vec<Line> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(|line| {
-            let f: Vec<&str> = line.split('\t').collect();
-            assert_eq!(f.len(), 4, "malformed audit line {line:?}");
-            Line {
-                key: (f[0].to_owned(), f[1].to_owned(), f[2].to_owned()),
-                micros: f[3].parse().expect("micros"),
-            }
+    common::audit_lines(path)
+        .into_iter()
+        .map(|mut f| Line {
+            micros: f[3].parse().expect("micros"),
+            key: (
+                std::mem::take(&mut f[0]),
+                std::mem::take(&mut f[1]),
+                std::mem::take(&mut f[2]),
+            ),
         })
         .collect()
 }

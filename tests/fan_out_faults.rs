@@ -419,3 +419,23 @@ async fn access_denied_names_the_permissions_fan_out_needs() {
     );
     assert!(!error.is_retryable());
 }
+
+#[tokio::test(start_paused = true)]
+async fn subscriptions_that_end_at_once_are_not_a_busy_loop() {
+    let kinesis = MemoryKinesis::with_shards(1);
+    kinesis.end_subscriptions_after(0);
+    let consumer = builder(&kinesis)
+        .enhanced_fan_out(CONSUMER)
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    let run = Running::checkpointed(&consumer, seen.handler());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    // Backed off (200 ms doubling to 5 s): about 15 in a minute, not thousands.
+    let subscriptions = kinesis.subscription_requests().len();
+    assert!(
+        (2..=30).contains(&subscriptions),
+        "{subscriptions} subscriptions in 60 s"
+    );
+    run.stop().await.unwrap();
+}

@@ -51,13 +51,9 @@ fn spawn(example: &PathBuf, stream: &str, db: &Path, log: &Path) -> Child {
 
 /// The sequence numbers of the log, in the order they were handled.
 fn read_log(path: &Path) -> Vec<SequenceNumber> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split('\t').collect();
-            assert_eq!(fields.len(), 4, "malformed audit line {line:?}");
-            fields[1].parse().expect("a sequence number")
-        })
+    common::audit_lines(path)
+        .iter()
+        .map(|fields| fields[1].parse().expect("a sequence number"))
         .collect()
 }
 

@@ -223,9 +223,10 @@ impl MemoryKinesis {
     }
 
     /// Makes the server end every subscription after `events` events (Kinesis ends each after
-    /// 5 minutes); the reader must subscribe again after the last record it delivered.
+    /// 5 minutes; 0: at once, as a misbehaving server might); the reader must subscribe again
+    /// after the last record it delivered.
     pub fn end_subscriptions_after(&self, events: usize) {
-        self.lock().events_per_subscription = Some(events.max(1));
+        self.lock().events_per_subscription = Some(events);
     }
 
     /// At most `records` records per subscription event (default 10,000).

@@ -100,13 +100,21 @@ impl Drop for EmbeddedKinesis {
 /// Starts an embedded ferrokinesis with no create/delete/update delays and a shard limit
 /// of 1000 (its default limit is 10 and its default delays are 500 ms).
 pub async fn start_ferrokinesis() -> EmbeddedKinesis {
-    let options = ferrokinesis::store::StoreOptions {
+    start_ferrokinesis_with(|options| options).await
+}
+
+/// [`start_ferrokinesis`] with more options set by `configure` (e.g. a short SubscribeToShard
+/// session).
+pub async fn start_ferrokinesis_with(
+    configure: impl FnOnce(ferrokinesis::store::StoreOptions) -> ferrokinesis::store::StoreOptions,
+) -> EmbeddedKinesis {
+    let options = configure(ferrokinesis::store::StoreOptions {
         create_stream_ms: 0,
         delete_stream_ms: 0,
         update_stream_ms: 0,
         shard_limit: 1000,
         ..ferrokinesis::store::StoreOptions::default()
-    };
+    });
     let (app, store) = ferrokinesis::create_app(options);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -343,4 +351,19 @@ pub async fn dynamodb_client() -> aws_sdk_dynamodb::Client {
         .load()
         .await;
     aws_sdk_dynamodb::Client::new(&config)
+}
+
+/// The complete lines of the audit consumer's log (`examples/audit_consumer.rs`), each split
+/// into its four tab-separated fields. A line the consumer is writing at that moment (not yet
+/// ended by its newline) is left out: it is read complete next time.
+pub fn audit_lines(path: &std::path::Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split_inclusive('\n')
+        .filter_map(|line| line.strip_suffix('\n'))
+        .map(|line| {
+            let fields: Vec<String> = line.split('\t').map(str::to_owned).collect();
+            assert_eq!(fields.len(), 4, "malformed audit line {line:?}");
+            fields
+        })
+        .collect()
 }

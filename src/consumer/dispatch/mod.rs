@@ -232,7 +232,12 @@ where
         tracing::warn!(stream = %d.stream, "the assignment filter did not finish in {finish_timeout:?}");
     }
     d.unchecked.finished(&d.shared.checkpointer, &d.stream);
-    d.reader.finish().await;
+    if tokio::time::timeout(finish_timeout, d.reader.finish())
+        .await
+        .is_err()
+    {
+        tracing::warn!(stream = %d.stream, "the shard reader did not finish in {finish_timeout:?}");
+    }
     d.finish();
     match d.failure {
         Some(error) => Err(error),

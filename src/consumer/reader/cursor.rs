@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use kinesis_tower_layers::kpl::is_aggregate;
-use kinesis_tower_layers::{Batch, Checkpoint, Record};
+use kinesis_tower_layers::{Batch, Checkpoint, Record, SequenceNumber};
 
 use super::context::{ShardContext, Stop};
 use super::ReaderEvent;
@@ -95,6 +95,17 @@ impl Cursor {
     /// Where the next read starts.
     pub fn position(&self) -> IteratorPosition {
         self.position
+    }
+
+    /// Whether the record at `sequence_number` lies before where the next read starts (it was
+    /// read already, or is before the start): a source that answers from an earlier position
+    /// than asked must not deliver it again.
+    pub fn is_behind(&self, sequence_number: SequenceNumber) -> bool {
+        match self.position {
+            IteratorPosition::AfterSequenceNumber(last) => sequence_number <= last,
+            IteratorPosition::AtSequenceNumber(first) => sequence_number < first,
+            _ => false,
+        }
     }
 
     /// The first read (an iterator, a subscription) opened at `opened_at`. LATEST is anchored

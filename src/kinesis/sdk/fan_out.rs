@@ -3,6 +3,7 @@
 
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::types::{self as sdk, ShardIteratorType, StartingPosition};
+
 use aws_sdk_kinesis::Client;
 use kinesis_tower_layers::ShardId;
 
@@ -192,18 +193,33 @@ fn convert_event(
     })
 }
 
-/// A failure inside the event stream: a modelled error (ResourceNotFound, ResourceInUse,
-/// KMS, InternalFailure) by its code; a broken connection or a garbled frame is transient
-/// (the reader subscribes again after the last record it delivered).
-fn classify_event_error<E, R>(err: SdkError<E, R>) -> KinesisError
+/// A failure inside the event stream: a modelled error by its kind (some servers send it
+/// without an error code), as for any call: ResourceInUse and KMS throttling are retried, a KMS
+/// key that is disabled or missing is not; a broken connection, a garbled frame or an error
+/// this SDK does not know is transient (the reader subscribes again after the last record it
+/// delivered).
+fn classify_event_error<R>(
+    err: SdkError<sdk::error::SubscribeToShardEventStreamError, R>,
+) -> KinesisError
 where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
+    use sdk::error::SubscribeToShardEventStreamError as E;
     let kind = match &err {
-        SdkError::ServiceError(service) => match kind_of_code(service.err().code()) {
-            KinesisErrorKind::Other => KinesisErrorKind::Transient,
-            kind => kind,
+        SdkError::ServiceError(service) => match service.err() {
+            E::ResourceNotFoundException(_) => KinesisErrorKind::ResourceNotFound,
+            E::ResourceInUseException(_) => KinesisErrorKind::ResourceInUse,
+            E::KmsThrottlingException(_) => KinesisErrorKind::Throttled,
+            E::KmsAccessDeniedException(_) => KinesisErrorKind::AccessDenied,
+            E::KmsDisabledException(_)
+            | E::KmsInvalidStateException(_)
+            | E::KmsNotFoundException(_)
+            | E::KmsOptInRequired(_) => KinesisErrorKind::Other,
+            E::InternalFailureException(_) => KinesisErrorKind::Transient,
+            other => match kind_of_code(other.code()) {
+                KinesisErrorKind::Other => KinesisErrorKind::Transient,
+                kind => kind,
+            },
         },
         _ => KinesisErrorKind::Transient,
     };

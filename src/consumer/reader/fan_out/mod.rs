@@ -205,25 +205,21 @@ impl Reader {
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) if e.kind() == KinesisErrorKind::ResourceNotFound => {
-                    // The shard expired, or the consumer was deregistered under us.
-                    let api = &shared.api;
-                    let stream = &shared.settings.stream;
-                    let consumer_exists = match api.stream_arn(stream).await {
-                        Ok(stream_arn) => api
-                            .describe_stream_consumer(&stream_arn, self.registration.name())
-                            .await
-                            .map(|c| c.arn == consumer_arn)
-                            .unwrap_or(false),
-                        Err(_) => true,
-                    };
-                    if consumer_exists {
-                        return Err(self.ctx.stop(e));
-                    }
-                    return Err(Stop::Failed(self.registration.error(
-                        "it was deregistered while this consumer was reading through it: \
-                         run again to register it anew, and deregister only when no worker runs",
-                        Some(e),
-                    )));
+                    // The shard expired (the consumer checks the listing), or the consumer was
+                    // deregistered under us.
+                    return Err(match self.registration.is_gone(consumer_arn).await {
+                        Ok(true) => Stop::Failed(self.registration.error(
+                            "it was deregistered while this consumer was reading through it: \
+                             run again to register it anew, and deregister only when no \
+                             worker runs",
+                            Some(e),
+                        )),
+                        Ok(false) => self.ctx.stop(e),
+                        Err(lookup) => {
+                            tracing::warn!(error = %lookup, "could not check the stream consumer");
+                            self.ctx.stop(e)
+                        }
+                    });
                 }
                 Err(e) if e.kind() == KinesisErrorKind::AccessDenied => {
                     return Err(Stop::Failed(
@@ -259,6 +255,7 @@ impl Reader {
         cursor: &mut Cursor,
     ) -> Result<Ended, Stop> {
         let limit = self.limit();
+        let mut events = 0u64;
         loop {
             // Room first: while the buffer is full no event is pulled (the transport's flow
             // control holds the rest back); a handler stalled past the timeout cancels the
@@ -266,38 +263,57 @@ impl Reader {
             let Some(permit) = self.room(limit).await else {
                 return Ok(Ended::Stalled);
             };
-            let event: SubscriptionEvent = match timeout(EVENT_TIMEOUT, subscription.next()).await {
+            let (event, failure) = match timeout(EVENT_TIMEOUT, subscription.next()).await {
+                Ok(Some(Ok(event))) => (Some(event), None),
+                Ok(Some(Err(e))) if !e.is_retryable() => return Err(self.ctx.stop(e)),
+                Ok(Some(Err(e))) => (None, Some(e)),
+                Ok(None) => {
+                    tracing::debug!("subscription ended; subscribing again");
+                    (None, None)
+                }
                 Err(_) => {
                     tracing::warn!(
                         ?EVENT_TIMEOUT,
                         "no event from the subscription; subscribing again"
                     );
-                    return Ok(Ended::Resubscribe);
+                    (None, None)
                 }
-                Ok(None) => {
-                    tracing::debug!("subscription ended; subscribing again");
-                    return Ok(Ended::Resubscribe);
-                }
-                Ok(Some(Err(e))) => {
-                    if e.is_retryable() {
-                        let delay = self.ctx.backoff.next_delay();
-                        self.ctx.backing_off("SubscribeToShard", &e, delay);
-                        tokio::time::sleep(delay).await;
-                        return Ok(Ended::Resubscribe);
-                    }
-                    return Err(self.ctx.stop(e));
-                }
-                Ok(Some(Ok(event))) => event,
             };
+            let Some(event) = event else {
+                drop(permit);
+                // A failure, or a subscription that ended without a single event (a server
+                // closing it at once must not make a busy loop), waits out the backoff.
+                if failure.is_some() || events == 0 {
+                    let delay = self.ctx.backoff.next_delay();
+                    if let Some(e) = &failure {
+                        self.ctx.backing_off("SubscribeToShard", e, delay);
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                return Ok(Ended::Resubscribe);
+            };
+            events += 1;
             self.ctx.backoff.reset();
             self.metrics.events.increment(1);
             let announced_end = event.is_shard_end();
             let SubscriptionEvent {
-                records,
+                mut records,
                 millis_behind_latest,
                 child_shards,
                 ..
             } = event;
+            // Sequence numbers only grow within a shard: a server that answers a subscription
+            // from an earlier position than asked (an emulator replaying the shard) must not
+            // make the consumer deliver a record twice.
+            let before = records.len();
+            records.retain(|r| !cursor.is_behind(r.sequence_number));
+            if records.len() < before {
+                tracing::warn!(
+                    dropped = before - records.len(),
+                    position = ?cursor.position(),
+                    "the subscription sent records from before its starting position; dropped them"
+                );
+            }
             let bytes: usize = records.iter().map(Record::size).sum();
             self.ctx
                 .metrics
@@ -335,10 +351,16 @@ impl Reader {
                     },
                 };
                 let part_bytes = part.iter().map(Record::size).sum();
-                self.ctx
-                    .buffer
-                    .settle(&mut permit, part.len(), part_bytes)
-                    .await;
+                let stall_timeout = self.registration.stall_timeout();
+                let settled = self.ctx.buffer.settle(&mut permit, part.len(), part_bytes);
+                if timeout(stall_timeout, settled).await.is_err() {
+                    // Stalled on the byte cap: this part and the rest are read again.
+                    tracing::info!(
+                        ?stall_timeout,
+                        "handler stalled; subscription cancelled until there is room"
+                    );
+                    return Ok(Ended::Stalled);
+                }
                 let mut batch = cursor.batch(&self.ctx, part, millis_behind_latest).await?;
                 if parts.peek().is_none() {
                     if let Some(child_shards) = shard_end.take() {

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::consumer::handle::Shared;
 use crate::consumer::settings::EnhancedFanOut;
-use crate::kinesis::{ConsumerStatus, KinesisError, KinesisErrorKind, StreamConsumer};
+use crate::kinesis::{timed, ConsumerStatus, KinesisError, KinesisErrorKind, StreamConsumer};
 use crate::retrying::retry;
 use crate::Error;
 
@@ -20,8 +20,10 @@ const ACTIVATION_POLL: Duration = Duration::from_millis(500);
 
 /// The permissions enhanced fan-out needs, for the access-denied message.
 const PERMISSIONS: &str = "grant kinesis:DescribeStreamSummary, kinesis:RegisterStreamConsumer, \
-     kinesis:DescribeStreamConsumer and kinesis:SubscribeToShard on the stream and its consumers \
-     (and kinesis:DeregisterStreamConsumer to deregister on shutdown)";
+     kinesis:DescribeStreamConsumer and kinesis:SubscribeToShard on the stream and its consumers, \
+     kinesis:ListShards, kinesis:GetShardIterator and kinesis:GetRecords on the stream (shard \
+     listing, and the end check of quiet shards), and kinesis:DeregisterStreamConsumer to \
+     deregister on shutdown";
 
 /// The run's stream consumer: set up by the first shard that needs it, shared by the others.
 pub(super) struct Registration {
@@ -69,9 +71,10 @@ impl Registration {
         }
     }
 
-    /// Calls `call` until it answers something other than throttling or a passing failure
-    /// (a few times at most: these calls are made once per run).
-    async fn call<T, F, Fut>(&self, operation: &str, call: F) -> Result<T, KinesisError>
+    /// Calls `call`, each attempt bounded in time, until it answers something other than
+    /// throttling or a passing failure (a few times at most: these calls are made once per
+    /// run, or when something is wrong).
+    async fn call<T, F, Fut>(&self, operation: &'static str, mut call: F) -> Result<T, KinesisError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, KinesisError>>,
@@ -88,9 +91,30 @@ impl Registration {
                 )
             },
             |error, delay, _| tracing::warn!(%error, ?delay, "{operation} failed; backing off"),
-            call,
+            || timed(operation, call()),
         )
         .await
+    }
+
+    /// Whether the consumer this run reads as (`arn`) is gone: deregistered, being deleted, or
+    /// registered anew under another ARN. `Err` when that cannot be told (the lookup failed).
+    pub async fn is_gone(&self, arn: &str) -> Result<bool, KinesisError> {
+        let api = &self.shared.api;
+        let stream = &self.shared.settings.stream;
+        let name = self.fan_out.name.as_str();
+        let stream_arn = self
+            .call("DescribeStreamSummary", || api.stream_arn(stream))
+            .await?;
+        match self
+            .call("DescribeStreamConsumer", || {
+                api.describe_stream_consumer(&stream_arn, name)
+            })
+            .await
+        {
+            Ok(consumer) => Ok(consumer.arn != arn || consumer.status == ConsumerStatus::Deleting),
+            Err(e) if e.kind() == KinesisErrorKind::ResourceNotFound => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     async fn set_up(&self) -> Result<String, Error> {
@@ -166,7 +190,7 @@ impl Registration {
         }
     }
 
-    /// Deregisters the consumer, if this run set it up and was asked to.
+    /// Deregisters the consumer (registered or found by this run) when asked to.
     pub async fn finish(&self) {
         if !self.fan_out.deregister_on_shutdown {
             return;
