@@ -28,7 +28,7 @@ const PER_BATCH: usize = 1_000;
 fn batches() -> Vec<Batch> {
     let shard = ShardId::from("shardId-000000000000");
     let data = Bytes::from(vec![b'x'; 100]);
-    let key: std::sync::Arc<str> = "pk".into();
+    let key: kinesis_tower::PartitionKey = "pk".into();
     (0..BATCHES)
         .map(|b| {
             let records = (0..PER_BATCH)

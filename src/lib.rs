@@ -62,7 +62,7 @@ pub use error::Error;
 // The vocabulary: what a handler receives and answers, and where progress is kept.
 pub use kinesis_tower_layers::{
     Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, Checkpointer, InvalidSequenceNumber,
-    Processed, Record, SequenceNumber, ShardId, StoreError, Wake,
+    PartitionKey, Processed, Record, SequenceNumber, ShardId, StoreError, Wake,
 };
 /// `tower::service_fn`: a handler from an async closure, without another import.
 pub use tower::service_fn;

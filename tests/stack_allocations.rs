@@ -22,6 +22,7 @@ use kinesis_tower::kpl::{Aggregator, DeaggregateLayer};
 use kinesis_tower::metrics::MetricsLayer;
 use kinesis_tower::retry::RetryLayer;
 use kinesis_tower::store::MemoryStore;
+use kinesis_tower::PartitionKey;
 use kinesis_tower::{Batch, BoxError, Checkpointer, Record, SequenceNumber, ShardId};
 use tower::{service_fn, Service, ServiceBuilder};
 
@@ -96,7 +97,9 @@ fn owned_data(bytes: Vec<u8>) -> Bytes {
 /// `batches` batches of `records` plain records of 100 bytes, every record with its own data.
 fn plain_batches(batches: usize, records: usize) -> Vec<Batch> {
     let shard = ShardId::from(SHARD);
-    let keys: Vec<Arc<str>> = (0..16).map(|k| Arc::from(format!("pk-{k}"))).collect();
+    let keys: Vec<PartitionKey> = (0..16)
+        .map(|k| PartitionKey::from(format!("pk-{k}")))
+        .collect();
     let mut n = 0u64;
     (0..batches)
         .map(|_| {

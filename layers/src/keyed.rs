@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::Arc;
+
 use std::task::{Context, Poll};
 
 use futures::future::{BoxFuture, Either};
@@ -16,7 +16,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::checkpoint::{Checkpoint, PartialFailure, Processed};
 use crate::record::{Batch, BatchEnd, Record, ShardId, Wake};
-use crate::BoxError;
+use crate::{BoxError, PartitionKey};
 
 /// Default [`KeyedConcurrencyLayer::max_in_flight`]: 64 calls of the inner service at once per
 /// batch.
@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
 /// Says which records must be handled in order with one another: records with equal keys.
 ///
-/// Implemented by [`PartitionKey`] (the default) and by any
+/// Implemented by [`ByPartitionKey`] (the default) and by any
 /// `Fn(&Record) -> K + Clone + Send + Sync + 'static` closure whose `K` is `Hash + Eq`.
 pub trait KeyOf: Clone + Send + Sync + 'static {
     /// The key records are grouped by.
@@ -48,12 +48,12 @@ where
 
 /// The default key: the record's partition key, the unit of order Kinesis itself keeps.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct PartitionKey;
+pub struct ByPartitionKey;
 
-impl KeyOf for PartitionKey {
-    type Key = Arc<str>;
+impl KeyOf for ByPartitionKey {
+    type Key = PartitionKey;
 
-    fn key_of(&self, record: &Record) -> Arc<str> {
+    fn key_of(&self, record: &Record) -> PartitionKey {
         record.partition_key.clone()
     }
 }
@@ -143,7 +143,7 @@ impl KeyOf for PartitionKey {
 /// # drop(layer);
 /// ```
 #[derive(Clone, Debug)]
-pub struct KeyedConcurrencyLayer<K = PartitionKey> {
+pub struct KeyedConcurrencyLayer<K = ByPartitionKey> {
     max_in_flight: usize,
     key: K,
 }
@@ -159,7 +159,7 @@ impl KeyedConcurrencyLayer {
     pub fn new() -> Self {
         Self {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            key: PartitionKey,
+            key: ByPartitionKey,
         }
     }
 }
@@ -197,7 +197,7 @@ impl<S, K: Clone> Layer<S> for KeyedConcurrencyLayer<K> {
 
 /// The [`Service`] made by [`KeyedConcurrencyLayer`].
 #[derive(Clone, Debug)]
-pub struct KeyedConcurrencyService<S, K = PartitionKey> {
+pub struct KeyedConcurrencyService<S, K = ByPartitionKey> {
     inner: S,
     max_in_flight: usize,
     key: K,
@@ -259,7 +259,7 @@ struct Plan {
     /// Each record's checkpoint, by index in the batch.
     positions: Vec<Checkpoint>,
     /// Each run's first record's partition key, for the error.
-    first_keys: Vec<Arc<str>>,
+    first_keys: Vec<PartitionKey>,
     runs: Vec<Run>,
     end: Option<BatchEnd>,
     millis_behind_latest: Option<i64>,
@@ -474,7 +474,7 @@ mod tests {
     use crate::{CheckpointStore, Checkpointer, MemoryStore};
     use proptest::prelude::*;
     use std::collections::{BTreeMap, HashMap, HashSet};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
     use tower::ServiceBuilder;
 
@@ -503,7 +503,7 @@ mod tests {
         /// Every call: its records' sequence numbers, whether it had `end` and `resume_after`.
         calls: Vec<(Vec<u64>, Option<BatchEnd>, Option<Checkpoint>)>,
         /// Keys with a call running now.
-        active: HashSet<Arc<str>>,
+        active: HashSet<PartitionKey>,
         running: usize,
         peak: usize,
         /// Records of calls that succeeded.
@@ -513,7 +513,7 @@ mod tests {
         /// Failures left per record: a call with such a record fails and uses one up.
         failures: HashMap<u64, u32>,
         /// Per key, the records in the order the handler saw them (this run).
-        per_key: HashMap<Arc<str>, Vec<u64>>,
+        per_key: HashMap<PartitionKey, Vec<u64>>,
     }
 
     /// A `Service<Batch>` handler: notes each call, checks that no key has two calls at once,

@@ -40,6 +40,7 @@ pub mod keyed;
 pub mod kpl;
 pub mod metric_names;
 pub mod metrics;
+mod partition_key;
 pub mod per_record;
 mod record;
 pub mod retry;
@@ -50,6 +51,7 @@ pub mod testing;
 pub use checkpoint::{
     Checkpoint, CheckpointStore, Checkpointer, MemoryStore, Processed, StoreError,
 };
+pub use partition_key::PartitionKey;
 pub use record::{Batch, BatchEnd, Record, ShardId, Wake};
 pub use sequence::{InvalidSequenceNumber, SequenceNumber};
 

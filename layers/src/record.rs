@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::checkpoint::Checkpoint;
+use crate::partition_key::PartitionKey;
 use crate::sequence::SequenceNumber;
 
 /// A shard id such as `shardId-000000000003`; cheap to clone (shared).
@@ -81,7 +82,7 @@ pub struct Record {
     /// For a user record taken out of a KPL aggregate: its index inside the aggregate.
     pub sub_sequence_number: Option<u64>,
     /// The partition key.
-    pub partition_key: Arc<str>,
+    pub partition_key: PartitionKey,
     /// The explicit hash key, when the producer set one.
     pub explicit_hash_key: Option<Arc<str>>,
     /// The payload.

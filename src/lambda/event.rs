@@ -1,6 +1,5 @@
 //! A Lambda Kinesis event turned into batches: one per run of a shard's records.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
@@ -183,7 +182,7 @@ pub fn batches(event: KinesisEvent) -> Result<Vec<Batch>, EventError> {
             shard_id: shard_id.clone(),
             sequence_number,
             sub_sequence_number: None,
-            partition_key: Arc::from(kinesis.partition_key),
+            partition_key: kinesis.partition_key.into(),
             explicit_hash_key: None,
             data: Bytes::from(kinesis.data.0),
             approximate_arrival_timestamp: Some(SystemTime::from(

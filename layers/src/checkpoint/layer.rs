@@ -86,7 +86,7 @@ pub struct PartialFailure {
     /// record succeeded and what failed came after them (passing on the batch's end).
     pub first_failed: Option<Checkpoint>,
     /// The partition key of that record.
-    pub partition_key: Option<std::sync::Arc<str>>,
+    pub partition_key: Option<crate::PartitionKey>,
     /// The handler's error.
     #[source]
     pub source: BoxError,

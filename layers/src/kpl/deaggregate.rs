@@ -8,6 +8,7 @@ use prost::Message;
 
 use super::error::{Corruption, KplError};
 use super::proto;
+use crate::partition_key::PartitionKey;
 use crate::record::Record;
 
 /// The four bytes every KPL aggregate starts with.
@@ -114,7 +115,7 @@ pub(super) fn checked_message(data: &Bytes) -> Result<Bytes, Corruption> {
 /// outlives its parse) and shrunk when an unusually large aggregate grew them.
 struct Scratch {
     message: proto::AggregatedRecord,
-    partition_keys: Vec<Arc<str>>,
+    partition_keys: Vec<PartitionKey>,
     explicit_hash_keys: Vec<Arc<str>>,
 }
 
@@ -196,11 +197,13 @@ fn parse_with(
         &aggregated.partition_key_table,
         PARTITION_KEY_TABLE,
         partition_keys,
+        |entry| PartitionKey::from_utf8(entry.clone()).ok(),
     )?;
     key_table(
         &aggregated.explicit_hash_key_table,
         EXPLICIT_HASH_KEY_TABLE,
         explicit_hash_keys,
+        |entry| std::str::from_utf8(entry).ok().map(Arc::from),
     )?;
     out.reserve(aggregated.records.len());
     for (sub, user) in (0u64..).zip(aggregated.records.drain(..)) {
@@ -235,27 +238,28 @@ fn parse_with(
 const PARTITION_KEY_TABLE: &str = "partition_key_table";
 const EXPLICIT_HASH_KEY_TABLE: &str = "explicit_hash_key_table";
 
-/// One shared string per table entry (user records clone it), into `keys`.
-fn key_table(
+/// One key per table entry (user records clone it), into `keys`; `key` makes it from the
+/// entry, `None` when the entry is not UTF-8. Partition keys share the aggregate's buffer (no
+/// allocation per entry); explicit hash keys, rare, get a string of their own.
+fn key_table<K>(
     entries: &[Bytes],
     table: &'static str,
-    keys: &mut Vec<Arc<str>>,
+    keys: &mut Vec<K>,
+    key: impl Fn(&Bytes) -> Option<K>,
 ) -> Result<(), Corruption> {
     keys.reserve(entries.len());
     for (index, entry) in entries.iter().enumerate() {
-        let key =
-            std::str::from_utf8(entry).map_err(|_| Corruption::InvalidKey { table, index })?;
-        keys.push(Arc::from(key));
+        keys.push(key(entry).ok_or(Corruption::InvalidKey { table, index })?);
     }
     Ok(())
 }
 
-fn lookup<'a>(
-    keys: &'a [Arc<str>],
+fn lookup<'a, K>(
+    keys: &'a [K],
     table: &'static str,
     record: u64,
     index: u64,
-) -> Result<&'a Arc<str>, Corruption> {
+) -> Result<&'a K, Corruption> {
     usize::try_from(index)
         .ok()
         .and_then(|i| keys.get(i))
@@ -362,14 +366,15 @@ pub(crate) mod tests {
                 record.approximate_arrival_timestamp
             );
         }
-        // One shared string per key table entry.
-        assert!(Arc::ptr_eq(
-            &users[0].partition_key,
-            &users[2].partition_key
-        ));
-        // The data points into the aggregate's buffer.
+        // The data and the keys point into the aggregate's buffer: one key per table entry,
+        // no copy.
         let range = aggregate.data.as_ptr_range();
         assert!(range.contains(&users[0].data.as_ptr()));
+        assert!(range.contains(&users[0].partition_key.as_ptr()));
+        assert_eq!(
+            users[0].partition_key.as_ptr(),
+            users[2].partition_key.as_ptr()
+        );
     }
 
     #[test]

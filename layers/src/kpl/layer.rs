@@ -511,9 +511,12 @@ mod tests {
         let (_, seen) = run(&DeaggregateLayer::new(), batch).await;
         let records = &seen[0].records;
         assert!(data.as_ptr_range().contains(&records[2].data.as_ptr()));
-        assert!(Arc::ptr_eq(
-            &records[0].partition_key,
-            &records[2].partition_key
-        ));
+        assert!(data
+            .as_ptr_range()
+            .contains(&records[2].partition_key.as_ptr()));
+        assert_eq!(
+            records[0].partition_key.as_ptr(),
+            records[2].partition_key.as_ptr()
+        );
     }
 }
