@@ -24,6 +24,19 @@ use faults::FaultyKinesis;
 
 const CONSUMER: &str = "fan-out-tests";
 
+/// Runs `consumer` until it ends, which must be with an `Error::FanOut`.
+async fn fan_out_error(consumer: &kinesis_tower::Consumer) -> Error {
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.process(service_fn(|_: Batch| async { Ok::<_, BoxError>(()) })),
+    )
+    .await
+    .expect("the run ends")
+    .unwrap_err();
+    assert!(matches!(error, Error::FanOut { .. }), "{error:?}");
+    error
+}
+
 fn after(kinesis: &MemoryKinesis, shard: usize, index: usize) -> IteratorPosition {
     IteratorPosition::AfterSequenceNumber(sequences(kinesis, &shard_name(shard))[index])
 }
@@ -335,14 +348,7 @@ async fn a_kinesis_api_without_fan_out_is_a_clear_error() {
         .enhanced_fan_out(CONSUMER)
         .build()
         .unwrap();
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        consumer.process(service_fn(|_: Batch| async { Ok::<_, BoxError>(()) })),
-    )
-    .await
-    .expect("the run ends")
-    .unwrap_err();
-    assert!(matches!(error, Error::FanOut { .. }), "{error:?}");
+    let error = fan_out_error(&consumer).await;
     assert!(
         error
             .to_string()
@@ -405,14 +411,7 @@ async fn access_denied_names_the_permissions_fan_out_needs() {
         .enhanced_fan_out(CONSUMER)
         .build()
         .unwrap();
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        consumer.process(service_fn(|_: Batch| async { Ok::<_, BoxError>(()) })),
-    )
-    .await
-    .expect("the run ends")
-    .unwrap_err();
-    assert!(matches!(error, Error::FanOut { .. }), "{error:?}");
+    let error = fan_out_error(&consumer).await;
     assert!(
         error.to_string().contains("kinesis:SubscribeToShard"),
         "{error}"

@@ -293,6 +293,19 @@ fn start_index(records: &[Record], position: IteratorPosition) -> usize {
     }
 }
 
+/// The children of `shard`, as Kinesis reports them at its end.
+fn children_of(state: &State, shard: &ShardId) -> Vec<ChildShard> {
+    state
+        .shards
+        .iter()
+        .filter(|s| s.description.parents().any(|p| p == shard))
+        .map(|s| ChildShard {
+            shard_id: s.description.shard_id.clone(),
+            parent_shards: s.description.parents().cloned().collect(),
+        })
+        .collect()
+}
+
 fn not_found(operation: &'static str, what: String) -> KinesisError {
     KinesisError::new(KinesisErrorKind::ResourceNotFound, operation, what)
 }
@@ -326,15 +339,7 @@ impl OpenSubscription {
                     0 => 10_000,
                     n => n,
                 };
-                let children: Vec<ChildShard> = state
-                    .shards
-                    .iter()
-                    .filter(|s| s.description.parents().any(|p| *p == self.shard))
-                    .map(|s| ChildShard {
-                        shard_id: s.description.shard_id.clone(),
-                        parent_shards: s.description.parents().cloned().collect(),
-                    })
-                    .collect();
+                let children = children_of(&state, &self.shard);
                 let Some(shard) = state
                     .shards
                     .iter()
@@ -499,15 +504,7 @@ impl KinesisApi for MemoryKinesis {
                     "iterator expired",
                 ));
             }
-            let children: Vec<ChildShard> = state
-                .shards
-                .iter()
-                .filter(|s| s.description.parents().any(|p| *p == iterator_shard))
-                .map(|s| ChildShard {
-                    shard_id: s.description.shard_id.clone(),
-                    parent_shards: s.description.parents().cloned().collect(),
-                })
-                .collect();
+            let children = children_of(&state, &iterator_shard);
             let shard = state
                 .shards
                 .iter()

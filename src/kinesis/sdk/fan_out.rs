@@ -7,10 +7,10 @@ use aws_sdk_kinesis::types::{self as sdk, ShardIteratorType, StartingPosition};
 use aws_sdk_kinesis::Client;
 use kinesis_tower_layers::ShardId;
 
-use super::{classify, convert_record, invalid_response, kind_of_code};
+use super::{classify, convert_page, invalid_response, kind_of_code};
 use crate::kinesis::{
-    ChildShard, ConsumerStatus, IteratorPosition, KinesisError, KinesisErrorKind, StreamConsumer,
-    StreamRef, Subscription, SubscriptionEvent,
+    ConsumerStatus, IteratorPosition, KinesisError, KinesisErrorKind, StreamConsumer, StreamRef,
+    Subscription, SubscriptionEvent,
 };
 
 pub(super) async fn stream_arn(
@@ -169,20 +169,12 @@ fn convert_event(
     shard_id: &ShardId,
     event: sdk::SubscribeToShardEvent,
 ) -> Result<SubscriptionEvent, KinesisError> {
-    let records = event
-        .records
-        .into_iter()
-        .map(|r| convert_record("SubscribeToShard", shard_id, r))
-        .collect::<Result<Vec<_>, _>>()?;
-    let child_shards = event
-        .child_shards
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| ChildShard {
-            shard_id: c.shard_id.into(),
-            parent_shards: c.parent_shards.into_iter().map(Into::into).collect(),
-        })
-        .collect();
+    let (records, child_shards) = convert_page(
+        "SubscribeToShard",
+        shard_id,
+        event.records,
+        event.child_shards,
+    )?;
     Ok(SubscriptionEvent {
         records,
         // Kinesis leaves it out on the shard's last event.

@@ -110,6 +110,28 @@ fn convert_record(
     })
 }
 
+/// The records and child shards of a GetRecords answer or a SubscribeToShard event.
+fn convert_page(
+    operation: &'static str,
+    shard_id: &ShardId,
+    records: Vec<aws_sdk_kinesis::types::Record>,
+    child_shards: Option<Vec<aws_sdk_kinesis::types::ChildShard>>,
+) -> Result<(Vec<Record>, Vec<ChildShard>), KinesisError> {
+    let records = records
+        .into_iter()
+        .map(|r| convert_record(operation, shard_id, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let child_shards = child_shards
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| ChildShard {
+            shard_id: c.shard_id.into(),
+            parent_shards: c.parent_shards.into_iter().map(Into::into).collect(),
+        })
+        .collect();
+    Ok((records, child_shards))
+}
+
 /// A Kinesis client made on first use from the AWS configuration in the environment
 /// (`aws_config::load_from_env`: region, credentials and endpoint from the environment
 /// variables, the shared config files, the container or instance role); what a consumer built
@@ -340,20 +362,8 @@ impl KinesisApi for Client {
                 .send()
                 .await
                 .map_err(|e| classify("GetRecords", e))?;
-            let records = output
-                .records
-                .into_iter()
-                .map(|r| convert_record("GetRecords", shard_id, r))
-                .collect::<Result<Vec<_>, _>>()?;
-            let child_shards = output
-                .child_shards
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| ChildShard {
-                    shard_id: c.shard_id.into(),
-                    parent_shards: c.parent_shards.into_iter().map(Into::into).collect(),
-                })
-                .collect();
+            let (records, child_shards) =
+                convert_page("GetRecords", shard_id, output.records, output.child_shards)?;
             Ok(RecordsPage {
                 records,
                 next_iterator: output.next_shard_iterator,
