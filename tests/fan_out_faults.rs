@@ -16,7 +16,7 @@ use kinesis_tower::testing::{
     builder, closed_parent_with_child, sequences, wait_for, Running, Seen,
 };
 use kinesis_tower::{
-    Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, EnhancedFanOut, Error,
+    Batch, BatchEnd, BoxError, Checkpoint, CheckpointStore, Consumer, EnhancedFanOut, Error,
 };
 use tower::service_fn;
 
@@ -24,8 +24,22 @@ use faults::FaultyKinesis;
 
 const CONSUMER: &str = "fan-out-tests";
 
+/// A consumer of `kinesis` reading through fan-out as [`CONSUMER`].
+fn fan_out(kinesis: &MemoryKinesis) -> Consumer {
+    builder(kinesis).enhanced_fan_out(CONSUMER).build().unwrap()
+}
+
+/// Runs `consumer` (checkpointed) until it has handled `count` records, then stops it.
+async fn read(consumer: &Consumer, count: u64) -> Seen {
+    let seen = Seen::default();
+    let run = Running::checkpointed(consumer, seen.handler());
+    wait_for(Duration::from_secs(30), || seen.count() == count).await;
+    run.stop().await.unwrap();
+    seen
+}
+
 /// Runs `consumer` until it ends, which must be with an `Error::FanOut`.
-async fn fan_out_error(consumer: &kinesis_tower::Consumer) -> Error {
+async fn fan_out_error(consumer: &Consumer) -> Error {
     let error = tokio::time::timeout(
         Duration::from_secs(30),
         consumer.process(service_fn(|_: Batch| async { Ok::<_, BoxError>(()) })),
@@ -45,14 +59,8 @@ fn after(kinesis: &MemoryKinesis, shard: usize, index: usize) -> IteratorPositio
 async fn delivers_every_record_once_in_order_from_trim_horizon() {
     let kinesis = MemoryKinesis::with_shards(2);
     kinesis.fill(500, 10);
-    let consumer = builder(&kinesis)
-        .enhanced_fan_out(CONSUMER)
-        .build()
-        .unwrap();
-    let seen = Seen::default();
-    let run = Running::checkpointed(&consumer, seen.handler());
-    wait_for(Duration::from_secs(30), || seen.count() == 1_000).await;
-    run.stop().await.unwrap();
+    let consumer = fan_out(&kinesis);
+    let seen = read(&consumer, 1_000).await;
     for shard in 0..2 {
         assert_eq!(
             seen.of(&shard_name(shard)),
@@ -71,14 +79,8 @@ async fn subscriptions_the_server_ends_resume_after_the_last_record() {
     kinesis.end_subscriptions_after(1);
     kinesis.event_record_limit(7);
     kinesis.fill(100, 10);
-    let consumer = builder(&kinesis)
-        .enhanced_fan_out(CONSUMER)
-        .build()
-        .unwrap();
-    let seen = Seen::default();
-    let run = Running::checkpointed(&consumer, seen.handler());
-    wait_for(Duration::from_secs(30), || seen.count() == 100).await;
-    run.stop().await.unwrap();
+    let consumer = fan_out(&kinesis);
+    let seen = read(&consumer, 100).await;
     assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
     let requests: Vec<_> = kinesis
         .subscription_requests()
@@ -100,10 +102,7 @@ async fn a_subscription_cut_mid_stream_resumes_without_loss_or_duplicate() {
     for i in 0..30 {
         kinesis.put(&shard, "k", format!("{i}"));
     }
-    let consumer = builder(&kinesis)
-        .enhanced_fan_out(CONSUMER)
-        .build()
-        .unwrap();
+    let consumer = fan_out(&kinesis);
     let seen = Seen::default();
     let run = Running::checkpointed(&consumer, seen.handler());
     wait_for(Duration::from_secs(30), || seen.count() == 30).await;
@@ -142,10 +141,7 @@ async fn resource_in_use_and_throttling_are_retried_with_backoff() {
         KinesisErrorKind::Throttled,
         3,
     );
-    let consumer = builder(&kinesis)
-        .enhanced_fan_out(CONSUMER)
-        .build()
-        .unwrap();
+    let consumer = fan_out(&kinesis);
     let seen = Seen::default();
     let started = tokio::time::Instant::now();
     let run = Running::checkpointed(&consumer, seen.handler());
@@ -221,14 +217,8 @@ async fn a_stalled_handler_cancels_the_subscription_and_resumes_after_it() {
 #[tokio::test(start_paused = true)]
 async fn parents_are_read_to_their_end_before_their_children() {
     let kinesis = closed_parent_with_child();
-    let consumer = builder(&kinesis)
-        .enhanced_fan_out(CONSUMER)
-        .build()
-        .unwrap();
-    let seen = Seen::default();
-    let run = Running::checkpointed(&consumer, seen.handler());
-    wait_for(Duration::from_secs(30), || seen.count() == 2).await;
-    run.stop().await.unwrap();
+    let consumer = fan_out(&kinesis);
+    let seen = read(&consumer, 2).await;
     let order: Vec<_> = seen
         .order()
         .into_iter()
@@ -256,10 +246,7 @@ async fn a_restart_resumes_after_the_checkpoint() {
         .enhanced_fan_out(CONSUMER)
         .build()
         .unwrap();
-    let seen = Seen::default();
-    let run = Running::checkpointed(&consumer, seen.handler());
-    wait_for(Duration::from_secs(30), || seen.count() == 58).await;
-    run.stop().await.unwrap();
+    let seen = read(&consumer, 58).await;
     assert_eq!(seen.of(&shard_name(0)), all[42..].to_vec());
     assert_eq!(kinesis.subscription_requests()[0].1, after(&kinesis, 0, 41));
     assert_eq!(
@@ -303,10 +290,7 @@ async fn the_consumer_stays_registered_unless_asked_to_deregister() {
             .enhanced_fan_out(EnhancedFanOut::new(CONSUMER).deregister_on_shutdown(deregister))
             .build()
             .unwrap();
-        let seen = Seen::default();
-        let run = Running::checkpointed(&consumer, seen.handler());
-        wait_for(Duration::from_secs(30), || seen.count() == 10).await;
-        run.stop().await.unwrap();
+        read(&consumer, 10).await;
         assert_eq!(kinesis.stream_consumers().is_empty(), deregister);
     }
 }
@@ -316,10 +300,7 @@ async fn a_consumer_deregistered_under_a_run_is_an_error_that_says_so() {
     let kinesis = MemoryKinesis::with_shards(1);
     kinesis.end_subscriptions_after(1);
     kinesis.fill(10, 10);
-    let consumer = builder(&kinesis)
-        .enhanced_fan_out(CONSUMER)
-        .build()
-        .unwrap();
+    let consumer = fan_out(&kinesis);
     let seen = Seen::default();
     let run = Running::checkpointed(&consumer, seen.handler());
     wait_for(Duration::from_secs(30), || seen.count() == 10).await;
@@ -407,10 +388,7 @@ async fn access_denied_names_the_permissions_fan_out_needs() {
         KinesisErrorKind::AccessDenied,
         1,
     );
-    let consumer = builder(&kinesis)
-        .enhanced_fan_out(CONSUMER)
-        .build()
-        .unwrap();
+    let consumer = fan_out(&kinesis);
     let error = fan_out_error(&consumer).await;
     assert!(
         error.to_string().contains("kinesis:SubscribeToShard"),
@@ -423,10 +401,7 @@ async fn access_denied_names_the_permissions_fan_out_needs() {
 async fn subscriptions_that_end_at_once_are_not_a_busy_loop() {
     let kinesis = MemoryKinesis::with_shards(1);
     kinesis.end_subscriptions_after(0);
-    let consumer = builder(&kinesis)
-        .enhanced_fan_out(CONSUMER)
-        .build()
-        .unwrap();
+    let consumer = fan_out(&kinesis);
     let seen = Seen::default();
     let run = Running::checkpointed(&consumer, seen.handler());
     tokio::time::sleep(Duration::from_secs(60)).await;
