@@ -104,6 +104,7 @@ pub struct Seen {
     order: Arc<Mutex<Vec<(ShardId, SequenceNumber)>>>,
     ends: Arc<Mutex<Vec<(ShardId, BatchEnd)>>>,
     count: Arc<AtomicU64>,
+    largest_batch: Arc<AtomicU64>,
 }
 
 impl Seen {
@@ -122,6 +123,13 @@ impl Seen {
             lock(&self.ends).push((batch.shard_id.clone(), end));
         }
         self.count.fetch_add(batch.len() as u64, Ordering::SeqCst);
+        self.largest_batch
+            .fetch_max(batch.len() as u64, Ordering::SeqCst);
+    }
+
+    /// The most records seen in one batch.
+    pub fn largest_batch(&self) -> u64 {
+        self.largest_batch.load(Ordering::SeqCst)
     }
 
     /// How many records were seen, over all shards.

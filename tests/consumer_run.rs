@@ -191,23 +191,14 @@ async fn more_records_than_asked_are_clamped_and_nothing_is_lost() {
         .build()
         .unwrap();
     let seen = Seen::default();
-    let largest = Arc::new(AtomicU64::new(0));
-    let handler = {
-        let (seen, largest) = (seen.clone(), largest.clone());
-        service_fn(move |batch: Batch| {
-            largest.fetch_max(batch.len() as u64, Ordering::SeqCst);
-            seen.take(&batch);
-            async { Ok::<_, BoxError>(()) }
-        })
-    };
-    let run = Running::start(&consumer, handler);
+    let run = Running::start(&consumer, seen.handler());
     wait_for(Duration::from_secs(60), || seen.count() == 100).await;
     run.stop().await.unwrap();
     assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
     assert!(
-        largest.load(Ordering::SeqCst) <= 10,
+        seen.largest_batch() <= 10,
         "a batch of {} records",
-        largest.load(Ordering::SeqCst)
+        seen.largest_batch()
     );
 }
 

@@ -360,20 +360,11 @@ async fn an_event_larger_than_the_buffer_goes_out_in_parts_on_one_subscription()
         .build()
         .unwrap();
     let seen = Seen::default();
-    let largest = Arc::new(AtomicU64::new(0));
-    let handler = {
-        let (seen, largest) = (seen.clone(), largest.clone());
-        service_fn(move |batch: Batch| {
-            largest.fetch_max(batch.len() as u64, Ordering::SeqCst);
-            seen.take(&batch);
-            async { Ok::<_, BoxError>(()) }
-        })
-    };
-    let run = Running::checkpointed(&consumer, handler);
+    let run = Running::checkpointed(&consumer, seen.handler());
     wait_for(Duration::from_secs(30), || seen.count() == 1_000).await;
     run.stop().await.unwrap();
     assert_eq!(seen.of(&shard_name(0)), sequences(&kinesis, &shard_name(0)));
-    assert_eq!(largest.load(Ordering::SeqCst), 50);
+    assert_eq!(seen.largest_batch(), 50);
     // No subscription was given up for it (Kinesis refuses one again within 5 seconds).
     assert_eq!(kinesis.subscription_requests().len(), 1);
 }
