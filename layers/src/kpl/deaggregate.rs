@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
+use std::ops::Range;
+
 use bytes::Bytes;
-use md5::{Digest, Md5};
-use prost::Message;
+use md5::{Digest as _, Md5};
 
 use super::error::{Corruption, KplError};
-use super::proto;
+use super::md5_lanes;
+use super::wire::{Fields, ProtobufError, LEN, VARINT};
 use crate::partition_key::PartitionKey;
 use crate::record::Record;
 
@@ -82,11 +84,29 @@ pub fn deaggregate(record: &Record) -> Result<Vec<Record>, KplError> {
 ///
 /// [`KplError`] when the record has the magic but is not a valid aggregate.
 pub fn deaggregate_into(record: &Record, out: &mut Vec<Record>) -> Result<bool, KplError> {
+    deaggregate_checked_into(record, Digest::Compute, out)
+}
+
+/// Whether an aggregate's digest is still to be computed, or was checked already (by
+/// [`check_digests`], several aggregates at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Digest {
+    Compute,
+    Matches,
+    Differs,
+}
+
+/// [`deaggregate_into`] with the digest check given.
+pub(super) fn deaggregate_checked_into(
+    record: &Record,
+    digest: Digest,
+    out: &mut Vec<Record>,
+) -> Result<bool, KplError> {
     if !is_aggregate(&record.data) {
         return Ok(false);
     }
     let start = out.len();
-    match parse(record, out) {
+    match parse(record, digest, out) {
         Ok(()) => Ok(true),
         Err(problem) => {
             out.truncate(start);
@@ -99,76 +119,97 @@ pub fn deaggregate_into(record: &Record, out: &mut Vec<Record>) -> Result<bool, 
     }
 }
 
-/// The protobuf message of an aggregate, after checking its digest.
-pub(super) fn checked_message(data: &Bytes) -> Result<Bytes, Corruption> {
+/// The digest check of each of `records`: every aggregate's MD5 computed together with the
+/// others' ([`md5_lanes`]); [`Digest::Compute`] for plain records, or for all when there are
+/// too few aggregates for hashing side by side to pay.
+pub(super) fn check_digests(records: &[Record]) -> Vec<Digest> {
+    let aggregates = records.iter().filter(|r| is_aggregate(&r.data)).count();
+    if aggregates < md5_lanes::MIN_MESSAGES {
+        return vec![Digest::Compute; records.len()];
+    }
+    let messages: Vec<&[u8]> = records
+        .iter()
+        .filter(|r| is_aggregate(&r.data))
+        .map(|r| &r.data[MAGIC.len()..r.data.len() - DIGEST_LEN])
+        .collect();
+    let mut digests = md5_lanes::digests(&messages).into_iter();
+    records
+        .iter()
+        .map(|r| {
+            if !is_aggregate(&r.data) {
+                return Digest::Compute;
+            }
+            match digests.next() {
+                Some(digest) if digest[..] == r.data[r.data.len() - DIGEST_LEN..] => {
+                    Digest::Matches
+                }
+                Some(_) => Digest::Differs,
+                None => Digest::Compute,
+            }
+        })
+        .collect()
+}
+
+/// The protobuf message of an aggregate, after checking its digest (unless checked already).
+fn checked_message(data: &Bytes, digest: Digest) -> Result<Bytes, Corruption> {
     let end = data.len() - DIGEST_LEN;
     let message = data.slice(MAGIC.len()..end);
-    let digest = Md5::digest(&message);
-    if digest[..] != data[end..] {
+    let matches = match digest {
+        Digest::Compute => Md5::digest(&message)[..] == data[end..],
+        Digest::Matches => true,
+        Digest::Differs => false,
+    };
+    if !matches {
         return Err(Corruption::ChecksumMismatch);
     }
     Ok(message)
 }
 
-/// Decoding buffers kept per thread, so that deaggregating does not grow fresh vectors for
-/// every aggregate. They are emptied after each use (no reference to an aggregate's buffer
-/// outlives its parse) and shrunk when an unusually large aggregate grew them.
+/// Key tables kept per thread, so that deaggregating does not grow fresh vectors for every
+/// aggregate. They are emptied after each use (no reference to an aggregate's buffer outlives
+/// its parse) and shrunk when an unusually large aggregate grew them.
 struct Scratch {
-    message: proto::AggregatedRecord,
     partition_keys: Vec<PartitionKey>,
     explicit_hash_keys: Vec<Arc<str>>,
 }
 
-/// Capacity (user records or keys) above which the scratch buffers are given back.
+/// Capacity (keys) above which the scratch tables are given back.
 const SCRATCH_KEEP: usize = 4096;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = const {
         std::cell::RefCell::new(Scratch {
-            message: proto::AggregatedRecord {
-                partition_key_table: Vec::new(),
-                explicit_hash_key_table: Vec::new(),
-                records: Vec::new(),
-            },
             partition_keys: Vec::new(),
             explicit_hash_keys: Vec::new(),
         })
     };
 }
 
-fn parse(record: &Record, out: &mut Vec<Record>) -> Result<(), Corruption> {
-    let message = checked_message(&record.data)?;
+fn parse(record: &Record, digest: Digest, out: &mut Vec<Record>) -> Result<(), Corruption> {
+    let message = checked_message(&record.data, digest)?;
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut scratch) => {
-            let result = parse_with(record, message, &mut scratch, out);
+            let result = parse_with(record, &message, &mut scratch, out);
             scratch.clear();
             result
         }
         // Not reachable (nothing in a parse calls back into it), but never panic.
-        Err(_) => parse_with(record, message, &mut Scratch::new(), out),
+        Err(_) => parse_with(record, &message, &mut Scratch::new(), out),
     })
 }
 
 impl Scratch {
     fn new() -> Self {
         Self {
-            message: proto::AggregatedRecord::default(),
             partition_keys: Vec::new(),
             explicit_hash_keys: Vec::new(),
         }
     }
 
     fn clear(&mut self) {
-        let m = &mut self.message;
-        m.partition_key_table.clear();
-        m.explicit_hash_key_table.clear();
-        m.records.clear();
         self.partition_keys.clear();
         self.explicit_hash_keys.clear();
-        if m.records.capacity() > SCRATCH_KEEP
-            || m.partition_key_table.capacity() > SCRATCH_KEEP
-            || m.explicit_hash_key_table.capacity() > SCRATCH_KEEP
-            || self.partition_keys.capacity() > SCRATCH_KEEP
+        if self.partition_keys.capacity() > SCRATCH_KEEP
             || self.explicit_hash_keys.capacity() > SCRATCH_KEEP
         {
             *self = Self::new();
@@ -176,37 +217,70 @@ impl Scratch {
     }
 }
 
+/// Field numbers of `AggregatedRecord` (see [`proto`](super::proto)).
+const PARTITION_KEY_TABLE_FIELD: u32 = 1;
+const EXPLICIT_HASH_KEY_TABLE_FIELD: u32 = 2;
+const RECORDS_FIELD: u32 = 3;
+
+/// Two walks over the message: the first checks its outer structure, makes one key per key
+/// table entry and counts the user records (user records may come before or between the
+/// table entries); the second decodes each user record straight into a [`Record`] whose data
+/// and key share the aggregate's buffer.
 fn parse_with(
     record: &Record,
-    message: Bytes,
+    message: &Bytes,
     scratch: &mut Scratch,
     out: &mut Vec<Record>,
 ) -> Result<(), Corruption> {
     let Scratch {
-        message: aggregated,
         partition_keys,
         explicit_hash_keys,
     } = scratch;
-    aggregated
-        .merge(message)
-        .map_err(Corruption::InvalidProtobuf)?;
-    if aggregated.records.is_empty() {
+    let mut fields = Fields::new(message);
+    let mut user_records = 0usize;
+    while let Some((field, wire_type)) = fields.next_key()? {
+        match (field, wire_type) {
+            (PARTITION_KEY_TABLE_FIELD, LEN) => {
+                let entry = message.slice(fields.bytes()?);
+                let key = PartitionKey::from_utf8(entry).map_err(|_| Corruption::InvalidKey {
+                    table: PARTITION_KEY_TABLE,
+                    index: partition_keys.len(),
+                })?;
+                partition_keys.push(key);
+            }
+            (EXPLICIT_HASH_KEY_TABLE_FIELD, LEN) => {
+                let entry = fields.bytes()?;
+                let key =
+                    std::str::from_utf8(&message[entry]).map_err(|_| Corruption::InvalidKey {
+                        table: EXPLICIT_HASH_KEY_TABLE,
+                        index: explicit_hash_keys.len(),
+                    })?;
+                explicit_hash_keys.push(Arc::from(key));
+            }
+            (RECORDS_FIELD, LEN) => {
+                fields.bytes()?;
+                user_records += 1;
+            }
+            (PARTITION_KEY_TABLE_FIELD | EXPLICIT_HASH_KEY_TABLE_FIELD | RECORDS_FIELD, _) => {
+                return Err(fields.wrong_wire_type().into())
+            }
+            (field, wire_type) => fields.skip(field, wire_type)?,
+        }
+    }
+    if user_records == 0 {
         return Err(Corruption::Empty);
     }
-    key_table(
-        &aggregated.partition_key_table,
-        PARTITION_KEY_TABLE,
-        partition_keys,
-        |entry| PartitionKey::from_utf8(entry.clone()).ok(),
-    )?;
-    key_table(
-        &aggregated.explicit_hash_key_table,
-        EXPLICIT_HASH_KEY_TABLE,
-        explicit_hash_keys,
-        |entry| std::str::from_utf8(entry).ok().map(Arc::from),
-    )?;
-    out.reserve(aggregated.records.len());
-    for (sub, user) in (0u64..).zip(aggregated.records.drain(..)) {
+
+    out.reserve(user_records);
+    let mut fields = Fields::new(message);
+    let mut sub = 0u64;
+    while let Some((field, wire_type)) = fields.next_key()? {
+        if (field, wire_type) != (RECORDS_FIELD, LEN) {
+            fields.skip(field, wire_type)?;
+            continue;
+        }
+        let body = fields.bytes()?;
+        let user = fields.nested(body)?.user_record()?;
         let index = user.partition_key_index.ok_or(Corruption::MissingField {
             record: sub,
             field: "partition_key_index",
@@ -228,31 +302,64 @@ fn parse_with(
             sub_sequence_number: Some(sub),
             partition_key,
             explicit_hash_key,
-            data,
+            data: message.slice(data),
             approximate_arrival_timestamp: record.approximate_arrival_timestamp,
         });
+        sub += 1;
     }
     Ok(())
+}
+
+/// The fields of one user record (`Record` in [`proto`](super::proto)), as read.
+struct UserFields {
+    partition_key_index: Option<u64>,
+    explicit_hash_key_index: Option<u64>,
+    data: Option<Range<usize>>,
+}
+
+impl Fields<'_> {
+    /// Reads a `Record` message: the indexes and the data's place; tags are checked (each a
+    /// `Tag` message whose strings are UTF-8) and dropped, as Kinesis does not use them.
+    fn user_record(mut self) -> Result<UserFields, ProtobufError> {
+        let mut user = UserFields {
+            partition_key_index: None,
+            explicit_hash_key_index: None,
+            data: None,
+        };
+        while let Some((field, wire_type)) = self.next_key()? {
+            match (field, wire_type) {
+                (1, VARINT) => user.partition_key_index = Some(self.varint()?),
+                (2, VARINT) => user.explicit_hash_key_index = Some(self.varint()?),
+                (3, LEN) => user.data = Some(self.bytes()?),
+                (4, LEN) => {
+                    let body = self.bytes()?;
+                    self.nested(body)?.tag()?;
+                }
+                (1..=4, _) => return Err(self.wrong_wire_type()),
+                (field, wire_type) => self.skip(field, wire_type)?,
+            }
+        }
+        Ok(user)
+    }
+
+    /// Checks a `Tag` message: key and value, when present, are UTF-8 strings.
+    fn tag(mut self) -> Result<(), ProtobufError> {
+        while let Some((field, wire_type)) = self.next_key()? {
+            match (field, wire_type) {
+                (1 | 2, LEN) => {
+                    let range = self.bytes()?;
+                    self.utf8(range)?;
+                }
+                (1 | 2, _) => return Err(self.wrong_wire_type()),
+                (field, wire_type) => self.skip(field, wire_type)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 const PARTITION_KEY_TABLE: &str = "partition_key_table";
 const EXPLICIT_HASH_KEY_TABLE: &str = "explicit_hash_key_table";
-
-/// One key per table entry (user records clone it), into `keys`; `key` makes it from the
-/// entry, `None` when the entry is not UTF-8. Partition keys share the aggregate's buffer (no
-/// allocation per entry); explicit hash keys, rare, get a string of their own.
-fn key_table<K>(
-    entries: &[Bytes],
-    table: &'static str,
-    keys: &mut Vec<K>,
-    key: impl Fn(&Bytes) -> Option<K>,
-) -> Result<(), Corruption> {
-    keys.reserve(entries.len());
-    for (index, entry) in entries.iter().enumerate() {
-        keys.push(key(entry).ok_or(Corruption::InvalidKey { table, index })?);
-    }
-    Ok(())
-}
 
 fn lookup<'a, K>(
     keys: &'a [K],

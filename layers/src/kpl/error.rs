@@ -1,5 +1,6 @@
 //! Errors of KPL aggregation and deaggregation.
 
+use super::wire::ProtobufError;
 use crate::record::ShardId;
 use crate::sequence::SequenceNumber;
 
@@ -54,7 +55,7 @@ pub enum Corruption {
     ChecksumMismatch,
     /// The protobuf message is truncated or not a valid `AggregatedRecord`.
     #[error("truncated or invalid protobuf message: {0}")]
-    InvalidProtobuf(#[source] prost::DecodeError),
+    InvalidProtobuf(#[from] ProtobufError),
     /// A user record lacks a field the format requires.
     #[error("user record {record} lacks the required field `{field}`")]
     MissingField {

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use super::deaggregate::{deaggregate_into, is_aggregate};
+use super::deaggregate::{check_digests, deaggregate_checked_into, is_aggregate};
 use super::error::KplError;
 use crate::checkpoint::Checkpoint;
 use crate::record::{Batch, Record};
@@ -139,9 +139,10 @@ impl<S> DeaggregateService<S> {
             return Ok(batch);
         }
         let records = std::mem::take(&mut batch.records);
+        let digests = check_digests(&records);
         let mut out = Vec::with_capacity(records.len());
-        for record in records {
-            match deaggregate_into(&record, &mut out) {
+        for (record, digest) in records.into_iter().zip(digests) {
+            match deaggregate_checked_into(&record, digest, &mut out) {
                 Ok(true) => {}
                 Ok(false) => out.push(record),
                 Err(error) => {
@@ -383,6 +384,45 @@ mod tests {
         assert_eq!(error.problem(), &Corruption::ChecksumMismatch);
         assert!(seen.is_empty(), "the inner service must not be called");
         assert_eq!(layer.corrupt_records(), 1);
+    }
+
+    /// A batch with enough aggregates for their digests to be computed side by side: of
+    /// different sizes (so lanes are refilled at different times), between plain records, two
+    /// corrupt (a flipped digest byte, a flipped message byte). Each is checked on its own.
+    #[tokio::test]
+    async fn many_aggregates_are_checked_each_against_its_own_digest() {
+        let mut records = Vec::new();
+        let mut expected = Vec::new();
+        for n in 1..=20u64 {
+            let data = match n {
+                7 => corrupt(),
+                13 => {
+                    let mut data = aggregate("m", 40).to_vec();
+                    data[crate::kpl::MAGIC.len() + 3] ^= 0x01;
+                    Bytes::from(data)
+                }
+                n if n % 5 == 0 => Bytes::from(format!("plain-{n}")),
+                n => aggregate(&format!("a{n}"), n as usize * 3),
+            };
+            if n % 5 == 0 {
+                expected.push(format!("{n}/-:plain-{n}"));
+            } else if n != 7 && n != 13 {
+                expected.extend((0..n * 3).map(|i| format!("{n}/{i}:a{n}-{i}")));
+            }
+            records.push(record(n, data));
+        }
+        let layer = DeaggregateLayer::new().corrupt_policy(CorruptPolicy::Skip);
+        let (result, seen) = run(&layer, Batch::new(shard(), records.clone())).await;
+        result.unwrap();
+        assert_eq!(names(&seen[0]), expected);
+        assert_eq!(layer.corrupt_records(), 2);
+
+        let layer = DeaggregateLayer::new().corrupt_policy(CorruptPolicy::Fail);
+        let (result, _) = run(&layer, Batch::new(shard(), records)).await;
+        let error = result.unwrap_err();
+        let error = error.downcast_ref::<KplError>().expect("a KplError");
+        assert_eq!(error.sequence_number(), SequenceNumber::from(7));
+        assert_eq!(error.problem(), &Corruption::ChecksumMismatch);
     }
 
     #[tokio::test]

@@ -15,9 +15,11 @@ mod aggregate;
 mod deaggregate;
 mod error;
 mod layer;
+mod md5_lanes;
 #[cfg(test)]
 mod props;
 pub mod proto;
+mod wire;
 
 pub use aggregate::{aggregate, Aggregate, Aggregator, UserRecord, MAX_RECORD_SIZE};
 pub use deaggregate::{deaggregate, deaggregate_into, is_aggregate, DIGEST_LEN, MAGIC};
@@ -25,3 +27,4 @@ pub use error::{AggregateError, Corruption, KplError};
 pub use layer::{
     CorruptPolicy, DeaggregateFuture, DeaggregateLayer, DeaggregateService, CORRUPT_RECORDS_METRIC,
 };
+pub use wire::ProtobufError;

@@ -5,7 +5,7 @@ use md5::{Digest, Md5};
 use proptest::prelude::*;
 
 use super::deaggregate::tests::{frame, outer};
-use super::{deaggregate, proto, Aggregator, MAGIC};
+use super::{deaggregate, proto, Aggregator, Corruption, MAGIC};
 
 fn check_never_panics(data: Vec<u8>) {
     let record = outer(data);
@@ -23,6 +23,150 @@ fn check_never_panics(data: Vec<u8>) {
         }
         Err(error) => assert_eq!(error.sequence_number(), record.sequence_number),
     }
+}
+
+/// A user record as (partition key, explicit hash key, data).
+type UserFields = (String, Option<String>, Vec<u8>);
+
+/// What the `proto` structs (prost's decoder) make of a message, validated as the format
+/// requires: the user records as (partition key, explicit hash key, data), or `None` when it
+/// is not a valid aggregate.
+fn oracle(message: &[u8]) -> Option<Vec<UserFields>> {
+    let aggregated = <proto::AggregatedRecord as prost::Message>::decode(message).ok()?;
+    let table = |entries: &[Bytes]| -> Option<Vec<String>> {
+        entries
+            .iter()
+            .map(|e| String::from_utf8(e.to_vec()).ok())
+            .collect()
+    };
+    let pks = table(&aggregated.partition_key_table)?;
+    let ehks = table(&aggregated.explicit_hash_key_table)?;
+    if aggregated.records.is_empty() {
+        return None;
+    }
+    aggregated
+        .records
+        .iter()
+        .map(|r| {
+            let pk = pks
+                .get(usize::try_from(r.partition_key_index?).ok()?)?
+                .clone();
+            let ehk = match r.explicit_hash_key_index {
+                Some(i) => Some(ehks.get(usize::try_from(i).ok()?)?.clone()),
+                None => None,
+            };
+            Some((pk, ehk, r.data.as_ref()?.to_vec()))
+        })
+        .collect()
+}
+
+/// The hand-written decoder accepts what prost's does, with the same user records, and
+/// refuses as invalid protobuf only what prost's refuses.
+fn check_agrees_with_prost(message: &[u8]) {
+    let ours = deaggregate(&outer(frame(message)));
+    match (oracle(message), ours) {
+        (Some(expected), Ok(users)) => {
+            let got: Vec<_> = users
+                .iter()
+                .map(|u| {
+                    (
+                        u.partition_key.to_string(),
+                        u.explicit_hash_key.as_deref().map(str::to_owned),
+                        u.data.to_vec(),
+                    )
+                })
+                .collect();
+            assert_eq!(got, expected, "{message:02x?}");
+        }
+        (None, Err(error)) => {
+            if let Corruption::InvalidProtobuf(_) = error.problem() {
+                assert!(
+                    <proto::AggregatedRecord as prost::Message>::decode(message).is_err(),
+                    "{message:02x?}: {error}"
+                );
+            }
+        }
+        (expected, ours) => panic!("{message:02x?}: prost {expected:?}, ours {ours:?}"),
+    }
+}
+
+fn varint(mut n: u64, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// One protobuf field, of the kinds an aggregate holds and the kinds it should skip.
+#[derive(Clone, Debug)]
+enum Field {
+    Varint(u32, u64),
+    Bytes(u32, Vec<u8>),
+    Message(u32, Vec<Field>),
+    Fixed32(u32),
+    Fixed64(u32),
+    Group(u32, Vec<Field>),
+}
+
+fn encode(fields: &[Field], out: &mut Vec<u8>) {
+    for field in fields {
+        match field {
+            Field::Varint(n, v) => {
+                varint(u64::from(*n) << 3, out);
+                varint(*v, out);
+            }
+            Field::Bytes(n, b) => {
+                varint(u64::from(*n) << 3 | 2, out);
+                varint(b.len() as u64, out);
+                out.extend_from_slice(b);
+            }
+            Field::Message(n, inner) => {
+                let mut body = Vec::new();
+                encode(inner, &mut body);
+                encode(&[Field::Bytes(*n, body)], out);
+            }
+            Field::Fixed32(n) => {
+                varint(u64::from(*n) << 3 | 5, out);
+                out.extend_from_slice(&[1, 2, 3, 4]);
+            }
+            Field::Fixed64(n) => {
+                varint(u64::from(*n) << 3 | 1, out);
+                out.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+            }
+            Field::Group(n, inner) => {
+                varint(u64::from(*n) << 3 | 3, out);
+                encode(inner, out);
+                varint(u64::from(*n) << 3 | 4, out);
+            }
+        }
+    }
+}
+
+/// Fields numbered 1 to 6 (the known ones and neighbours) of every wire type, nested up to
+/// `depth`; byte strings short and sometimes not UTF-8.
+fn field(depth: u32) -> impl Strategy<Value = Field> {
+    let number = 1u32..7;
+    let leaf = prop_oneof![
+        (number.clone(), 0u64..4).prop_map(|(n, v)| Field::Varint(n, v)),
+        (
+            number.clone(),
+            prop_oneof![
+                "[a-c]{0,3}".prop_map(String::into_bytes),
+                proptest::collection::vec(any::<u8>(), 0..4)
+            ]
+        )
+            .prop_map(|(n, b)| Field::Bytes(n, b)),
+        number.clone().prop_map(Field::Fixed32),
+        number.clone().prop_map(Field::Fixed64),
+    ];
+    leaf.prop_recursive(depth, 24, 4, move |inner| {
+        prop_oneof![
+            (1u32..7, proptest::collection::vec(inner.clone(), 0..4))
+                .prop_map(|(n, f)| Field::Message(n, f)),
+            (1u32..7, proptest::collection::vec(inner, 0..3)).prop_map(|(n, f)| Field::Group(n, f)),
+        ]
+    })
 }
 
 /// A user record: partition key (1-20 chars, any Unicode), optional explicit hash key, data.
@@ -76,6 +220,63 @@ proptest! {
                 .collect(),
         };
         check_never_panics(frame(&prost::Message::encode_to_vec(&message)));
+    }
+
+    /// Valid aggregates with extra fields put in at the top and inside user records: known
+    /// fields with right and wrong wire types, unknown fields of every kind (groups too),
+    /// tags, nested messages, strings that are not UTF-8.
+    #[test]
+    fn decoder_agrees_with_prost_on_messages(
+        keys in proptest::collection::vec("[a-c]{1,3}", 1..4),
+        records in proptest::collection::vec(
+            (0u64..3, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..4)),
+             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..3)),
+             proptest::collection::vec((any::<proptest::sample::Index>(), field(2)), 0..2)),
+            1..4,
+        ),
+        extras in proptest::collection::vec((any::<proptest::sample::Index>(), field(2)), 0..3),
+    ) {
+        let mut fields: Vec<Field> = keys.iter().map(|k| Field::Bytes(1, k.clone().into_bytes())).collect();
+        for (index, data, tag, inner_extras) in records {
+            let mut inner = vec![Field::Varint(1, index)];
+            inner.extend(data.map(|d| Field::Bytes(3, d)));
+            // A tag whose key is any bytes (often not UTF-8).
+            inner.extend(tag.map(|key| Field::Message(4, vec![Field::Bytes(1, key)])));
+            for (at, extra) in inner_extras {
+                inner.insert(at.index(inner.len() + 1), extra);
+            }
+            fields.push(Field::Message(3, inner));
+        }
+        for (at, extra) in extras {
+            fields.insert(at.index(fields.len() + 1), extra);
+        }
+        let mut message = Vec::new();
+        encode(&fields, &mut message);
+        check_agrees_with_prost(&message);
+    }
+
+    /// Valid aggregates with one byte changed (the digest recomputed, so the decoder sees it).
+    #[test]
+    fn decoder_agrees_with_prost_on_altered_aggregates(
+        users in proptest::collection::vec(user_record(), 1..8),
+        at in any::<proptest::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let mut aggregator = Aggregator::new();
+        for (pk, ehk, data) in &users {
+            prop_assert!(aggregator.add(pk, ehk.as_deref(), data.clone()).unwrap().is_none());
+        }
+        let data = aggregator.finish().unwrap().data;
+        let mut message = data[MAGIC.len()..data.len() - 16].to_vec();
+        check_agrees_with_prost(&message);
+        let i = at.index(message.len());
+        message[i] = byte;
+        check_agrees_with_prost(&message);
+    }
+
+    #[test]
+    fn decoder_agrees_with_prost_on_arbitrary_bytes(message in proptest::collection::vec(any::<u8>(), 0..256)) {
+        check_agrees_with_prost(&message);
     }
 
     #[test]

@@ -18,10 +18,12 @@
 //! }
 //! ```
 //!
-//! Two choices keep decoding cheap and strict, without changing the wire format:
-//! - the key tables are `string` in the `.proto` but held as [`Bytes`] here (same wire type),
-//!   so decoding from a [`Bytes`] buffer borrows them; UTF-8 is checked once per table entry
-//!   when the deaggregator turns them into `Arc<str>`;
+//! The [`Aggregator`](super::Aggregator) encodes with these structs. The deaggregator does
+//! not decode into them: it reads the wire format straight from the aggregate's bytes (and a
+//! property test checks that it accepts exactly what these structs accept). Two choices keep
+//! them strict without changing the wire format:
+//! - the key tables are `string` in the `.proto` but held as [`Bytes`] here (same wire type);
+//!   the deaggregator checks UTF-8 once per table entry;
 //! - `required` fields are held as `Option`s, so a message that lacks one is detected and
 //!   reported instead of being read as a zero index or empty data.
 
