@@ -18,7 +18,12 @@
 //! user records of 100 bytes built with `Aggregator` (10,000 aggregates with one shard, 160
 //! per shard with 64), where the figures count user records.
 //!
-//! `cargo bench --bench stack --features test-util`
+//! `GLIBC_TUNABLES=glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432 cargo bench --bench stack --features test-util`
+//!
+//! The tunables keep glibc's `malloc` from adapting its thresholds to what the earlier benches
+//! of the process freed: without them, the figures depend on the order the benches run in (the
+//! bare loop first leaves the allocator giving the heap back to the system after every page and
+//! faulting it in again, and the consumers run 2 to 3 times slower). See the README.
 
 mod support;
 

@@ -282,7 +282,7 @@ impl<S> BatchService<S> {
         if !records.is_empty() {
             pending.bytes += records.iter().map(Record::size).sum::<usize>();
             if pending.records.is_empty() {
-                pending.records = records;
+                pending.records = records.into_vec();
                 pending.deadline = now.checked_add(max_wait);
             } else {
                 pending.records.extend(records);

@@ -16,7 +16,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::checkpoint::{Checkpoint, PartialFailure, Processed};
 use crate::record::{Batch, BatchEnd, Record, ShardId, Wake};
-use crate::{BoxError, PartitionKey};
+use crate::{BoxError, PartitionKey, Records};
 
 /// Default [`KeyedConcurrencyLayer::max_in_flight`]: 64 calls of the inner service at once per
 /// batch.
@@ -295,7 +295,7 @@ impl Plan {
                     indices: Vec::new(),
                     batch: Batch {
                         shard_id: shard_id.clone(),
-                        records: Vec::new(),
+                        records: Records::new(),
                         millis_behind_latest,
                         end: None,
                         resume_after: None,
@@ -423,7 +423,7 @@ impl Plan {
         if end.is_some() {
             let last = Batch {
                 shard_id: shard_id.clone(),
-                records: Vec::new(),
+                records: Records::new(),
                 millis_behind_latest,
                 end,
                 resume_after: None,

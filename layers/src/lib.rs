@@ -43,6 +43,7 @@ pub mod metrics;
 mod partition_key;
 pub mod per_record;
 mod record;
+mod records;
 pub mod retry;
 mod sequence;
 #[cfg(any(test, feature = "test-util"))]
@@ -53,6 +54,7 @@ pub use checkpoint::{
 };
 pub use partition_key::PartitionKey;
 pub use record::{Batch, BatchEnd, Record, ShardId, Wake};
+pub use records::Records;
 pub use sequence::{InvalidSequenceNumber, SequenceNumber};
 
 /// The boxed error type used between services, as in `tower`.

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::checkpoint::Checkpoint;
 use crate::partition_key::PartitionKey;
+use crate::records::Records;
 use crate::sequence::SequenceNumber;
 
 /// A shard id such as `shardId-000000000003`; cheap to clone (shared).
@@ -131,8 +132,9 @@ pub enum BatchEnd {
 pub struct Batch {
     /// The shard every record of this batch comes from.
     pub shard_id: ShardId,
-    /// The records, in shard order.
-    pub records: Vec<Record>,
+    /// The records, in shard order, shared copy-on-write ([`Records`]: reads go through to a
+    /// `Vec<Record>`; cloning the batch does not copy them).
+    pub records: Records,
     /// How far the shard's reader was behind the tip of the shard when it read these records.
     pub millis_behind_latest: Option<i64>,
     /// Set on the last batch of a shard.
@@ -211,7 +213,7 @@ impl Batch {
     pub fn new(shard_id: ShardId, records: Vec<Record>) -> Self {
         Self {
             shard_id,
-            records,
+            records: records.into(),
             millis_behind_latest: None,
             end: None,
             resume_after: None,
@@ -223,7 +225,7 @@ impl Batch {
     pub fn empty(shard_id: ShardId, end: Option<BatchEnd>) -> Self {
         Self {
             shard_id,
-            records: Vec::new(),
+            records: Records::new(),
             millis_behind_latest: None,
             end,
             resume_after: None,

@@ -223,7 +223,8 @@ where
 /// retryable (default: [`DefaultClassifier`]; see [`is_transient`] and [`Transient`]).
 ///
 /// Built on `tower::retry::Retry` with [`RetryPolicy`]. Each attempt gets a clone of the
-/// request: a [`Batch`](crate::Batch) clones cheaply (`Bytes` data, shared keys). Between
+/// request: a [`Batch`](crate::Batch) clones in O(1), as its [`Records`](crate::Records) are
+/// shared copy-on-write (an inner layer that changes the records copies them then). Between
 /// attempts the inner service's `poll_ready` is awaited again. The inner service must be
 /// `Clone`; its errors are boxed.
 ///

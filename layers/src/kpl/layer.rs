@@ -161,7 +161,7 @@ impl<S> DeaggregateService<S> {
         if let Some(checkpoint) = resume_after {
             drop_processed(&mut out, checkpoint);
         }
-        batch.records = out;
+        batch.records = out.into();
         Ok(batch)
     }
 }
