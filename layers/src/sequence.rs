@@ -54,27 +54,46 @@ impl SequenceNumber {
 
     /// Parses a decimal sequence number; leading zeros are accepted and dropped.
     pub fn parse(input: &str) -> Result<Self, InvalidSequenceNumber> {
-        if input.is_empty() {
+        let bytes = input.as_bytes();
+        if bytes.is_empty() {
             return Err(InvalidSequenceNumber::new(input, "it is empty"));
         }
-        if !input.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(InvalidSequenceNumber::new(
+        let not_a_digit = || {
+            InvalidSequenceNumber::new(
                 input,
                 "it contains a character that is not a decimal digit",
-            ));
-        }
-        let trimmed = input.trim_start_matches('0');
-        let digits = if trimmed.is_empty() { "0" } else { trimmed };
+            )
+        };
+        let zeros = bytes.iter().take_while(|&&b| b == b'0').count();
+        // Zero itself keeps one digit.
+        let digits = &bytes[zeros.min(bytes.len() - 1)..];
         if digits.len() > MAX_DIGITS {
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return Err(not_a_digit());
+            }
             return Err(InvalidSequenceNumber::new(
                 input,
                 "it has more than 128 digits",
             ));
         }
+        // One pass: two digits per byte, checked as they are packed (a byte below '0'
+        // wraps around to a large value).
         let mut packed = [0u8; MAX_DIGITS / 2];
-        for (i, d) in digits.bytes().enumerate() {
-            let nibble = d - b'0';
-            packed[i / 2] |= if i % 2 == 0 { nibble << 4 } else { nibble };
+        let mut invalid = false;
+        let pairs = digits.chunks_exact(2);
+        let last = pairs.remainder();
+        for (slot, pair) in packed.iter_mut().zip(pairs) {
+            let (high, low) = (pair[0].wrapping_sub(b'0'), pair[1].wrapping_sub(b'0'));
+            invalid |= high > 9 || low > 9;
+            *slot = (high << 4) | (low & 0x0f);
+        }
+        if let Some(&digit) = last.first() {
+            let high = digit.wrapping_sub(b'0');
+            invalid |= high > 9;
+            packed[digits.len() / 2] = high << 4;
+        }
+        if invalid {
+            return Err(not_a_digit());
         }
         Ok(Self {
             len: digits.len() as u8,
@@ -260,6 +279,18 @@ mod tests {
                 && s.bytes().all(|b| b.is_ascii_digit())
                 && s.trim_start_matches('0').len() <= MAX_DIGITS;
             prop_assert_eq!(SequenceNumber::parse(&s).is_ok(), valid);
+        }
+
+        #[test]
+        /// Digits mixed with the characters just below and above them ('/' and ':').
+        #[test]
+        fn near_digits_are_rejected(s in "[/-:]{1,130}") {
+            let digits = s.trim_start_matches('0');
+            let valid = s.bytes().all(|b| b.is_ascii_digit()) && digits.len() <= 128;
+            prop_assert_eq!(SequenceNumber::parse(&s).is_ok(), valid);
+            if valid {
+                prop_assert_eq!(SequenceNumber::parse(&s).unwrap().to_string(), if digits.is_empty() { "0" } else { digits });
+            }
         }
 
         #[test]
