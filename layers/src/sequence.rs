@@ -59,10 +59,7 @@ impl SequenceNumber {
             return Err(InvalidSequenceNumber::new(input, "it is empty"));
         }
         let not_a_digit = || {
-            InvalidSequenceNumber::new(
-                input,
-                "it contains a character that is not a decimal digit",
-            )
+            InvalidSequenceNumber::new(input, "it contains a character that is not a decimal digit")
         };
         let zeros = bytes.iter().take_while(|&&b| b == b'0').count();
         // Zero itself keeps one digit.
