@@ -39,8 +39,14 @@ use crate::record::Record;
 /// let records: Vec<Record> = changed.records.into_vec();
 /// assert_eq!(records.len(), 2);
 /// ```
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Records(Arc<Vec<Record>>);
+#[derive(Clone, Default)]
+pub struct Records(
+    /// `None` while empty, so that empty batches (heartbeats, ends) allocate nothing.
+    Option<Arc<Vec<Record>>>,
+);
+
+/// What an empty [`Records`] reads as.
+static EMPTY: Vec<Record> = Vec::new();
 
 impl Records {
     /// No record.
@@ -50,7 +56,16 @@ impl Records {
 
     /// The records as a vector: moved out when no clone of them is alive, copied otherwise.
     pub fn into_vec(self) -> Vec<Record> {
-        Arc::unwrap_or_clone(self.0)
+        self.0.map(Arc::unwrap_or_clone).unwrap_or_default()
+    }
+
+    /// The records as a vector when no clone of them is alive (moved out, no copy); the
+    /// records back otherwise, so the caller can read them without copying them.
+    pub fn try_into_vec(self) -> Result<Vec<Record>, Self> {
+        match self.0 {
+            None => Ok(Vec::new()),
+            Some(shared) => Arc::try_unwrap(shared).map_err(|shared| Self(Some(shared))),
+        }
     }
 }
 
@@ -58,20 +73,28 @@ impl Deref for Records {
     type Target = Vec<Record>;
 
     fn deref(&self) -> &Vec<Record> {
-        &self.0
+        self.0.as_deref().unwrap_or(&EMPTY)
     }
 }
 
 impl DerefMut for Records {
     /// The vector to change, copied first if another clone of it is alive.
     fn deref_mut(&mut self) -> &mut Vec<Record> {
-        Arc::make_mut(&mut self.0)
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
     }
 }
 
+impl PartialEq for Records {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Records {}
+
 impl From<Vec<Record>> for Records {
     fn from(records: Vec<Record>) -> Self {
-        Self(Arc::new(records))
+        Self(Some(Arc::new(records)))
     }
 }
 
@@ -107,7 +130,17 @@ impl<'a> IntoIterator for &'a Records {
     type IntoIter = std::slice::Iter<'a, Record>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
+        self.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a mut Records {
+    type Item = &'a mut Record;
+    type IntoIter = std::slice::IterMut<'a, Record>;
+
+    /// Copies the records first if another clone of them is alive.
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter_mut()
     }
 }
 
@@ -171,5 +204,29 @@ mod tests {
         let v: Vec<Record> = a.into_iter().collect();
         assert_eq!(v, kept.to_vec());
         assert_eq!(kept, v);
+    }
+
+    #[test]
+    fn empty_records_read_as_an_empty_vector_and_grow_when_changed() {
+        let mut empty = Records::new();
+        assert!(empty.is_empty());
+        assert_eq!(empty, Records::from(Vec::new()));
+        assert_eq!(empty.clone().into_vec(), Vec::new());
+        empty.push(record("s", 1));
+        assert_eq!(empty.len(), 1);
+        for r in &mut empty {
+            r.sub_sequence_number = Some(3);
+        }
+        assert_eq!(empty[0].sub_sequence_number, Some(3));
+    }
+
+    #[test]
+    fn try_into_vec_hands_shared_records_back() {
+        let a = Records::from(vec![record("s", 1)]);
+        let kept = a.clone();
+        let back = a.try_into_vec().unwrap_err();
+        assert!(std::ptr::eq(back.as_ptr(), kept.as_ptr()), "not copied");
+        drop(kept);
+        assert_eq!(back.try_into_vec().unwrap().len(), 1);
     }
 }

@@ -224,7 +224,8 @@ where
 ///
 /// Built on `tower::retry::Retry` with [`RetryPolicy`]. Each attempt gets a clone of the
 /// request: a [`Batch`](crate::Batch) clones in O(1), as its [`Records`](crate::Records) are
-/// shared copy-on-write (an inner layer that changes the records copies them then). Between
+/// shared copy-on-write (an inner layer that changes the records in place copies them then;
+/// `DeaggregateLayer` reads them in place and clones only the plain records it keeps). Between
 /// attempts the inner service's `poll_ready` is awaited again. The inner service must be
 /// `Clone`; its errors are boxed.
 ///

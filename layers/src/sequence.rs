@@ -278,7 +278,6 @@ mod tests {
             prop_assert_eq!(SequenceNumber::parse(&s).is_ok(), valid);
         }
 
-        #[test]
         /// Digits mixed with the characters just below and above them ('/' and ':').
         #[test]
         fn near_digits_are_rejected(s in "[/-:]{1,130}") {

@@ -1,5 +1,6 @@
 //! `DeaggregateLayer`: hands the inner service user records instead of KPL aggregates.
 
+use std::borrow::Borrow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +9,7 @@ use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 
-use super::deaggregate::{check_digests, deaggregate_checked_into, is_aggregate};
+use super::deaggregate::{check_digests, deaggregate_checked_into, is_aggregate, Digest};
 use super::error::KplError;
 use crate::checkpoint::Checkpoint;
 use crate::record::{Batch, Record};
@@ -141,28 +142,64 @@ impl<S> DeaggregateService<S> {
         let records = std::mem::take(&mut batch.records);
         let digests = check_digests(&records);
         let mut out = Vec::with_capacity(records.len());
-        for (record, digest) in records.into_iter().zip(digests) {
-            match deaggregate_checked_into(&record, digest, &mut out) {
-                Ok(true) => {}
-                Ok(false) => out.push(record),
-                Err(error) => {
-                    self.corrupt.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(CORRUPT_RECORDS_METRIC, "shard" => error.shard_id().to_string())
-                        .increment(1);
-                    tracing::warn!(%error, policy = ?self.policy, "corrupt KPL aggregate");
-                    match self.policy {
-                        CorruptPolicy::PassThrough => out.push(record),
-                        CorruptPolicy::Skip => {}
-                        CorruptPolicy::Fail => return Err(error),
-                    }
-                }
-            }
+        // Records nobody else holds are moved; records a layer above still holds (RetryLayer
+        // keeps its copy of the batch) are read in place, and only the plain ones cloned.
+        match records.try_into_vec() {
+            Ok(owned) => self.expand_into(owned.into_iter().zip(digests), &mut out)?,
+            Err(shared) => self.expand_into(shared.iter().zip(digests), &mut out)?,
         }
         if let Some(checkpoint) = resume_after {
             drop_processed(&mut out, checkpoint);
         }
         batch.records = out.into();
         Ok(batch)
+    }
+}
+
+impl<S> DeaggregateService<S> {
+    /// Appends the user records of each record (a plain record as it is) to `out`, following
+    /// the corrupt policy; `R` is a record owned (moved into `out`) or borrowed (cloned).
+    fn expand_into<R: IntoRecord>(
+        &self,
+        records: impl Iterator<Item = (R, Digest)>,
+        out: &mut Vec<Record>,
+    ) -> Result<(), KplError> {
+        for (record, digest) in records {
+            match deaggregate_checked_into(record.borrow(), digest, out) {
+                Ok(true) => {}
+                Ok(false) => out.push(record.into_record()),
+                Err(error) => {
+                    self.corrupt.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(CORRUPT_RECORDS_METRIC, "shard" => error.shard_id().to_string())
+                        .increment(1);
+                    tracing::warn!(%error, policy = ?self.policy, "corrupt KPL aggregate");
+                    match self.policy {
+                        CorruptPolicy::PassThrough => out.push(record.into_record()),
+                        CorruptPolicy::Skip => {}
+                        CorruptPolicy::Fail => return Err(error),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A record [`DeaggregateService::expand_into`] may keep: moved when owned, cloned when
+/// borrowed.
+trait IntoRecord: Borrow<Record> {
+    fn into_record(self) -> Record;
+}
+
+impl IntoRecord for Record {
+    fn into_record(self) -> Record {
+        self
+    }
+}
+
+impl IntoRecord for &Record {
+    fn into_record(self) -> Record {
+        self.clone()
     }
 }
 
@@ -347,6 +384,29 @@ mod tests {
         );
         assert_eq!(seen[0].millis_behind_latest, Some(12));
         assert_eq!(seen[0].shard_id, shard());
+    }
+
+    /// A batch whose records a layer above still holds (as RetryLayer does) expands the same
+    /// as one nobody else holds, and the holder's copy stays as it was.
+    #[test]
+    fn shared_batches_expand_like_owned_ones() {
+        let batch = Batch::new(
+            shard(),
+            vec![
+                record(1, "plain-1"),
+                record(2, aggregate("x", 3)),
+                record(3, corrupt()),
+                record(4, aggregate("y", 2)),
+            ],
+        );
+        let service = DeaggregateService::new(());
+        let owned = service.expand(batch.clone()).unwrap();
+        let kept = batch.clone();
+        let shared = service.expand(batch).unwrap();
+        assert_eq!(shared, owned);
+        assert_eq!(names(&shared).len(), 1 + 3 + 1 + 2);
+        assert_eq!(kept.records.len(), 4);
+        assert_eq!(kept.records[1].data, aggregate("x", 3));
     }
 
     #[tokio::test]

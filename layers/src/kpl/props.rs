@@ -90,6 +90,30 @@ fn check_agrees_with_prost(message: &[u8]) {
     }
 }
 
+/// Groups nested up to and past the decoders' depth limit, at the top of the message and
+/// inside a user record: accepted and refused at the same depth as prost's decoder.
+#[test]
+fn nesting_limit_is_prost_s() {
+    for depth in [97usize, 98, 99, 100, 101, 102] {
+        let groups = |out: &mut Vec<u8>| {
+            out.extend(std::iter::repeat_n(0x2B, depth)); // field 5, start group
+            out.extend(std::iter::repeat_n(0x2C, depth)); // field 5, end group
+        };
+        // partition_key_table ["k"], then the groups, then record { pk 0, data "" }.
+        let mut top = vec![0x0A, 0x01, b'k'];
+        groups(&mut top);
+        top.extend([0x1A, 0x04, 0x08, 0x00, 0x1A, 0x00]);
+        check_agrees_with_prost(&top);
+        // The groups inside the record.
+        let mut body = vec![0x08, 0x00, 0x1A, 0x00];
+        groups(&mut body);
+        let mut inner = vec![0x0A, 0x01, b'k', 0x1A];
+        varint(body.len() as u64, &mut inner);
+        inner.extend(body);
+        check_agrees_with_prost(&inner);
+    }
+}
+
 fn varint(mut n: u64, out: &mut Vec<u8>) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);

@@ -37,7 +37,8 @@ const START_GROUP: u8 = 3;
 const END_GROUP: u8 = 4;
 const FIXED32: u8 = 5;
 
-/// How deep messages and groups may nest, as in common protobuf decoders.
+/// How deep messages and groups may nest: the limit of prost's decoder, counted the same way
+/// (a field is skipped, or a message read, only while fewer than this many levels enclose it).
 const MAX_DEPTH: u32 = 100;
 
 /// A cursor over the fields of one message, `buf[pos..end]`; offsets are into `buf` (the
@@ -62,7 +63,7 @@ impl<'a> Fields<'a> {
 
     /// The fields of the embedded message at `range` (as returned by [`Fields::bytes`]).
     pub(super) fn nested(&self, range: Range<usize>) -> Result<Self, ProtobufError> {
-        if self.depth + 1 >= MAX_DEPTH {
+        if self.depth >= MAX_DEPTH {
             return Err(self.error(range.start, "messages nested too deeply"));
         }
         Ok(Self {
@@ -153,6 +154,9 @@ impl<'a> Fields<'a> {
 
     /// Skips the value of an unknown field `field` of `wire_type` (its key already read).
     pub(super) fn skip(&mut self, field: u32, wire_type: u8) -> Result<(), ProtobufError> {
+        if self.depth >= MAX_DEPTH {
+            return Err(self.error(self.pos, "messages or groups nested too deeply"));
+        }
         match wire_type {
             VARINT => self.varint().map(drop),
             FIXED64 => self.advance(8),
@@ -173,9 +177,7 @@ impl<'a> Fields<'a> {
 
     /// Skips a (deprecated) group up to its end key, which must name the same field.
     fn skip_group(&mut self, field: u32) -> Result<(), ProtobufError> {
-        if self.depth + 1 >= MAX_DEPTH {
-            return Err(self.error(self.pos, "groups nested too deeply"));
-        }
+        // The group's fields are one level deeper (its end key is not).
         self.depth += 1;
         let result = loop {
             let at = self.pos;
@@ -262,6 +264,6 @@ mod tests {
         let mut fields = Fields::new(&message);
         let (field, wire_type) = fields.next_key().unwrap().unwrap();
         let error = fields.skip(field, wire_type).unwrap_err();
-        assert_eq!(error.reason(), "groups nested too deeply");
+        assert_eq!(error.reason(), "messages or groups nested too deeply");
     }
 }
