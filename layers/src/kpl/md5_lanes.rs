@@ -7,11 +7,14 @@
 //! message is done takes the next one, so messages of different lengths keep every lane busy.
 //! Tests check it against the `md-5` crate.
 
-/// Messages hashed side by side.
+/// Messages hashed side by side: four 32-bit lanes fill one 128-bit register, which every
+/// x86-64 and aarch64 CPU has (eight and sixteen were slower in `benches/deaggregate.rs`: the
+/// state no longer fits the registers).
 pub(super) const LANES: usize = 4;
 
-/// Below this many messages, hashing them one by one is faster.
-pub(super) const MIN_MESSAGES: usize = 3;
+/// Below this many messages, hashing them one by one is faster: four lanes hash four
+/// messages in about the time one takes 1.5 (`benches/deaggregate.rs`), so two already gain.
+pub(super) const MIN_MESSAGES: usize = 2;
 
 type Lanes = [u32; LANES];
 
