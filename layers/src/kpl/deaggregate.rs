@@ -123,15 +123,14 @@ pub(super) fn deaggregate_checked_into(
 /// others' ([`md5_lanes`]); [`Digest::Compute`] for plain records, or for all when there are
 /// too few aggregates for hashing side by side to pay.
 pub(super) fn check_digests(records: &[Record]) -> Vec<Digest> {
-    let aggregates = records.iter().filter(|r| is_aggregate(&r.data)).count();
-    if aggregates < md5_lanes::MIN_MESSAGES {
-        return vec![Digest::Compute; records.len()];
-    }
     let messages: Vec<&[u8]> = records
         .iter()
         .filter(|r| is_aggregate(&r.data))
         .map(|r| &r.data[MAGIC.len()..r.data.len() - DIGEST_LEN])
         .collect();
+    if messages.len() < md5_lanes::MIN_MESSAGES {
+        return vec![Digest::Compute; records.len()];
+    }
     let mut digests = md5_lanes::digests(&messages).into_iter();
     records
         .iter()
