@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use md5::{Digest, Md5};
 use proptest::prelude::*;
+use prost::encoding::encode_varint;
 
 use super::deaggregate::tests::{frame, outer};
 use super::{deaggregate, proto, Aggregator, Corruption, MAGIC};
@@ -108,18 +109,10 @@ fn nesting_limit_is_prost_s() {
         let mut body = vec![0x08, 0x00, 0x1A, 0x00];
         groups(&mut body);
         let mut inner = vec![0x0A, 0x01, b'k', 0x1A];
-        varint(body.len() as u64, &mut inner);
+        encode_varint(body.len() as u64, &mut inner);
         inner.extend(body);
         check_agrees_with_prost(&inner);
     }
-}
-
-fn varint(mut n: u64, out: &mut Vec<u8>) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
 }
 
 /// One protobuf field, of the kinds an aggregate holds and the kinds it should skip.
@@ -137,12 +130,12 @@ fn encode(fields: &[Field], out: &mut Vec<u8>) {
     for field in fields {
         match field {
             Field::Varint(n, v) => {
-                varint(u64::from(*n) << 3, out);
-                varint(*v, out);
+                encode_varint(u64::from(*n) << 3, out);
+                encode_varint(*v, out);
             }
             Field::Bytes(n, b) => {
-                varint(u64::from(*n) << 3 | 2, out);
-                varint(b.len() as u64, out);
+                encode_varint(u64::from(*n) << 3 | 2, out);
+                encode_varint(b.len() as u64, out);
                 out.extend_from_slice(b);
             }
             Field::Message(n, inner) => {
@@ -151,17 +144,17 @@ fn encode(fields: &[Field], out: &mut Vec<u8>) {
                 encode(&[Field::Bytes(*n, body)], out);
             }
             Field::Fixed32(n) => {
-                varint(u64::from(*n) << 3 | 5, out);
+                encode_varint(u64::from(*n) << 3 | 5, out);
                 out.extend_from_slice(&[1, 2, 3, 4]);
             }
             Field::Fixed64(n) => {
-                varint(u64::from(*n) << 3 | 1, out);
+                encode_varint(u64::from(*n) << 3 | 1, out);
                 out.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
             }
             Field::Group(n, inner) => {
-                varint(u64::from(*n) << 3 | 3, out);
+                encode_varint(u64::from(*n) << 3 | 3, out);
                 encode(inner, out);
-                varint(u64::from(*n) << 3 | 4, out);
+                encode_varint(u64::from(*n) << 3 | 4, out);
             }
         }
     }
