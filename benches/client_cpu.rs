@@ -6,12 +6,14 @@
 //! embedded ferrokinesis, in a child process of its own on 127.0.0.1), puts the records, then
 //! starts one consumer process per variant and round; each consumer reads every record from
 //! `TRIM_HORIZON` (by polling; `run_checkpoint_fan_out` through enhanced fan-out) and reports
-//! the CPU (user + system, from `/proc/self/stat`) it spent from
-//! just before its first call to the last record, and its peak RSS (`VmHWM`).
+//! the CPU (user + system, from `/proc/self/stat`), minor page faults and context switches it
+//! spent from just before its first call to the last record, and its peak RSS (`VmHWM`).
 //!
 //! `cargo bench --bench client_cpu --features test-util` (`RECORDS`, default 1,000,000 of
 //! 100 B over 4 shards; `ROUNDS`, default 5). With `PROFILE=<variant>` it runs that one
-//! consumer under `perf record -g` instead and says where the profile is.
+//! consumer under `perf record -g` instead (`PROFILER=callgrind`: under valgrind's callgrind,
+//! instruction counts, repeatable; `PROFILER=strace`: system calls counted; `PROFILER=faults`:
+//! where the page faults happen) and says where the profile is.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -47,17 +49,58 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// CPU time (user + system) of this process so far, from `/proc/self/stat` (clock ticks of
-/// 10 ms).
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat format") + 2..]
-        .split(' ')
-        .collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+/// What this process has spent so far: CPU time (user and system, from `/proc/self/stat`, clock
+/// ticks of 10 ms), minor page faults, and context switches of all its threads.
+#[derive(Clone, Copy, Debug, Default)]
+struct Spent {
+    user: Duration,
+    system: Duration,
+    faults: u64,
+    switches: u64,
+}
+
+impl Spent {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+        // Fields after the command name (which is in parentheses and may hold spaces): minflt,
+        // utime and stime are fields 10, 14 and 15 of the whole line, 7, 11 and 12 after it.
+        let fields: Vec<&str> = stat[stat.rfind(')').expect("stat format") + 2..]
+            .split(' ')
+            .collect();
+        let number = |i: usize| {
+            fields[i]
+                .parse::<u64>()
+                .expect("a number in /proc/self/stat")
+        };
+        let mut switches = 0;
+        for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task") {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status"));
+            // A thread that ended between the listing and the read has nothing to add.
+            for line in status.as_deref().unwrap_or_default().lines() {
+                if let Some(n) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    switches += n.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        Spent {
+            user: Duration::from_millis(number(11) * 10),
+            system: Duration::from_millis(number(12) * 10),
+            faults: number(7),
+            switches,
+        }
+    }
+
+    fn since(self, start: Spent) -> Spent {
+        Spent {
+            user: self.user - start.user,
+            system: self.system - start.system,
+            faults: self.faults - start.faults,
+            switches: self.switches.saturating_sub(start.switches),
+        }
+    }
 }
 
 /// Peak resident set of this process, in KiB.
@@ -97,7 +140,8 @@ fn emulator() {
     });
 }
 
-/// Reads every record with `KT_VARIANT`, prints `cpu_us <n> rss_kib <n>`.
+/// Reads every record with `KT_VARIANT`, prints what it spent (`user_us <n> system_us <n>
+/// faults <n> switches <n> rss_kib <n>`).
 fn consumer() {
     let endpoint = std::env::var("KT_ENDPOINT").unwrap();
     let stream = std::env::var("KT_STREAM").unwrap();
@@ -118,7 +162,7 @@ fn consumer() {
                 .expect("valid configuration")
         };
         let builder = || builder_with(|b| b);
-        let start = cpu_time();
+        let start = Spent::now();
         match variant.as_str() {
             "bare_sdk_loop" => assert_eq!(common::bare_sdk_loop(&client, &stream).await, records),
             "run_checkpoint" => support::run_until_handled(&builder(), records).await,
@@ -158,9 +202,16 @@ fn consumer() {
             }
             other => panic!("unknown variant {other}"),
         }
-        cpu_time() - start
+        Spent::now().since(start)
     });
-    println!("cpu_us {} rss_kib {}", spent.as_micros(), peak_rss_kib());
+    println!(
+        "user_us {} system_us {} faults {} switches {} rss_kib {}",
+        spent.user.as_micros(),
+        spent.system.as_micros(),
+        spent.faults,
+        spent.switches,
+        peak_rss_kib()
+    );
 }
 
 fn parent() {
@@ -189,9 +240,44 @@ fn parent() {
 
     if let Ok(variant) = std::env::var("PROFILE") {
         // One consumer of that variant under `perf record`, instead of the rounds.
-        let data = format!("/tmp/client_cpu-{variant}.perf.data");
-        let status = Command::new("perf")
-            .args(["record", "-F", "999", "-g", "-o", &data, "--"])
+        // `PROFILER=callgrind` counts instructions instead (repeatable, user space only);
+        // `PROFILER=strace` counts system calls; `PROFILER=faults` records where page faults
+        // happen.
+        let profiler_name = std::env::var("PROFILER").unwrap_or_else(|_| "perf".to_owned());
+        let data = format!("/tmp/client_cpu-{variant}.{profiler_name}.out");
+        let mut profiler = match profiler_name.as_str() {
+            "callgrind" => {
+                let mut valgrind = Command::new("valgrind");
+                valgrind.args(["--tool=callgrind", &format!("--callgrind-out-file={data}")]);
+                valgrind
+            }
+            "strace" => {
+                let mut strace = Command::new("strace");
+                strace.args(["-f", "-c", "-o", &data, "--"]);
+                strace
+            }
+            "perf" => {
+                let mut perf = Command::new("perf");
+                perf.args(["record", "-F", "999", "-g", "-o", &data, "--"]);
+                perf
+            }
+            "faults" => {
+                let mut perf = Command::new("perf");
+                perf.args([
+                    "record",
+                    "-e",
+                    "page-faults",
+                    "--call-graph",
+                    "dwarf",
+                    "-o",
+                    &data,
+                    "--",
+                ]);
+                perf
+            }
+            other => panic!("PROFILER={other}: perf, faults, callgrind or strace"),
+        };
+        let status = profiler
             .arg(&exe)
             .env("KT_ROLE", "consumer")
             .env("KT_VARIANT", &variant)
@@ -199,15 +285,22 @@ fn parent() {
             .env("KT_STREAM", &stream)
             .env("RECORDS", records.to_string())
             .status()
-            .expect("run perf record (is perf installed?)");
+            .expect("run the profiler (is perf or valgrind installed?)");
         let _ = emulator.kill();
         let _ = emulator.wait();
-        assert!(status.success(), "perf record failed");
-        println!("profile of {variant} in {data}: perf report -i {data} --no-children");
+        assert!(status.success(), "the profiler failed");
+        let read_it = match profiler_name.as_str() {
+            "callgrind" => format!("callgrind_annotate {data}"),
+            "strace" => format!("cat {data}"),
+            _ => format!("perf report -i {data} --no-children"),
+        };
+        println!("profile of {variant} in {data}: {read_it}");
         return;
     }
 
-    let mut results: Vec<Vec<(f64, u64)>> = vec![Vec::new(); VARIANTS.len()];
+    // Per variant, per round: [CPU, user, system (ns per record), faults and switches per
+    // 1,000 records, peak RSS (KiB)].
+    let mut results: Vec<Vec<[f64; 6]>> = vec![Vec::new(); VARIANTS.len()];
     for round in 0..rounds {
         for (i, variant) in VARIANTS.iter().enumerate() {
             let out = Command::new(&exe)
@@ -224,44 +317,61 @@ fn parent() {
                 String::from_utf8_lossy(&out.stderr)
             );
             let line = String::from_utf8_lossy(&out.stdout);
-            let mut parts = line.split_whitespace();
-            let (_, cpu_us, _, rss) = (parts.next(), parts.next(), parts.next(), parts.next());
-            let cpu_us: f64 = cpu_us.expect("cpu_us").parse().unwrap();
-            let rss: u64 = rss.expect("rss").parse().unwrap();
-            results[i].push((cpu_us * 1000.0 / records as f64, rss));
+            let values: Vec<f64> = line
+                .split_whitespace()
+                .skip(1)
+                .step_by(2)
+                .map(|v| v.parse().expect("a number"))
+                .collect();
+            let [user_us, system_us, faults, switches, rss] = values[..] else {
+                panic!("{variant} printed {line}");
+            };
+            let per_record = |us: f64| us * 1000.0 / records as f64;
+            let per_thousand = |n: f64| n * 1000.0 / records as f64;
+            let row = [
+                per_record(user_us + system_us),
+                per_record(user_us),
+                per_record(system_us),
+                per_thousand(faults),
+                per_thousand(switches),
+                rss,
+            ];
             eprintln!(
-                "round {round} {variant}: {:.0} ns/record, peak RSS {} MiB",
-                cpu_us * 1000.0 / records as f64,
-                rss / 1024
+                "round {round} {variant}: {:.0} ns/record ({:.0} user, {:.0} system), {:.1} faults and {:.2} switches per 1,000 records, peak RSS {:.0} MiB",
+                row[0], row[1], row[2], row[3], row[4], row[5] / 1024.0
             );
+            results[i].push(row);
         }
     }
     let _ = emulator.kill();
     let _ = emulator.wait();
 
-    let median = |values: &mut Vec<f64>| {
-        values.sort_by(|a, b| a.total_cmp(b));
-        values[values.len() / 2]
-    };
-    let medians: Vec<(f64, u64)> = results
+    // The median of each column, over the rounds.
+    let medians: Vec<[f64; 6]> = results
         .iter()
-        .map(|r| {
-            let mut cpu: Vec<f64> = r.iter().map(|(c, _)| *c).collect();
-            let mut rss: Vec<f64> = r.iter().map(|(_, m)| *m as f64).collect();
-            (median(&mut cpu), median(&mut rss) as u64)
+        .map(|rows| {
+            std::array::from_fn(|column| {
+                let mut values: Vec<f64> = rows.iter().map(|row| row[column]).collect();
+                values.sort_by(|a, b| a.total_cmp(b));
+                values[values.len() / 2]
+            })
         })
         .collect();
     println!(
         "client_cpu: {records} records of 100 B over {SHARDS} shards, emulator in its own process, medians of {rounds} interleaved rounds"
     );
-    println!("| consumer | client CPU per record | ratio to the bare loop | peak RSS |");
-    println!("|---|---|---|---|");
-    for (variant, (cpu, rss)) in VARIANTS.iter().zip(&medians) {
+    println!("| consumer | client CPU per record | ratio to the bare loop | user / system | page faults per 1,000 records | context switches per 1,000 records | peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    for (variant, m) in VARIANTS.iter().zip(&medians) {
         println!(
-            "| {variant} | {:.2} µs | {:.2}x | {} MiB |",
-            cpu / 1000.0,
-            cpu / medians[0].0,
-            rss / 1024
+            "| {variant} | {:.2} µs | {:.2}x | {:.2} / {:.2} µs | {:.1} | {:.2} | {:.0} MiB |",
+            m[0] / 1000.0,
+            m[0] / medians[0][0],
+            m[1] / 1000.0,
+            m[2] / 1000.0,
+            m[3],
+            m[4],
+            m[5] / 1024.0
         );
     }
 }

@@ -117,10 +117,12 @@ fn convert_page(
     records: Vec<aws_sdk_kinesis::types::Record>,
     child_shards: Option<Vec<aws_sdk_kinesis::types::ChildShard>>,
 ) -> Result<(Vec<Record>, Vec<ChildShard>), KinesisError> {
-    let records = records
-        .into_iter()
-        .map(|r| convert_record(operation, shard_id, r))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Sized up front: `collect` into a `Result` cannot know the length, and growing a vector of
+    // thousands of records by doubling copies it and faults fresh pages in at every step.
+    let mut converted = Vec::with_capacity(records.len());
+    for record in records {
+        converted.push(convert_record(operation, shard_id, record)?);
+    }
     let child_shards = child_shards
         .unwrap_or_default()
         .into_iter()
@@ -129,7 +131,7 @@ fn convert_page(
             parent_shards: c.parent_shards.into_iter().map(Into::into).collect(),
         })
         .collect();
-    Ok((records, child_shards))
+    Ok((converted, child_shards))
 }
 
 /// A Kinesis client made on first use from the AWS configuration in the environment
