@@ -73,13 +73,22 @@ impl SequenceNumber {
                 "it has more than 128 digits",
             ));
         }
-        // One pass: two digits per byte, checked as they are packed (a byte below '0'
-        // wraps around to a large value).
+        // One pass: two digits per byte, checked as they are packed, eight digits at a time.
         let mut packed = [0u8; MAX_DIGITS / 2];
         let mut invalid = false;
-        let pairs = digits.chunks_exact(2);
+        let octets = digits.chunks_exact(8);
+        let rest = octets.remainder();
+        for (slots, octet) in packed.chunks_exact_mut(4).zip(octets) {
+            let (four, valid) = pack_eight(octet.try_into().expect("chunks of eight"));
+            invalid |= !valid;
+            slots.copy_from_slice(&four);
+        }
+        // The last digits (fewer than eight) two at a time (a byte below '0' wraps around to
+        // a large value).
+        let done = digits.len() - rest.len();
+        let pairs = rest.chunks_exact(2);
         let last = pairs.remainder();
-        for (slot, pair) in packed.iter_mut().zip(pairs) {
+        for (slot, pair) in packed[done / 2..].iter_mut().zip(pairs) {
             let (high, low) = (pair[0].wrapping_sub(b'0'), pair[1].wrapping_sub(b'0'));
             invalid |= high > 9 || low > 9;
             *slot = (high << 4) | (low & 0x0f);
@@ -127,13 +136,43 @@ impl SequenceNumber {
     }
 }
 
+/// Eight ASCII characters packed into four bytes of two decimal digits each (the first
+/// character in the high nibble of the first byte), and whether all eight were digits.
+fn pack_eight(chars: [u8; 8]) -> ([u8; 4], bool) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // The first character in the lowest byte.
+    let x = u64::from_le_bytes(chars);
+    // A digit is 0x30..=0x39: its high nibble is 3, and stays 3 when 6 is added. The second
+    // test counts only when the first passed, and then every byte is at most 0x3f: adding 6
+    // carries into no other byte.
+    let high_nibbles = 0xf0 * ONES;
+    let valid = x & high_nibbles == 0x30 * ONES
+        && x.wrapping_add(0x06 * ONES) & high_nibbles == 0x30 * ONES;
+    let digits = x & (0x0f * ONES);
+    // Each 16-bit lane: the first digit of the pair in the high nibble of its low byte.
+    let pairs = ((digits & 0x00ff_00ff_00ff_00ff) << 4) | ((digits >> 8) & 0x00ff_00ff_00ff_00ff);
+    // The low byte of each lane, gathered into the low four bytes.
+    let pairs = (pairs | (pairs >> 8)) & 0x0000_ffff_0000_ffff;
+    let pairs = (pairs | (pairs >> 16)) & 0x0000_0000_ffff_ffff;
+    ((pairs as u32).to_le_bytes(), valid)
+}
+
 impl Ord for SequenceNumber {
     fn cmp(&self, other: &Self) -> Ordering {
         // Both are normalised (no leading zeros) and unused nibbles are zero, so the number of
         // digits decides first and the packed bytes compare like the digits.
-        self.len
-            .cmp(&other.len)
-            .then_with(|| self.packed.cmp(&other.packed))
+        // Of equal lengths, only the bytes that hold digits can differ: compared eight at a
+        // time (sixteen digits), as big-endian words.
+        self.len.cmp(&other.len).then_with(|| {
+            let words = (self.len as usize).div_ceil(16);
+            let word = |packed: &[u8; MAX_DIGITS / 2], i: usize| {
+                u64::from_be_bytes(packed[8 * i..8 * i + 8].try_into().expect("eight bytes"))
+            };
+            (0..words)
+                .map(|i| word(&self.packed, i).cmp(&word(&other.packed, i)))
+                .find(|o| o.is_ne())
+                .unwrap_or(Ordering::Equal)
+        })
     }
 }
 
@@ -264,6 +303,20 @@ mod tests {
             prop_assert_eq!(x == y, reference_cmp(&a, &b) == Ordering::Equal);
         }
 
+        /// Numbers of one length that differ in one digit, anywhere.
+        #[test]
+        fn one_digit_apart_order_by_that_digit(
+            a in "[1-9][0-9]{0,127}",
+            at in any::<prop::sample::Index>(),
+            digit in 0u8..=9,
+        ) {
+            let at = at.index(a.len());
+            let mut b = a.clone().into_bytes();
+            b[at] = if at == 0 { b'1' + digit % 9 } else { b'0' + digit };
+            let b = String::from_utf8(b).unwrap();
+            prop_assert_eq!(num(&a).cmp(&num(&b)), a.cmp(&b));
+        }
+
         #[test]
         fn display_round_trips(a in "[1-9][0-9]{0,127}") {
             prop_assert_eq!(num(&a).to_string(), a.clone());
@@ -287,6 +340,25 @@ mod tests {
             if valid {
                 prop_assert_eq!(SequenceNumber::parse(&s).unwrap().to_string(), if digits.is_empty() { "0" } else { digits });
             }
+        }
+
+        /// A digit string with one character replaced, at any place of the eight-digit groups
+        /// and of the digits after them: the characters just above '9' (whose high nibble is
+        /// also 3), just below '0', and any other.
+        #[test]
+        fn one_wrong_character_anywhere_is_rejected(
+            digits in "[1-9][0-9]{0,127}",
+            at in any::<prop::sample::Index>(),
+            wrong in prop_oneof![
+                prop::sample::select(vec![':', ';', '<', '=', '>', '?', '/', ' ', '\u{0}']),
+                any::<char>().prop_filter("not a digit", |c| !c.is_ascii_digit()),
+            ],
+        ) {
+            let at = at.index(digits.len());
+            let mut s = digits.clone();
+            s.replace_range(at..at + 1, wrong.encode_utf8(&mut [0; 4]));
+            let err = SequenceNumber::parse(&s).unwrap_err();
+            prop_assert!(err.reason.contains("not a decimal digit"), "{}", err);
         }
 
         #[test]

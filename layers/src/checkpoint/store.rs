@@ -1,5 +1,6 @@
 //! The `CheckpointStore` trait and the `Checkpointer` handle that binds a store to a namespace.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -9,7 +10,7 @@ use tokio::sync::watch;
 
 use super::metrics::CheckpointMetrics;
 use super::Checkpoint;
-use crate::record::Record;
+use crate::record::{Record, ShardId};
 use crate::BoxError;
 
 /// What a [`CheckpointStore::set`] did.
@@ -395,16 +396,32 @@ impl Checkpointer {
         &self,
         records: impl IntoIterator<Item = &'a Record>,
     ) -> Result<(), StoreError> {
-        let mut last: HashMap<&str, Checkpoint> = HashMap::new();
+        // The greatest checkpoint of each shard, in the order the shards first appear. Records
+        // come in runs of one shard: only a record of another shard than the one before looks
+        // its shard up (shard ids that are clones of one another compare by pointer).
+        let mut last: Vec<(&ShardId, Checkpoint)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut current = 0;
         for record in records {
-            let c = record.checkpoint();
-            last.entry(&record.shard_id)
-                .and_modify(|prev| {
-                    if c > *prev {
-                        *prev = c
+            let checkpoint = record.checkpoint();
+            if last
+                .get(current)
+                .is_none_or(|(shard, _)| **shard != record.shard_id)
+            {
+                match index.entry(&record.shard_id) {
+                    Entry::Occupied(entry) => current = *entry.get(),
+                    Entry::Vacant(entry) => {
+                        current = last.len();
+                        entry.insert(current);
+                        last.push((&record.shard_id, checkpoint));
+                        continue;
                     }
-                })
-                .or_insert(c);
+                }
+            }
+            let greatest = &mut last[current].1;
+            if checkpoint > *greatest {
+                *greatest = checkpoint;
+            }
         }
         for (shard, checkpoint) in last {
             self.set(shard, checkpoint).await?;
@@ -421,8 +438,41 @@ impl Checkpointer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::at;
+    use crate::testing::{at, at_sub};
     use crate::MemoryStore;
+
+    #[tokio::test]
+    async fn commit_all_sets_each_shards_greatest_checkpoint() {
+        let store = Arc::new(MemoryStore::new());
+        let checkpointer = Checkpointer::from_arc(store.clone(), "ns");
+        let record = |shard: &str, sequence: u64, sub: Option<u64>| Record {
+            sub_sequence_number: sub,
+            ..crate::testing::record(shard, sequence)
+        };
+        let records = [
+            record("a", 5, None),
+            record("a", 7, Some(1)),
+            record("b", 3, None),
+            // Back to a shard seen before, behind its greatest so far.
+            record("a", 6, None),
+            record("c", 1, None),
+            record("b", 9, Some(0)),
+            record("b", 9, Some(2)),
+            record("a", 7, Some(0)),
+            record("b", 8, None),
+        ];
+        checkpointer.commit_all(&records).await.unwrap();
+        assert_eq!(checkpointer.get("a").await.unwrap(), Some(at_sub(7, 1)));
+        assert_eq!(checkpointer.get("b").await.unwrap(), Some(at_sub(9, 2)));
+        assert_eq!(checkpointer.get("c").await.unwrap(), Some(at(1)));
+        // A later commit of smaller checkpoints moves nothing back.
+        checkpointer
+            .commit_all(&[record("a", 2, None), record("c", 0, None)])
+            .await
+            .unwrap();
+        assert_eq!(checkpointer.get("a").await.unwrap(), Some(at_sub(7, 1)));
+        assert_eq!(checkpointer.get("c").await.unwrap(), Some(at(1)));
+    }
 
     #[tokio::test]
     async fn an_ended_shard_becomes_shard_end_once_its_last_record_is_checkpointed() {

@@ -9,7 +9,6 @@ use aws_sdk_kinesis::config::http::HttpResponse;
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_sdk_kinesis::Client;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use kinesis_tower_layers::{Record, SequenceNumber, ShardId};
 
@@ -103,7 +102,7 @@ fn convert_record(
         sub_sequence_number: None,
         partition_key: record.partition_key.unwrap_or_default().into(),
         explicit_hash_key: None,
-        data: Bytes::from(record.data.into_inner()),
+        data: record.data.into_bytes(),
         approximate_arrival_timestamp: record
             .approximate_arrival_timestamp
             .and_then(|t| SystemTime::try_from(t).ok()),
