@@ -346,27 +346,41 @@ fn parent() {
     let _ = emulator.kill();
     let _ = emulator.wait();
 
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(|a, b| a.total_cmp(b));
+        values[values.len() / 2]
+    };
     // The median of each column, over the rounds.
     let medians: Vec<[f64; 6]> = results
         .iter()
         .map(|rows| {
-            std::array::from_fn(|column| {
-                let mut values: Vec<f64> = rows.iter().map(|row| row[column]).collect();
-                values.sort_by(|a, b| a.total_cmp(b));
-                values[values.len() / 2]
-            })
+            std::array::from_fn(|column| median(rows.iter().map(|row| row[column]).collect()))
+        })
+        .collect();
+    // Each round's CPU against the bare loop's of the same round: the machine's speed drifts
+    // from round to round, a ratio within one round much less.
+    let ratios: Vec<Vec<f64>> = results
+        .iter()
+        .map(|rows| {
+            rows.iter()
+                .zip(&results[0])
+                .map(|(row, bare)| row[0] / bare[0])
+                .collect()
         })
         .collect();
     println!(
         "client_cpu: {records} records of 100 B over {SHARDS} shards, emulator in its own process, medians of {rounds} interleaved rounds"
     );
-    println!("| consumer | client CPU per record | ratio to the bare loop | user / system | page faults per 1,000 records | context switches per 1,000 records | peak RSS |");
+    println!("| consumer | client CPU per record | ratio to the bare loop of the same round: median (lowest – highest) | user / system | page faults per 1,000 records | context switches per 1,000 records | peak RSS |");
     println!("|---|---|---|---|---|---|---|");
-    for (variant, m) in VARIANTS.iter().zip(&medians) {
+    for ((variant, m), ratios) in VARIANTS.iter().zip(&medians).zip(ratios) {
+        let (lowest, highest) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
         println!(
-            "| {variant} | {:.2} µs | {:.2}x | {:.2} / {:.2} µs | {:.1} | {:.2} | {:.0} MiB |",
+            "| {variant} | {:.2} µs | {:.2}x ({lowest:.2} – {highest:.2}) | {:.2} / {:.2} µs | {:.1} | {:.2} | {:.0} MiB |",
             m[0] / 1000.0,
-            m[0] / medians[0][0],
+            median(ratios),
             m[1] / 1000.0,
             m[2] / 1000.0,
             m[3],
