@@ -72,6 +72,8 @@ impl Spent {
                 .parse::<u64>()
                 .expect("a number in /proc/self/stat")
         };
+        // Of the threads alive now: a thread that ended took its count with it (the runtime's
+        // threads live as long as the consumer).
         let mut switches = 0;
         for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task") {
             let status = std::fs::read_to_string(task.unwrap().path().join("status"));
@@ -285,7 +287,7 @@ fn parent() {
             .env("KT_STREAM", &stream)
             .env("RECORDS", records.to_string())
             .status()
-            .expect("run the profiler (is perf or valgrind installed?)");
+            .expect("run the profiler (is perf, valgrind or strace installed?)");
         let _ = emulator.kill();
         let _ = emulator.wait();
         assert!(status.success(), "the profiler failed");

@@ -232,13 +232,16 @@ async fn crash_and_restart_from(source: &Source, store: &str, flush: Duration) {
     child.wait().unwrap();
     delete_stream(&client, &stream).await;
 
-    // Every run's records: a record handled again must have been handled first within
-    // `flush + SLACK` before the kill that preceded the run.
+    // Every run's records: a record handled again must have been handled last within
+    // `flush + SLACK` before the kill that ended the run it was handled in. (That is not always
+    // the kill just before the run that handles it again: a run in between may not have come to
+    // its shard, e.g. while the killed process's fan-out subscription still held it.)
     let lines = read_log(&log);
     let bound = (flush + SLACK).as_micros();
-    // When each record was last handled (a record may come again after each of several kills,
-    // e.g. when its shard's first batch of a run was handled just before that run's kill).
-    let mut last_seen: HashMap<&(String, String, String), u128> = HashMap::new();
+    // When, and in which run, each record was last handled (a record may come again after each
+    // of several kills, e.g. when its shard's first batch of a run was handled just before that
+    // run's kill).
+    let mut last_seen: HashMap<&(String, String, String), (u128, usize)> = HashMap::new();
     let mut duplicates = 0;
     let mut run_start = 0;
     for (run, end) in kills.iter().map(|k| k.0).chain([lines.len()]).enumerate() {
@@ -249,18 +252,19 @@ async fn crash_and_restart_from(source: &Source, store: &str, flush: Duration) {
                 "{:?} handled twice in run {run} (no crash between)",
                 line.key
             );
-            if let Some(&last) = last_seen.get(&line.key) {
+            if let Some(&(last, last_run)) = last_seen.get(&line.key) {
                 duplicates += 1;
-                let (_, kill) = kills[run - 1];
+                let (_, kill) = kills[last_run];
                 assert!(
                     last + bound >= kill,
-                    "{:?} handled again after the kill at {kill}: last handled {} ms before it, \
-                     more than the flush interval {flush:?} + {SLACK:?} — its checkpoint should have been written",
+                    "{:?} handled again in run {run} after the kill at {kill} that ended run {last_run}: \
+                     last handled {} ms before it, more than the flush interval {flush:?} + {SLACK:?} — \
+                     its checkpoint should have been written",
                     line.key,
                     (kill - last) / 1000
                 );
             }
-            last_seen.insert(&line.key, line.micros);
+            last_seen.insert(&line.key, (line.micros, run));
         }
         run_start = end;
     }

@@ -462,6 +462,9 @@ mod tests {
             record("b", 8, None),
         ];
         checkpointer.commit_all(&records).await.unwrap();
+        // One write per shard, of its greatest checkpoint (the store would also refuse a
+        // smaller one, so the count is what shows it).
+        assert_eq!(checkpointer.progress_writes(), 3);
         assert_eq!(checkpointer.get("a").await.unwrap(), Some(at_sub(7, 1)));
         assert_eq!(checkpointer.get("b").await.unwrap(), Some(at_sub(9, 2)));
         assert_eq!(checkpointer.get("c").await.unwrap(), Some(at(1)));
