@@ -160,9 +160,9 @@ fn pack_eight(chars: [u8; 8]) -> ([u8; 4], bool) {
 impl Ord for SequenceNumber {
     fn cmp(&self, other: &Self) -> Ordering {
         // Both are normalised (no leading zeros) and unused nibbles are zero, so the number of
-        // digits decides first and the packed bytes compare like the digits.
-        // Of equal lengths, only the bytes that hold digits can differ: compared eight at a
-        // time (sixteen digits), as big-endian words.
+        // digits decides first and the packed bytes compare like the digits; of equal lengths,
+        // only the bytes that hold digits can differ: compared eight at a time (sixteen digits),
+        // as big-endian words.
         self.len.cmp(&other.len).then_with(|| {
             let words = (self.len as usize).div_ceil(16);
             let word = |packed: &[u8; MAX_DIGITS / 2], i: usize| {
