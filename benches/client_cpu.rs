@@ -216,6 +216,22 @@ fn consumer() {
     );
 }
 
+/// Makes `command` (this binary, or a profiler running it) a consumer of `variant`.
+fn consumer_role<'a>(
+    command: &'a mut Command,
+    variant: &str,
+    endpoint: &str,
+    stream: &str,
+    records: u64,
+) -> &'a mut Command {
+    command
+        .env("KT_ROLE", "consumer")
+        .env("KT_VARIANT", variant)
+        .env("KT_ENDPOINT", endpoint)
+        .env("KT_STREAM", stream)
+        .env("RECORDS", records.to_string())
+}
+
 fn parent() {
     let records = env_or("RECORDS", 1_000_000);
     let rounds = env_or("ROUNDS", 5);
@@ -241,31 +257,35 @@ fn parent() {
     });
 
     if let Ok(variant) = std::env::var("PROFILE") {
-        // One consumer of that variant under `perf record`, instead of the rounds.
-        // `PROFILER=callgrind` counts instructions instead (repeatable, user space only);
-        // `PROFILER=strace` counts system calls; `PROFILER=faults` records where page faults
-        // happen.
+        // One consumer of that variant under a profiler, instead of the rounds: `perf record`
+        // by default; `PROFILER=callgrind` counts instructions (repeatable, user space only),
+        // `PROFILER=strace` system calls, `PROFILER=faults` records where page faults happen.
         let profiler_name = std::env::var("PROFILER").unwrap_or_else(|_| "perf".to_owned());
         let data = format!("/tmp/client_cpu-{variant}.{profiler_name}.out");
-        let mut profiler = match profiler_name.as_str() {
-            "callgrind" => {
-                let mut valgrind = Command::new("valgrind");
-                valgrind.args(["--tool=callgrind", &format!("--callgrind-out-file={data}")]);
-                valgrind
-            }
-            "strace" => {
-                let mut strace = Command::new("strace");
-                strace.args(["-f", "-c", "-o", &data, "--"]);
-                strace
-            }
-            "perf" => {
-                let mut perf = Command::new("perf");
-                perf.args(["record", "-F", "999", "-g", "-o", &data, "--"]);
-                perf
-            }
-            "faults" => {
-                let mut perf = Command::new("perf");
-                perf.args([
+        let (program, args, read_it): (&str, Vec<String>, String) = match profiler_name.as_str() {
+            "callgrind" => (
+                "valgrind",
+                vec![
+                    "--tool=callgrind".into(),
+                    format!("--callgrind-out-file={data}"),
+                ],
+                format!("callgrind_annotate {data}"),
+            ),
+            "strace" => (
+                "strace",
+                ["-f", "-c", "-o", &data, "--"].map(String::from).into(),
+                format!("cat {data}"),
+            ),
+            "perf" => (
+                "perf",
+                ["record", "-F", "999", "-g", "-o", &data, "--"]
+                    .map(String::from)
+                    .into(),
+                format!("perf report -i {data} --no-children"),
+            ),
+            "faults" => (
+                "perf",
+                [
                     "record",
                     "-e",
                     "page-faults",
@@ -274,28 +294,21 @@ fn parent() {
                     "-o",
                     &data,
                     "--",
-                ]);
-                perf
-            }
+                ]
+                .map(String::from)
+                .into(),
+                format!("perf report -i {data} --no-children"),
+            ),
             other => panic!("PROFILER={other}: perf, faults, callgrind or strace"),
         };
-        let status = profiler
-            .arg(&exe)
-            .env("KT_ROLE", "consumer")
-            .env("KT_VARIANT", &variant)
-            .env("KT_ENDPOINT", &endpoint)
-            .env("KT_STREAM", &stream)
-            .env("RECORDS", records.to_string())
+        let mut profiler = Command::new(program);
+        profiler.args(args).arg(&exe);
+        let status = consumer_role(&mut profiler, &variant, &endpoint, &stream, records)
             .status()
             .expect("run the profiler (is perf, valgrind or strace installed?)");
         let _ = emulator.kill();
         let _ = emulator.wait();
         assert!(status.success(), "the profiler failed");
-        let read_it = match profiler_name.as_str() {
-            "callgrind" => format!("callgrind_annotate {data}"),
-            "strace" => format!("cat {data}"),
-            _ => format!("perf report -i {data} --no-children"),
-        };
         println!("profile of {variant} in {data}: {read_it}");
         return;
     }
@@ -305,14 +318,15 @@ fn parent() {
     let mut results: Vec<Vec<[f64; 6]>> = vec![Vec::new(); VARIANTS.len()];
     for round in 0..rounds {
         for (i, variant) in VARIANTS.iter().enumerate() {
-            let out = Command::new(&exe)
-                .env("KT_ROLE", "consumer")
-                .env("KT_VARIANT", variant)
-                .env("KT_ENDPOINT", &endpoint)
-                .env("KT_STREAM", &stream)
-                .env("RECORDS", records.to_string())
-                .output()
-                .expect("run a consumer process");
+            let out = consumer_role(
+                &mut Command::new(&exe),
+                variant,
+                &endpoint,
+                &stream,
+                records,
+            )
+            .output()
+            .expect("run a consumer process");
             assert!(
                 out.status.success(),
                 "{variant}: {}",
