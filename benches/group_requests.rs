@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use kinesis_tower::group::{ConsumerGroup, DynamoDbLeases, Lease, LeaseBackend, LeaseError};
 use kinesis_tower::{service_fn, Batch, BoxError, Checkpoint, Consumer, StartPosition};
 
-const KINDS: [&str; 7] = [
+const KINDS: [&str; 8] = [
     "list (Scan)",
     "create",
     "claim",
@@ -25,12 +25,13 @@ const KINDS: [&str; 7] = [
     "checkpoint",
     "release",
     "request handoff",
+    "withdraw handoff",
 ];
 
 /// Counts each request by kind, then forwards it.
 struct Counting {
     inner: DynamoDbLeases,
-    counts: Arc<[AtomicU64; 7]>,
+    counts: Arc<[AtomicU64; 8]>,
 }
 
 impl Counting {
@@ -91,6 +92,10 @@ impl LeaseBackend for Counting {
         self.count(6);
         self.inner.request_handoff(key, owner, worker).await
     }
+    async fn withdraw_handoff(&self, key: &str, worker: &str) -> Result<bool, LeaseError> {
+        self.count(7);
+        self.inner.withdraw_handoff(key, worker).await
+    }
 }
 
 fn main() {
@@ -111,7 +116,7 @@ fn main() {
         let leases = DynamoDbLeases::new(dynamodb.clone(), &table).unwrap();
         leases.create_table().await.unwrap();
 
-        let counts: Arc<[AtomicU64; 7]> = Arc::new(Default::default());
+        let counts: Arc<[AtomicU64; 8]> = Arc::new(Default::default());
         let handled = Arc::new(AtomicU64::new(0));
         let mut groups = Vec::new();
         let mut runs = Vec::new();

@@ -127,6 +127,43 @@ async fn conformance(backend: &dyn LeaseBackend) {
     );
     let lease = find(&backend.list().await.unwrap(), shard);
     assert_eq!((lease.counter, lease.handoff_to.as_deref()), (c, Some("b")));
+
+    // Only the requester withdraws its request; the counter does not move. A withdrawn
+    // request is not answered: the handoff to b is refused, a release to nobody is not.
+    assert!(!backend.withdraw_handoff(shard, "c").await.unwrap());
+    assert!(!backend
+        .withdraw_handoff("no-such-lease", "b")
+        .await
+        .unwrap());
+    assert!(
+        !backend
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|l| l.key == "no-such-lease"),
+        "withdrawing on a missing lease must not create it"
+    );
+    assert!(backend.withdraw_handoff(shard, "b").await.unwrap());
+    assert!(
+        !backend.withdraw_handoff(shard, "b").await.unwrap(),
+        "withdrawn already"
+    );
+    let lease = find(&backend.list().await.unwrap(), shard);
+    assert_eq!((lease.counter, lease.handoff_to.as_deref()), (c, None));
+    assert!(
+        !backend.release(shard, "a", c, Some("b")).await.unwrap(),
+        "b withdrew its request"
+    );
+    assert!(backend.request_handoff(shard, "a", "c").await.unwrap());
+    assert!(
+        !backend.release(shard, "a", c, Some("b")).await.unwrap(),
+        "the request is c's, not b's"
+    );
+    assert!(backend.withdraw_handoff(shard, "c").await.unwrap());
+    assert!(backend.request_handoff(shard, "a", "b").await.unwrap());
+    let lease = find(&backend.list().await.unwrap(), shard);
+    assert_eq!((lease.counter, lease.owner.as_deref()), (c, Some("a")));
     assert!(backend.renew(shard, "a", c).await.unwrap());
     let c = c + 1;
 

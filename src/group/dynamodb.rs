@@ -494,6 +494,7 @@ impl LeaseBackend for DynamoDbLeases {
         let update = match to {
             None => update.update_expression("SET leaseCounter = :next REMOVE leaseOwner, handoffTo"),
             Some(to) => update
+                .condition_expression("leaseOwner = :me AND leaseCounter = :c AND handoffTo = :to")
                 .update_expression(
                     "SET leaseCounter = :next, leaseOwner = :to, \
                      ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one \
@@ -522,6 +523,18 @@ impl LeaseBackend for DynamoDbLeases {
             .expression_attribute_values(":owner", s(owner))
             .expression_attribute_values(":me", s(worker));
         self.conditional("request handoff", key, update).await
+    }
+
+    async fn withdraw_handoff(&self, key: &str, worker: &str) -> Result<bool, LeaseError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("leaseKey", s(key))
+            .update_expression("REMOVE handoffTo")
+            .condition_expression("handoffTo = :me")
+            .expression_attribute_values(":me", s(worker));
+        self.conditional("withdraw handoff", key, update).await
     }
 }
 

@@ -150,9 +150,10 @@ pub trait LeaseBackend: Send + Sync + 'static {
         checkpoint: Checkpoint,
     ) -> Result<bool, LeaseError>;
 
-    /// Lets a held lease go (counter + 1, the handoff request cleared): to nobody, or straight
-    /// to `to` (a cooperative handoff: `owner_switches` + 1), if `worker` still holds it at
-    /// `counter`. Answers whether it did.
+    /// Lets a held lease go (counter + 1, the handoff request cleared), if `worker` still holds
+    /// it at `counter`: to nobody, or straight to `to` (a cooperative handoff:
+    /// `owner_switches` + 1), which also requires that the lease's handoff request is still
+    /// `to`'s (a withdrawn request is not answered). Answers whether it did.
     async fn release(
         &self,
         key: &str,
@@ -170,6 +171,11 @@ pub trait LeaseBackend: Send + Sync + 'static {
         owner: &str,
         worker: &str,
     ) -> Result<bool, LeaseError>;
+
+    /// Withdraws `worker`'s handoff request on the lease, if the request there is still
+    /// `worker`'s: a worker that stops must not be handed leases it will never read. The
+    /// counter does not move. Answers whether a request was withdrawn.
+    async fn withdraw_handoff(&self, key: &str, worker: &str) -> Result<bool, LeaseError>;
 }
 
 macro_rules! forward {
@@ -216,6 +222,9 @@ macro_rules! forward {
                 worker: &str,
             ) -> Result<bool, LeaseError> {
                 (**self).request_handoff(key, owner, worker).await
+            }
+            async fn withdraw_handoff(&self, key: &str, worker: &str) -> Result<bool, LeaseError> {
+                (**self).withdraw_handoff(key, worker).await
             }
         }
     )*};

@@ -98,12 +98,21 @@ impl LeaseBackend for MemoryLeases {
         counter: u64,
         to: Option<&str>,
     ) -> Result<bool, LeaseError> {
-        Ok(self.if_held(key, worker, counter, |lease| {
-            lease.owner = to.map(str::to_owned);
-            if to.is_some() {
-                lease.owner_switches += 1;
+        Ok(self.with(|table| match table.get_mut(key) {
+            Some(lease)
+                if lease.is_owned_by(worker)
+                    && lease.counter == counter
+                    && (to.is_none() || lease.handoff_to.as_deref() == to) =>
+            {
+                lease.owner = to.map(str::to_owned);
+                if to.is_some() {
+                    lease.owner_switches += 1;
+                }
+                lease.handoff_to = None;
+                lease.counter += 1;
+                true
             }
-            lease.handoff_to = None;
+            _ => false,
         }))
     }
 
@@ -116,6 +125,16 @@ impl LeaseBackend for MemoryLeases {
         Ok(self.with(|table| match table.get_mut(key) {
             Some(lease) if lease.is_owned_by(owner) && lease.handoff_to.is_none() => {
                 lease.handoff_to = Some(worker.to_owned());
+                true
+            }
+            _ => false,
+        }))
+    }
+
+    async fn withdraw_handoff(&self, key: &str, worker: &str) -> Result<bool, LeaseError> {
+        Ok(self.with(|table| match table.get_mut(key) {
+            Some(lease) if lease.handoff_to.as_deref() == Some(worker) => {
+                lease.handoff_to = None;
                 true
             }
             _ => false,

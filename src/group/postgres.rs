@@ -55,6 +55,7 @@ struct Queries {
     checkpoint: String,
     release: String,
     request_handoff: String,
+    withdraw_handoff: String,
 }
 
 const COLUMNS: &str =
@@ -103,11 +104,15 @@ impl Queries {
                 "UPDATE {t} SET lease_counter = lease_counter + 1, lease_owner = $5,
                     owner_switches = owner_switches + CASE WHEN $5::text IS NULL THEN 0 ELSE 1 END,
                     handoff_to = NULL, updated_at = now()
-                 WHERE {held}"
+                 WHERE {held} AND ($5::text IS NULL OR handoff_to = $5)"
             ),
             request_handoff: format!(
                 "UPDATE {t} SET handoff_to = $4
                  WHERE group_name = $1 AND lease_key = $2 AND lease_owner = $3 AND handoff_to IS NULL"
+            ),
+            withdraw_handoff: format!(
+                "UPDATE {t} SET handoff_to = NULL
+                 WHERE group_name = $1 AND lease_key = $2 AND handoff_to = $3"
             ),
         }
     }
@@ -328,5 +333,13 @@ impl LeaseBackend for PostgresLeases {
             .bind(owner)
             .bind(worker);
         self.execute("request handoff", key, query).await
+    }
+
+    async fn withdraw_handoff(&self, key: &str, worker: &str) -> Result<bool, LeaseError> {
+        let query = sqlx::query(&self.sql.withdraw_handoff)
+            .bind(&*self.group)
+            .bind(key)
+            .bind(worker);
+        self.execute("withdraw handoff", key, query).await
     }
 }

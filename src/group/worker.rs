@@ -417,7 +417,7 @@ impl Worker {
         self.started.remove(&key);
         match self.letting.remove(&key) {
             Some(Letting::HandOff(to)) => {
-                if self.release(&key, Some(&to)).await {
+                if self.release(&key, Some(&to)).await == Released::HandedOver {
                     metrics::counter!(LEASE_HANDOFFS_TOTAL, self.labels.clone()).increment(1);
                 }
             }
@@ -426,15 +426,20 @@ impl Worker {
         metrics::gauge!(LEASES_HELD, self.labels.clone()).set(self.leases.count() as f64);
     }
 
-    /// Writes the lease's pending checkpoint, then lets it go (to `to`, or to nobody). True if
-    /// the release was written.
-    async fn release(&mut self, key: &str, to: Option<&str>) -> bool {
+    /// Writes the lease's pending checkpoint, then lets it go (to `to`, or to nobody).
+    async fn release(&mut self, key: &str, to: Option<&str>) -> Released {
         self.started.remove(key);
         release(&self.leases, &self.stream, key, to).await
     }
 
     /// The consumer stopped and flushed: let every lease go so others take over at once.
+    ///
+    /// First this worker withdraws its handoff requests: after that no owner can hand it a
+    /// lease. A lease handed over before the withdrawal but never taken up (the run was
+    /// stopping) is found by a listing after it and released too, or it would stay with a
+    /// worker that is gone until it expired.
     async fn release_all(&mut self) {
+        self.withdraw_requests().await;
         let keys: Vec<String> = self.leases.all().into_iter().map(|(k, _)| k).collect();
         let mut releases = Vec::new();
         for key in keys {
@@ -457,15 +462,85 @@ impl Worker {
                 .map(|(key, to)| release(leases, stream, key, to.as_deref())),
         )
         .await;
+        self.release_handed_over(&releases).await;
         metrics::gauge!(LEASES_HELD, self.labels.clone()).set(0.0);
+    }
+
+    /// Withdraws every handoff request of this worker that the table shows (or, if it cannot
+    /// be listed, those this worker knows it made).
+    async fn withdraw_requests(&mut self) {
+        let me = &*self.leases.worker;
+        let keys: Vec<String> = match self.leases.backend.list().await {
+            Ok(table) => table
+                .into_iter()
+                .filter(|lease| lease.handoff_to.as_deref() == Some(me))
+                .map(|lease| lease.key)
+                .collect(),
+            Err(error) => {
+                tracing::warn!(worker = %me, %error, "listing the lease table before release failed; withdrawing the handoff requests this worker knows of");
+                self.asked.iter().cloned().collect()
+            }
+        };
+        let backend = &self.leases.backend;
+        let withdrawn =
+            futures::future::join_all(keys.iter().map(|key| backend.withdraw_handoff(key, me)))
+                .await;
+        for (key, withdrawn) in keys.iter().zip(withdrawn) {
+            if let Err(error) = withdrawn {
+                tracing::warn!(worker = %me, shard = %key, %error, "withdrawing a handoff request failed; if the owner hands the lease over now, it expires after the lease duration");
+            }
+        }
+        self.asked.clear();
+    }
+
+    /// Releases the leases the table shows owned by this worker that it did not hold when it
+    /// began releasing (handed over while it was stopping).
+    async fn release_handed_over(&self, released: &[(String, Option<String>)]) {
+        let me = &*self.leases.worker;
+        let table = match self.leases.backend.list().await {
+            Ok(table) => table,
+            Err(error) => {
+                tracing::warn!(worker = %me, %error, "listing the lease table after release failed; a lease handed over while stopping expires after the lease duration");
+                return;
+            }
+        };
+        let handed: Vec<Lease> = table
+            .into_iter()
+            .filter(|lease| lease.is_owned_by(me) && !released.iter().any(|(k, _)| *k == lease.key))
+            .collect();
+        let leases = &self.leases;
+        let results = futures::future::join_all(
+            handed
+                .iter()
+                .map(|lease| release_at(leases, &lease.key, lease.counter, None)),
+        )
+        .await;
+        for (lease, released) in handed.iter().zip(results) {
+            if released == Released::ToNobody {
+                tracing::info!(worker = %me, shard = %lease.key, to = "nobody", stream = %self.stream, "a lease handed over while stopping released");
+            }
+        }
     }
 }
 
+/// What a release did.
+#[derive(Debug, PartialEq, Eq)]
+enum Released {
+    /// Handed straight to the worker that asked for it.
+    HandedOver,
+    /// Let go to nobody: anyone may claim it.
+    ToNobody,
+    /// Not written (the lease is lost, or the write failed): it expires after the lease
+    /// duration unless it is another worker's already.
+    No,
+}
+
 /// Writes the lease's pending checkpoint, then lets it go (to `to`, or to nobody), and stops
-/// holding it. True if the release was written.
-async fn release(leases: &Leases, stream: &str, key: &str, to: Option<&str>) -> bool {
+/// holding it. A handoff whose request was withdrawn (the requester is stopping) lets the
+/// lease go to nobody instead.
+async fn release(leases: &Leases, stream: &str, key: &str, to: Option<&str>) -> Released {
     let Some(held) = leases.get(key) else {
-        return false;
+        return Released::No;
     };
     let released = {
         let mut state = held.state.lock().await;
@@ -476,35 +551,52 @@ async fn release(leases: &Leases, stream: &str, key: &str, to: Option<&str>) -> 
         };
         match flushed {
             Ok(Written::Done) if state.lost.is_none() => {
-                let counter = state.counter;
-                match leases
-                    .backend
-                    .release(key, &leases.worker, counter, to)
-                    .await
-                {
-                    Ok(true) => {
-                        state.lost = Some("released".to_owned());
-                        true
-                    }
-                    Ok(false) => false,
-                    Err(error) => {
-                        tracing::warn!(worker = %leases.worker, shard = %key, %error, "releasing the lease failed; it expires after the lease duration");
-                        false
-                    }
+                let released = release_at(leases, key, state.counter, to).await;
+                if released != Released::No {
+                    state.lost = Some("released".to_owned());
                 }
+                released
             }
-            Ok(_) => false,
+            Ok(_) => Released::No,
             Err(error) => {
                 tracing::warn!(worker = %leases.worker, shard = %key, %error, "writing the last checkpoint before release failed; the lease expires after the lease duration");
-                false
+                Released::No
             }
         }
     };
     leases.remove(key);
-    if released {
-        tracing::info!(worker = %leases.worker, shard = %key, to = to.unwrap_or("nobody"), %stream, "lease released");
+    match (&released, to) {
+        (Released::HandedOver, Some(to)) => {
+            tracing::info!(worker = %leases.worker, shard = %key, %to, %stream, "lease handed over");
+        }
+        (Released::ToNobody, _) => {
+            tracing::info!(worker = %leases.worker, shard = %key, to = "nobody", %stream, "lease released");
+        }
+        _ => {}
     }
     released
+}
+
+/// The release write of a lease held at `counter`: to `to` if its request still stands,
+/// otherwise to nobody.
+async fn release_at(leases: &Leases, key: &str, counter: u64, to: Option<&str>) -> Released {
+    let me = &*leases.worker;
+    let mut to_nobody = to.is_none();
+    let mut written = leases.backend.release(key, me, counter, to).await;
+    if let (Some(to), Ok(false)) = (to, &written) {
+        tracing::info!(worker = %me, shard = %key, %to, "the handoff request was withdrawn (the requester is stopping); releasing to nobody");
+        to_nobody = true;
+        written = leases.backend.release(key, me, counter, None).await;
+    }
+    match written {
+        Ok(true) if to_nobody => Released::ToNobody,
+        Ok(true) => Released::HandedOver,
+        Ok(false) => Released::No,
+        Err(error) => {
+            tracing::warn!(worker = %me, shard = %key, %error, "releasing the lease failed; it expires after the lease duration");
+            Released::No
+        }
+    }
 }
 
 /// Creates the lease row of a shard that may start, unless it exists; a failure is tried
