@@ -20,7 +20,7 @@
 #[path = "support/cli.rs"]
 mod cli;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| EnvFilter::new("kinesis_tower=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = cli::aws_config().await?;
     let leases = backend(&args, &config)
