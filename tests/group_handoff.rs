@@ -4,8 +4,8 @@
 //! (127.0.0.1:4568) or PostgreSQL (127.0.0.1:5432); each scenario runs against both.
 //!
 //! The owner's handler holds its in-flight batches behind a gate per shard, so the test
-//! decides when each handoff completes: before the requester stops (handed over while it is
-//! stopping) or after (its request must be withdrawn).
+//! decides when each handoff can complete: after the requester has stopped (its request
+//! must have been withdrawn), or while it stops.
 #![cfg(all(feature = "dynamodb", feature = "postgres"))]
 
 mod common;
@@ -320,7 +320,7 @@ async fn requester_leaves_before_the_handoff(backend: Backend) {
     world.put_on(&asked[0]).await;
     a.open_all();
     let taken = until(TAKEN_AGAIN, "a reads the asked shard again", || async {
-        a.handled(&asked[0]) == 2
+        a.handled(&asked[0]) >= 2
     })
     .await;
     assert!(
@@ -331,8 +331,11 @@ async fn requester_leaves_before_the_handoff(backend: Backend) {
     world.finish(vec![a, c]).await;
 }
 
-/// The owner hands a lease over while the requester is stopping (draining its own in-flight
-/// batch): the requester releases that lease too before its run ends.
+/// The owner finishes a requested shard while the requester is stopping (draining its own
+/// in-flight batch): the lease is handed over and the stopping requester releases it, or the
+/// requester withdrew first and the owner lets it go; either way nobody but the owner holds
+/// it once the requester's run has ended, and the shard is read again. (Which of the two
+/// happens is a race; `src/group/worker.rs`'s unit tests take each path on purpose.)
 async fn handed_over_while_the_requester_stops(backend: Backend) {
     let world = World::new(backend, "during", 3).await;
     world.put_everywhere().await;
@@ -368,13 +371,15 @@ async fn handed_over_while_the_requester_stops(backend: Backend) {
         || async { c.waiting.load(Ordering::SeqCst) == 1 },
     )
     .await;
-    // c stops; its drain waits for that batch. Meanwhile a hands it the second lease.
+    // c stops; its drain waits for that batch. Meanwhile a finishes the second shard and
+    // hands it over, unless c's first round while stopping withdrew the request first (then a
+    // lets it go to nobody): either way c must not keep it.
     c.signal_stop();
     a.open(&second);
     until(
         Duration::from_secs(10),
-        "the second lease is handed to c",
-        || async { world.owned_by("c").await.contains(&second) },
+        "a finishes the second shard",
+        || async { a.handled(&second) >= 1 },
     )
     .await;
     c.open_all();
@@ -387,10 +392,10 @@ async fn handed_over_while_the_requester_stops(backend: Backend) {
     world.put_on(&second).await;
     a.open_all();
     let taken = until(TAKEN_AGAIN, "a reads the second shard again", || async {
-        a.handled(&second) == 2
+        a.handled(&second) >= 2
     })
     .await;
-    eprintln!("[figure] {backend:?}: a lease handed over while the requester stopped; a read that shard again after {taken:?}");
+    eprintln!("[figure] {backend:?}: the requester stopped while a finished the shard; a read it again after {taken:?}");
     world.finish(vec![a, c]).await;
 }
 

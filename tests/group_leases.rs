@@ -160,7 +160,19 @@ async fn conformance(backend: &dyn LeaseBackend) {
         !backend.release(shard, "a", c, Some("b")).await.unwrap(),
         "the request is c's, not b's"
     );
-    assert!(backend.withdraw_handoff(shard, "c").await.unwrap());
+    // A release to nobody does not answer a request: it needs none, whoever's stands.
+    assert!(backend.release(shard, "a", c, None).await.unwrap());
+    let lease = find(&backend.list().await.unwrap(), shard);
+    assert_eq!(
+        (lease.owner.as_deref(), lease.handoff_to.as_deref()),
+        (None, None)
+    );
+    assert_eq!(lease.counter, c + 1);
+    // a takes it back and writes its checkpoint again (the owner switches back to 0).
+    let claimed = backend.claim(&lease, "a").await.unwrap().expect("claimed");
+    let c = claimed.counter;
+    assert!(backend.checkpoint(shard, "a", c, at(5)).await.unwrap());
+    let c = c + 1;
     assert!(backend.request_handoff(shard, "a", "b").await.unwrap());
     let lease = find(&backend.list().await.unwrap(), shard);
     assert_eq!((lease.counter, lease.owner.as_deref()), (c, Some("a")));

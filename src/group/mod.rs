@@ -26,9 +26,10 @@
 //! - **Children after parents**, across workers: a child's lease is claimable only when the
 //!   table shows every parent finished.
 //! - **Graceful shutdown releases every lease** after the final checkpoint flush, so others
-//!   take over within one listing. The stopping worker first withdraws its handoff requests
+//!   take over within one listing. A stopping worker at once withdraws its handoff requests
 //!   (an owner still finishing such a shard lets it go to nobody) and releases any lease
-//!   handed to it while it was stopping: none is left with a worker that is gone.
+//!   handed to it meanwhile, so none is left with a worker that has gone (unless the lease
+//!   table fails just then: logged, and the lease expires).
 //!
 //! ```no_run
 //! # #[cfg(feature = "postgres")]

@@ -52,6 +52,8 @@ pub(crate) struct Worker {
     rng: fastrand::Rng,
     /// Handoffs this worker asked for and has not seen through.
     asked: HashSet<String>,
+    /// The run is stopping and this worker's handoff requests were withdrawn.
+    withdrawn: bool,
     labels: Vec<metrics::Label>,
 }
 
@@ -79,6 +81,7 @@ impl Worker {
             liveness: Liveness::default(),
             rng: fastrand::Rng::new(),
             asked: HashSet::new(),
+            withdrawn: false,
             labels,
         }
     }
@@ -189,7 +192,14 @@ impl Worker {
             .stopping
             .load(std::sync::atomic::Ordering::SeqCst)
         {
-            // The consumer takes no new shard: keep what is held alive until it is released.
+            // The consumer takes no new shard: keep what is held alive until it is released,
+            // and at once stop being handed leases (the drain may outlast a lease).
+            if !self.withdrawn {
+                self.withdrawn = true;
+                self.withdraw_requests().await;
+                let held: Vec<String> = self.leases.all().into_iter().map(|(k, _)| k).collect();
+                self.release_handed_over(&held).await;
+            }
             self.renew_due(Instant::now()).await;
             return;
         }
@@ -462,7 +472,8 @@ impl Worker {
                 .map(|(key, to)| release(leases, stream, key, to.as_deref())),
         )
         .await;
-        self.release_handed_over(&releases).await;
+        let released: Vec<String> = releases.into_iter().map(|(key, _)| key).collect();
+        self.release_handed_over(&released).await;
         metrics::gauge!(LEASES_HELD, self.labels.clone()).set(0.0);
     }
 
@@ -493,20 +504,20 @@ impl Worker {
         self.asked.clear();
     }
 
-    /// Releases the leases the table shows owned by this worker that it did not hold when it
-    /// began releasing (handed over while it was stopping).
-    async fn release_handed_over(&self, released: &[(String, Option<String>)]) {
+    /// Releases the leases the table shows owned by this worker but not among `held` (handed
+    /// over while it was stopping, or lost here and still in its name).
+    async fn release_handed_over(&self, held: &[String]) {
         let me = &*self.leases.worker;
         let table = match self.leases.backend.list().await {
             Ok(table) => table,
             Err(error) => {
-                tracing::warn!(worker = %me, %error, "listing the lease table after release failed; a lease handed over while stopping expires after the lease duration");
+                tracing::warn!(worker = %me, %error, "listing the lease table while stopping failed; a lease handed over to this worker meanwhile expires after the lease duration");
                 return;
             }
         };
         let handed: Vec<Lease> = table
             .into_iter()
-            .filter(|lease| lease.is_owned_by(me) && !released.iter().any(|(k, _)| *k == lease.key))
+            .filter(|lease| lease.is_owned_by(me) && !held.contains(&lease.key))
             .collect();
         let leases = &self.leases;
         let results = futures::future::join_all(
@@ -517,7 +528,7 @@ impl Worker {
         .await;
         for (lease, released) in handed.iter().zip(results) {
             if released == Released::ToNobody {
-                tracing::info!(worker = %me, shard = %lease.key, to = "nobody", stream = %self.stream, "a lease handed over while stopping released");
+                tracing::info!(worker = %me, shard = %lease.key, to = "nobody", stream = %self.stream, "a lease in this worker's name but not held here (handed over while stopping) released");
             }
         }
     }
@@ -584,7 +595,7 @@ async fn release_at(leases: &Leases, key: &str, counter: u64, to: Option<&str>) 
     let mut to_nobody = to.is_none();
     let mut written = leases.backend.release(key, me, counter, to).await;
     if let (Some(to), Ok(false)) = (to, &written) {
-        tracing::info!(worker = %me, shard = %key, %to, "the handoff request was withdrawn (the requester is stopping); releasing to nobody");
+        tracing::info!(worker = %me, shard = %key, %to, "handoff refused (the request was withdrawn, or the lease is no longer held at this counter); releasing to nobody");
         to_nobody = true;
         written = leases.backend.release(key, me, counter, None).await;
     }
@@ -606,5 +617,114 @@ async fn create_row(leases: &Leases, start: &ShardStart) {
     let parents = start.parents().iter().map(ToString::to_string).collect();
     if let Err(error) = leases.backend.create(&Lease::new(key, parents)).await {
         tracing::warn!(worker = %leases.worker, shard = %key, %error, "creating the lease failed; trying again at the next listing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::{LeaseBackend, MemoryLeases};
+
+    const LEASE: Duration = Duration::from_secs(10);
+
+    /// A table in memory with `keys` unowned, and worker `me` over it (not running).
+    async fn setup(me: &str, keys: &[&str]) -> (MemoryLeases, Worker) {
+        let table = MemoryLeases::new();
+        for key in keys {
+            table.create(&Lease::new(*key, Vec::new())).await.unwrap();
+        }
+        let settings = GroupSettings::default();
+        let leases = Arc::new(Leases::new(me.to_owned(), Arc::new(table.clone()), LEASE));
+        let (out, _) = mpsc::unbounded_channel();
+        let worker = Worker::new(leases, settings, "stream".to_owned(), out);
+        (table, worker)
+    }
+
+    async fn row(table: &MemoryLeases, key: &str) -> Lease {
+        let rows = table.list().await.unwrap();
+        rows.into_iter().find(|l| l.key == key).unwrap()
+    }
+
+    /// `owner` claims `key` in the table.
+    async fn claim(table: &MemoryLeases, key: &str, owner: &str) -> Lease {
+        let seen = row(table, key).await;
+        table.claim(&seen, owner).await.unwrap().unwrap()
+    }
+
+    /// `from` hands `key` to `to`, as a finished handoff leaves it.
+    async fn hand_over(table: &MemoryLeases, key: &str, from: &str, to: &str) {
+        let held = claim(table, key, from).await;
+        assert!(table.request_handoff(key, from, to).await.unwrap());
+        assert!(table
+            .release(key, from, held.counter, Some(to))
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_first_round_while_stopping_withdraws_requests_and_releases_what_was_handed_over() {
+        let (table, mut c) = setup("c", &["asked", "handed", "held"]).await;
+        claim(&table, "asked", "a").await;
+        assert!(table.request_handoff("asked", "a", "c").await.unwrap());
+        hand_over(&table, "handed", "a", "c").await;
+        let held = claim(&table, "held", "c").await;
+        c.leases.insert("held", held.counter, None);
+        c.leases
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+
+        c.round(&mut FuturesUnordered::new()).await;
+        let asked = row(&table, "asked").await;
+        assert_eq!(
+            (asked.owner.as_deref(), asked.handoff_to),
+            (Some("a"), None),
+            "the request is withdrawn; the owner keeps the lease"
+        );
+        assert_eq!(
+            row(&table, "handed").await.owner,
+            None,
+            "handed over: released"
+        );
+        assert_eq!(
+            row(&table, "held").await.owner.as_deref(),
+            Some("c"),
+            "held here: kept until the run ends"
+        );
+        // The owner's handoff, still under way, now lets the lease go to nobody.
+        let asked = row(&table, "asked").await;
+        let leases = Leases::new("a".to_owned(), Arc::new(table.clone()), LEASE);
+        leases.insert("asked", asked.counter, None);
+        assert_eq!(
+            release(&leases, "stream", "asked", Some("c")).await,
+            Released::ToNobody
+        );
+        assert_eq!(row(&table, "asked").await.owner, None);
+    }
+
+    #[tokio::test]
+    async fn release_all_releases_what_it_holds_and_what_was_handed_over_meanwhile() {
+        let (table, mut c) = setup("c", &["handed", "held"]).await;
+        let held = claim(&table, "held", "c").await;
+        c.leases.insert("held", held.counter, None);
+        // Handed over after the stopping round's listing: only the last listing finds it.
+        hand_over(&table, "handed", "a", "c").await;
+        c.release_all().await;
+        for key in ["handed", "held"] {
+            assert_eq!(row(&table, key).await.owner, None, "{key}");
+        }
+        assert_eq!(c.leases.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_handoff_still_requested_goes_to_the_requester() {
+        let (table, a) = setup("a", &["k"]).await;
+        let held = claim(&table, "k", "a").await;
+        assert!(table.request_handoff("k", "a", "b").await.unwrap());
+        a.leases.insert("k", held.counter, None);
+        assert_eq!(
+            release(&a.leases, "stream", "k", Some("b")).await,
+            Released::HandedOver
+        );
+        assert_eq!(row(&table, "k").await.owner.as_deref(), Some("b"));
     }
 }
