@@ -9,13 +9,16 @@
 #![cfg(all(feature = "dynamodb", feature = "postgres"))]
 
 mod common;
+#[macro_use]
+mod group_common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kinesis_tower::group::{ConsumerGroup, DynamoDbLeases, Lease, LeaseBackend, PostgresLeases};
+use group_common::Backend;
+use kinesis_tower::group::{ConsumerGroup, Lease, LeaseBackend};
 use kinesis_tower::{service_fn, Batch, BoxError, Consumer, StartPosition};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -25,12 +28,6 @@ const LEASE: Duration = Duration::from_secs(20);
 
 /// How long a released lease may take to be held again (a few listings of 100 ms).
 const TAKEN_AGAIN: Duration = Duration::from_secs(5);
-
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    DynamoDb,
-    Postgres,
-}
 
 struct World {
     kinesis: common::EmbeddedKinesis,
@@ -47,39 +44,13 @@ impl World {
         common::create_stream(&kinesis.client, &stream, shards).await;
         common::wait_for_stream_active(&kinesis.client, &stream, Duration::from_secs(10)).await;
         let group = common::unique_stream_name(&format!("kt-handoff-{test}"));
-        let table: Arc<dyn LeaseBackend> = match backend {
-            Backend::DynamoDb => {
-                let leases = DynamoDbLeases::new(common::dynamodb_client().await, &group).unwrap();
-                leases.create_table().await.unwrap();
-                Arc::new(leases)
-            }
-            Backend::Postgres => {
-                let leases = PostgresLeases::connect(&common::postgres_url(), &group)
-                    .await
-                    .unwrap();
-                leases.create_table().await.unwrap();
-                Arc::new(leases)
-            }
-        };
+        let table = backend.leases(&group).await;
         World {
             kinesis,
             stream,
             backend,
             group,
             table,
-        }
-    }
-
-    async fn leases(backend: Backend, group: &str) -> Arc<dyn LeaseBackend> {
-        match backend {
-            Backend::DynamoDb => {
-                Arc::new(DynamoDbLeases::new(common::dynamodb_client().await, group).unwrap())
-            }
-            Backend::Postgres => Arc::new(
-                PostgresLeases::connect(&common::postgres_url(), group)
-                    .await
-                    .unwrap(),
-            ),
         }
     }
 
@@ -110,7 +81,7 @@ impl World {
     /// A worker whose handler waits, for each batch with records, until its shard's gate is
     /// open.
     async fn worker(&self, name: &'static str) -> Worker {
-        let group = ConsumerGroup::builder(Self::leases(self.backend, &self.group).await, name)
+        let group = ConsumerGroup::builder(self.backend.leases(&self.group).await, name)
             .lease_duration(LEASE)
             .poll_interval(Duration::from_millis(100))
             .handoff_timeout(Duration::from_secs(60))
@@ -191,24 +162,7 @@ impl World {
             worker.open_all();
             worker.stop().await;
         }
-        match self.backend {
-            Backend::DynamoDb => {
-                let _ = common::dynamodb_client()
-                    .await
-                    .delete_table()
-                    .table_name(&self.group)
-                    .send()
-                    .await;
-            }
-            Backend::Postgres => {
-                if let Ok(pool) = sqlx::PgPool::connect(&common::postgres_url()).await {
-                    let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
-                        .bind(&self.group)
-                        .execute(&pool)
-                        .await;
-                }
-            }
-        }
+        self.backend.drop_leases(&self.group).await;
         common::delete_stream(&self.kinesis.client, &self.stream).await;
     }
 }
@@ -397,27 +351,6 @@ async fn handed_over_while_the_requester_stops(backend: Backend) {
     .await;
     eprintln!("[figure] {backend:?}: the requester stopped while a finished the shard; a read it again after {taken:?}");
     world.finish(vec![a, c]).await;
-}
-
-macro_rules! both_backends {
-    ($($scenario:ident),*) => {
-        mod dynamodb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::DynamoDb).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
 }
 
 both_backends!(

@@ -13,6 +13,8 @@
 #![cfg(all(feature = "dynamodb", feature = "postgres"))]
 
 mod common;
+#[macro_use]
+mod group_common;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -22,7 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kinesis_tower::group::{DynamoDbLeases, LeaseBackend, PostgresLeases};
+use group_common::Backend;
+use kinesis_tower::group::LeaseBackend;
 use kinesis_tower::Checkpoint;
 
 const SHARDS: usize = 10;
@@ -30,12 +33,6 @@ const SHARDS: usize = 10;
 fn example() -> &'static PathBuf {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| common::example::build("group_worker"))
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    DynamoDb,
-    Postgres,
 }
 
 /// One scenario's world: a stream, a lease table (or group), a producer.
@@ -61,19 +58,10 @@ impl World {
         common::create_stream(&kinesis.client, &stream, SHARDS as i32).await;
         common::wait_for_stream_active(&kinesis.client, &stream, Duration::from_secs(10)).await;
         let group = common::unique_stream_name(&format!("kt-{test}"));
-        let (leases_url, table): (String, Arc<dyn LeaseBackend>) = match backend {
-            Backend::DynamoDb => {
-                let leases = DynamoDbLeases::new(common::dynamodb_client().await, &group).unwrap();
-                leases.create_table().await.unwrap();
-                (format!("dynamodb://{group}"), Arc::new(leases))
-            }
-            Backend::Postgres => {
-                let leases = PostgresLeases::connect(&common::postgres_url(), &group)
-                    .await
-                    .unwrap();
-                leases.create_table().await.unwrap();
-                (common::postgres_url(), Arc::new(leases))
-            }
+        let table = backend.leases(&group).await;
+        let leases_url = match backend {
+            Backend::DynamoDb => format!("dynamodb://{group}"),
+            Backend::Postgres => common::postgres_url(),
         };
         let mut world = World {
             kinesis,
@@ -234,24 +222,7 @@ impl World {
             monitor.await.unwrap().unwrap();
         }
         check_exclusive(workers, Duration::from_millis(500));
-        match self.backend {
-            Backend::DynamoDb => {
-                let _ = common::dynamodb_client()
-                    .await
-                    .delete_table()
-                    .table_name(&self.group)
-                    .send()
-                    .await;
-            }
-            Backend::Postgres => {
-                if let Ok(pool) = sqlx::PgPool::connect(&common::postgres_url()).await {
-                    let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
-                        .bind(&self.group)
-                        .execute(&pool)
-                        .await;
-                }
-            }
-        }
+        self.backend.drop_leases(&self.group).await;
         common::delete_stream(&self.kinesis.client, &self.stream).await;
     }
 }
@@ -607,27 +578,6 @@ async fn zombie(backend: Backend) {
         thawed.elapsed()
     );
     world.finish(&mut [&mut a, &mut b]).await;
-}
-
-macro_rules! both_backends {
-    ($($scenario:ident),*) => {
-        mod dynamodb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::DynamoDb).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
 }
 
 both_backends!(
