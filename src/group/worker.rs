@@ -192,15 +192,16 @@ impl Worker {
             .stopping
             .load(std::sync::atomic::Ordering::SeqCst)
         {
-            // The consumer takes no new shard: keep what is held alive until it is released,
-            // and at once stop being handed leases (the drain may outlast a lease).
+            // The consumer takes no new shard: keep what is held alive until it is released
+            // (renewals first), and at once stop being handed leases (the drain may outlast a
+            // lease).
+            self.renew_due(Instant::now()).await;
             if !self.withdrawn {
                 self.withdrawn = true;
                 self.withdraw_requests().await;
                 let held: Vec<String> = self.leases.all().into_iter().map(|(k, _)| k).collect();
                 self.release_handed_over(&held).await;
             }
-            self.renew_due(Instant::now()).await;
             return;
         }
         let listing = self.leases.backend.list().await;
