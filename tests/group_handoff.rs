@@ -115,22 +115,14 @@ impl World {
                 }
             })
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(async move {
-            consumer
-                .process_until(handler, async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let run = common::Running::start(&consumer, handler);
         Worker {
             name,
             group,
             gates,
             waiting,
             handled,
-            stop: Some(stop),
-            run: Some(run),
+            run,
         }
     }
 
@@ -190,8 +182,7 @@ struct Worker {
     /// Batches waiting at a gate.
     waiting: Arc<AtomicUsize>,
     handled: Handled,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    run: Option<tokio::task::JoinHandle<Result<(), kinesis_tower::Error>>>,
+    run: common::Running,
 }
 
 impl Worker {
@@ -214,22 +205,10 @@ impl Worker {
         self.gates.send_modify(|gates| gates.all = true);
     }
 
-    /// Asks the run to stop (without waiting for it).
-    fn signal_stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-
     /// Stops the run and waits for it: it must end cleanly.
     async fn stop(&mut self) {
-        self.signal_stop();
-        if let Some(run) = self.run.take() {
-            tokio::time::timeout(Duration::from_secs(60), run)
-                .await
-                .unwrap_or_else(|_| panic!("{} did not stop within 60 s", self.name))
-                .unwrap()
-                .unwrap_or_else(|e| panic!("{} ended with {e}", self.name));
+        if let Some(ended) = self.run.stop().await {
+            ended.unwrap_or_else(|e| panic!("{} ended with {e}", self.name));
         }
     }
 }
@@ -328,7 +307,7 @@ async fn handed_over_while_the_requester_stops(backend: Backend) {
     // c stops; its drain waits for that batch. Meanwhile a finishes the second shard and
     // hands it over, unless c's first round while stopping withdrew the request first (then a
     // lets it go to nobody): either way c must not keep it.
-    c.signal_stop();
+    c.run.signal_stop();
     a.open(&second);
     until(
         Duration::from_secs(10),

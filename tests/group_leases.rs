@@ -442,17 +442,7 @@ async fn a_group_resumes_from_the_kcls_checkpoints() {
         (ids[1].clone(), put[&ids[1]][7..].to_vec()),
         (ids[2].clone(), put[&ids[2]].clone()),
     ]);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn({
-        let consumer = consumer.clone();
-        async move {
-            consumer
-                .process_until(handler, async {
-                    let _ = stop_rx.await;
-                })
-                .await
-        }
-    });
+    let mut run = common::Running::start(&consumer, handler);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let done = {
@@ -473,8 +463,7 @@ async fn a_group_resumes_from_the_kcls_checkpoints() {
     }
     // Let a stray re-read show up if there is one.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop_tx.send(()).unwrap();
-    run.await.unwrap().unwrap();
+    run.stop().await.unwrap().unwrap();
     assert_eq!(
         *seen.lock().unwrap(),
         expected,

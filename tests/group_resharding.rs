@@ -27,11 +27,10 @@ fn range(shard: &Shard) -> (u128, u128) {
 /// (order of handling, worker, shard, sequence number), for every record handled.
 type Log = Arc<Mutex<Vec<(u64, String, String, String)>>>;
 
-/// A running group worker: its group, what stops it, its run.
+/// A running group worker: its group and its run.
 struct Worker {
     group: ConsumerGroup,
-    stop: tokio::sync::oneshot::Sender<()>,
-    run: tokio::task::JoinHandle<Result<(), kinesis_tower::Error>>,
+    run: common::Running,
 }
 
 impl Worker {
@@ -80,20 +79,12 @@ impl Worker {
                 Ok::<_, BoxError>(())
             }
         });
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(async move {
-            consumer
-                .process_until(handler, async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Worker { group, stop, run }
+        let run = common::Running::start(&consumer, handler);
+        Worker { group, run }
     }
 
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.run.await.unwrap().unwrap();
+    async fn stop(mut self) {
+        self.run.stop().await.unwrap().unwrap();
     }
 }
 

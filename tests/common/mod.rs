@@ -367,3 +367,50 @@ pub fn audit_lines(path: &std::path::Path) -> Vec<Vec<String>> {
         })
         .collect()
 }
+
+/// A consumer running `process_until` in a task, until [`Running::stop`] (or a drop of the
+/// stop signal).
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    run: Option<tokio::task::JoinHandle<Result<(), kinesis_tower::Error>>>,
+}
+
+impl Running {
+    /// Starts `consumer.process_until(handler, ..)` in a task.
+    pub fn start<S>(consumer: &kinesis_tower::Consumer, handler: S) -> Self
+    where
+        S: tower::Service<kinesis_tower::Batch> + Send + 'static,
+        S::Response: Into<kinesis_tower::Processed>,
+        S::Future: Send + 'static,
+        S::Error: Into<kinesis_tower::BoxError>,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(consumer.process_until(handler, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            stop: Some(stop),
+            run: Some(run),
+        }
+    }
+
+    /// Asks the run to stop, without waiting for it.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Stops the run and waits (up to 60 s) for how it ended; `None` if it was waited for
+    /// already.
+    pub async fn stop(&mut self) -> Option<Result<(), kinesis_tower::Error>> {
+        self.signal_stop();
+        let run = self.run.take()?;
+        Some(
+            tokio::time::timeout(Duration::from_secs(60), run)
+                .await
+                .expect("the consumer did not stop within 60 s")
+                .expect("the consumer's task"),
+        )
+    }
+}
