@@ -29,8 +29,20 @@ impl MemoryLeases {
 
     /// Applies `f` to the lease if `worker` holds it at `counter`.
     fn if_held(&self, key: &str, worker: &str, counter: u64, f: impl FnOnce(&mut Lease)) -> bool {
+        self.if_held_and(key, worker, counter, |_| true, f)
+    }
+
+    /// Applies `f` to the lease if `worker` holds it at `counter` and `also` holds of it.
+    fn if_held_and(
+        &self,
+        key: &str,
+        worker: &str,
+        counter: u64,
+        also: impl FnOnce(&Lease) -> bool,
+        f: impl FnOnce(&mut Lease),
+    ) -> bool {
         self.with(|table| match table.get_mut(key) {
-            Some(lease) if lease.is_owned_by(worker) && lease.counter == counter => {
+            Some(lease) if lease.is_owned_by(worker) && lease.counter == counter && also(lease) => {
                 f(lease);
                 lease.counter += 1;
                 true
@@ -98,22 +110,16 @@ impl LeaseBackend for MemoryLeases {
         counter: u64,
         to: Option<&str>,
     ) -> Result<bool, LeaseError> {
-        Ok(self.with(|table| match table.get_mut(key) {
-            Some(lease)
-                if lease.is_owned_by(worker)
-                    && lease.counter == counter
-                    && (to.is_none() || lease.handoff_to.as_deref() == to) =>
-            {
+        let answers_request = |lease: &Lease| to.is_none() || lease.handoff_to.as_deref() == to;
+        Ok(
+            self.if_held_and(key, worker, counter, answers_request, |lease| {
                 lease.owner = to.map(str::to_owned);
                 if to.is_some() {
                     lease.owner_switches += 1;
                 }
                 lease.handoff_to = None;
-                lease.counter += 1;
-                true
-            }
-            _ => false,
-        }))
+            }),
+        )
     }
 
     async fn request_handoff(

@@ -198,9 +198,7 @@ impl Worker {
             self.renew_due(Instant::now()).await;
             if !self.withdrawn {
                 self.withdrawn = true;
-                self.withdraw_requests().await;
-                let held: Vec<String> = self.leases.all().into_iter().map(|(k, _)| k).collect();
-                self.release_handed_over(&held).await;
+                self.refuse_handoffs().await;
             }
             return;
         }
@@ -444,13 +442,9 @@ impl Worker {
     }
 
     /// The consumer stopped and flushed: let every lease go so others take over at once.
-    ///
-    /// First this worker withdraws its handoff requests: after that no owner can hand it a
-    /// lease. A lease handed over before the withdrawal but never taken up (the run was
-    /// stopping) is found by a listing after it and released too, or it would stay with a
-    /// worker that is gone until it expired.
+    /// Handoffs are refused first (again: the first round while stopping may have failed to).
     async fn release_all(&mut self) {
-        self.withdraw_requests().await;
+        self.refuse_handoffs().await;
         let keys: Vec<String> = self.leases.all().into_iter().map(|(k, _)| k).collect();
         let mut releases = Vec::new();
         for key in keys {
@@ -473,9 +467,17 @@ impl Worker {
                 .map(|(key, to)| release(leases, stream, key, to.as_deref())),
         )
         .await;
-        let released: Vec<String> = releases.into_iter().map(|(key, _)| key).collect();
-        self.release_handed_over(&released).await;
         metrics::gauge!(LEASES_HELD, self.labels.clone()).set(0.0);
+    }
+
+    /// Stops this worker being handed leases: it withdraws its handoff requests (after that no
+    /// owner can hand it one), then releases what the table shows in its name but not held
+    /// here, handed over before the withdrawal; otherwise such a lease would stay with a
+    /// worker that is gone until it expired.
+    async fn refuse_handoffs(&mut self) {
+        self.withdraw_requests().await;
+        let held: Vec<String> = self.leases.all().into_iter().map(|(k, _)| k).collect();
+        self.release_handed_over(&held).await;
     }
 
     /// Withdraws every handoff request of this worker that the table shows (or, if it cannot
