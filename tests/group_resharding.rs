@@ -5,6 +5,7 @@
 #![cfg(all(feature = "dynamodb", feature = "postgres"))]
 
 mod common;
+mod group_common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::Shard;
+use group_common::Backend;
 use kinesis_tower::group::{ConsumerGroup, PostgresLeases};
 use kinesis_tower::{service_fn, Batch, BoxError, Consumer, StartPosition};
 
@@ -85,15 +87,6 @@ impl Worker {
 
     async fn stop(mut self) {
         self.run.stop().await.unwrap().unwrap();
-    }
-}
-
-async fn delete_group(group: &str) {
-    if let Ok(pool) = sqlx::PgPool::connect(&common::postgres_url()).await {
-        let _ = sqlx::query("DELETE FROM kinesis_leases WHERE group_name = $1")
-            .bind(group)
-            .execute(&pool)
-            .await;
     }
 }
 
@@ -246,7 +239,7 @@ async fn parents_are_read_before_children_across_workers() {
         "reshard across workers: {} records handled by {workers:?}",
         log.len()
     );
-    delete_group(&group).await;
+    Backend::Postgres.drop_leases(&group).await;
     common::delete_stream(&client, &stream).await;
 }
 
@@ -323,6 +316,6 @@ async fn children_of_a_parent_skipped_at_latest_are_read() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     worker.stop().await;
-    delete_group(&group_name).await;
+    Backend::Postgres.drop_leases(&group_name).await;
     common::delete_stream(&client, &stream).await;
 }

@@ -1,7 +1,7 @@
 //! What the consumer-group scenario tests share: the two lease back-ends that run here
 //! (dynalite on 127.0.0.1:4568, PostgreSQL on 127.0.0.1:5432), a fresh lease table for each
 //! scenario and its removal, and `both_backends!`, which runs each scenario on both.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::sync::Arc;
 
